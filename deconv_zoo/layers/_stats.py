@@ -1,0 +1,154 @@
+"""Running-statistics plumbing shared by the deconvolution layers.
+
+Kept apart from the maths (whitening.py): float32 statistics under autocast, the non-finite
+guard, the gradient-checkpoint recompute guard, and the eval-mode cache of folded weights.
+"""
+import math
+import warnings
+from contextlib import contextmanager
+from typing import Iterator, Optional, Set, Tuple
+
+import torch
+from torch import Tensor
+
+_warned: Set[str] = set()
+
+
+def warn_once(message: str) -> None:
+    """Warn once per distinct message (the reference printed on every construction)."""
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, stacklevel=3)
+
+
+def resolve_block(layer: str, channels: int, block: int) -> int:
+    """The reference's block-size rule: clip to the channels, else fall back to the gcd."""
+    if block < 1:
+        raise ValueError(f'{layer}: block must be >= 1, got {block}')
+    if block > channels:
+        return channels
+    if channels % block != 0:
+        new_block = math.gcd(block, channels)
+        warn_once(f'{layer}: block {block} does not divide {channels} channels; using block {new_block} '
+                  f'(the reference rule gcd(block, channels)).')
+        return new_block
+    return block
+
+
+@contextmanager
+def float32_statistics(x: Tensor) -> Iterator[Tensor]:
+    """Yield ``x`` in at least float32 with autocast off, so that covariance and Newton-Schulz
+    never run in half precision (they overflow and lose positive-definiteness there)."""
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        yield x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def in_backward_recompute() -> bool:
+    """True while autograd re-runs a forward for gradient checkpointing; the running
+    statistics must not be updated twice for one training step."""
+    return torch._C._current_graph_task_id() != -1
+
+
+def ensure_finite(layer: str, mean: Tensor, deconv: Tensor) -> None:
+    """Raise before the running statistics see a non-finite batch (they would stay poisoned)."""
+    if not bool(torch.isfinite(mean.sum() + deconv.sum())):
+        raise FloatingPointError(
+            f'{layer}: the batch covariance is not finite (non-finite input or activations); '
+            f'running statistics were left unchanged.')
+
+
+def update_running(running: Tensor, batch: Tensor, momentum: float) -> None:
+    """EMA running <- (1 - m) running + m batch, in place and outside autograd."""
+    with torch.no_grad():
+        running.lerp_(batch.detach().to(running.dtype), momentum)
+
+
+class FoldCache:
+    """Folded (weight, bias) of an eval-mode layer, valid while its inputs are unchanged.
+
+    Validity is keyed on each source tensor's storage and in-place version counter, so an
+    optimizer step, ``load_state_dict``, ``.to()`` or a manual in-place edit all invalidate it.
+    """
+
+    def __init__(self) -> None:
+        self._key: Optional[tuple] = None
+        self._value: Optional[Tuple[Tensor, Tensor]] = None
+
+    @staticmethod
+    def key(*tensors: Optional[Tensor]) -> Optional[tuple]:
+        parts = []
+        for t in tensors:
+            if t is None:
+                parts.append(None)
+                continue
+            if t.is_inference():
+                return None  # inference tensors carry no version counter; do not cache
+            parts.append((t.data_ptr(), t._version, t.dtype, t.device))
+        return tuple(parts)
+
+    def get(self, key: Optional[tuple]) -> Optional[Tuple[Tensor, Tensor]]:
+        return self._value if key is not None and key == self._key else None
+
+    def put(self, key: Optional[tuple], value: Tuple[Tensor, Tensor]) -> None:
+        if key is not None:
+            self._key, self._value = key, value
+
+    def clear(self) -> None:
+        self._key = self._value = None
+
+
+def use_fold_cache(weight: Tensor) -> bool:
+    """Cache only when no gradient w.r.t. the weight is being taken, and not while compiling
+    (the compiled graph folds on its own; Python-side caching would break the trace)."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (torch.is_grad_enabled() and weight.requires_grad)
+
+
+class WhitenedWeightMixin:
+    """Training-step bookkeeping and the eval-mode fold shared by FastDeconv and Delinear.
+
+    The host class has ``weight``, ``bias``, ``running_mean``, ``running_deconv``, ``momentum``
+    and implements ``_fold(weight, bias, mean, deconv) -> (weight, bias)``.
+    """
+    # Turn off to run under CUDA graphs / fullgraph compile: the check synchronises the device.
+    check_finite: bool = True
+
+    def _init_fold_cache(self) -> None:
+        self._fold_cache = FoldCache()
+
+    def train(self, mode: bool = True):
+        self._fold_cache.clear()
+        return super().train(mode)
+
+    def _fold(self, weight: Tensor, bias: Optional[Tensor], mean: Tensor, deconv: Tensor) -> Tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def _track(self, mean: Tensor, deconv: Tensor) -> None:
+        """Validate one batch's statistics and fold them into the running buffers."""
+        if self.check_finite:
+            ensure_finite(type(self).__name__, mean, deconv)
+        if not in_backward_recompute():
+            update_running(self.running_mean, mean, self.momentum)
+            update_running(self.running_deconv, deconv, self.momentum)
+
+    def _fold_in(self, mean: Tensor, deconv: Tensor) -> Tuple[Tensor, Tensor]:
+        """Fold in the statistics' precision; return tensors in the weight's dtype."""
+        dtype = mean.dtype
+        weight, bias = self._fold(
+            self.weight.to(dtype), None if self.bias is None else self.bias.to(dtype), mean, deconv)
+        return weight.to(self.weight.dtype), bias.to(self.weight.dtype)
+
+    def _eval_fold(self) -> Tuple[Tensor, Tensor]:
+        cacheable = use_fold_cache(self.weight)
+        key = FoldCache.key(self.weight, self.bias, self.running_mean, self.running_deconv) if cacheable else None
+        cached = self._fold_cache.get(key)
+        if cached is not None:
+            return cached
+        dtype = torch.promote_types(self.weight.dtype, torch.float32)
+        with torch.autocast(device_type=self.weight.device.type, enabled=False):
+            weight, bias = self._fold_in(self.running_mean.to(dtype), self.running_deconv.to(dtype))
+        if cacheable:
+            weight, bias = weight.detach(), bias.detach()
+            self._fold_cache.put(key, (weight, bias))
+        return weight, bias

@@ -1,0 +1,89 @@
+"""Factories that build a model's layers in deconvolution mode or batch-norm mode.
+
+Model files describe each layer once; these pick FastDeconv / Delinear / ChannelDeconv or the
+plain Conv2d / Linear that the batch-norm twin uses, and apply the paper's default settings.
+"""
+from typing import Any, Dict, Optional
+
+import torch.nn as nn
+
+from .channel_deconv import ChannelDeconv
+from .delinear import Delinear
+from .fast_deconv import FastDeconv
+
+__all__ = ['PAPER_DECONV_ARGS', 'deconv_args', 'create_conv', 'create_norm', 'create_classifier', 'classifier_args',
+           'create_channel_deconv']
+
+# main.py's FastDeconv partial for the paper's runs.
+PAPER_DECONV_ARGS: Dict[str, Any] = dict(bias=True, eps=1e-5, n_iter=5, block=64, sampling_stride=3)
+
+
+def deconv_args(deconv: bool, deconv_cfg: Optional[Dict[str, Any]] = None) -> Optional[Dict[str, Any]]:
+    """FastDeconv keyword arguments for a model built with ``deconv``, or None for a BN model."""
+    if not deconv:
+        return None
+    unknown = set(deconv_cfg or {}) - set(PAPER_DECONV_ARGS) - {'momentum', 'freeze_iter'}
+    if unknown:
+        raise ValueError(f'deconv_cfg: unknown FastDeconv settings {sorted(unknown)}')
+    return dict(PAPER_DECONV_ARGS, **(deconv_cfg or {}))
+
+
+def create_conv(
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int = 1,
+        padding: int = 0,
+        groups: int = 1,
+        bias: bool = False,
+        dconv: Optional[Dict[str, Any]] = None,
+        **overrides: Any,
+) -> nn.Module:
+    """A FastDeconv with ``dconv`` settings (plus per-layer ``overrides``), else a Conv2d.
+
+    ``bias`` applies to the plain convolution only; a FastDeconv takes its bias from ``dconv``
+    (the paper always uses one, since the folded mean shift lands there).
+    """
+    if dconv is None:
+        return nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
+                         groups=groups, bias=bias)
+    return FastDeconv(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
+                      groups=groups, **dict(dconv, **overrides))
+
+
+def create_norm(channels: int, dconv: Optional[Dict[str, Any]] = None) -> nn.Module:
+    """BatchNorm2d for a BN model; Identity (no state_dict entries) where deconvolution replaced it."""
+    return nn.BatchNorm2d(channels) if dconv is None else nn.Identity()
+
+
+def create_classifier(
+        in_features: int,
+        num_classes: int,
+        block_fc: int = 0,
+        delinear: bool = True,
+        eps: float = 1e-5,
+        n_iter: int = 5,
+) -> nn.Module:
+    """The classifier: a Delinear when ``block_fc > 0`` and ``delinear``, else a Linear
+    (Identity for ``num_classes == 0``)."""
+    if num_classes <= 0:
+        return nn.Identity()
+    if block_fc > 0 and delinear:
+        return Delinear(in_features, num_classes, eps=eps, n_iter=n_iter, block=block_fc)
+    return nn.Linear(in_features, num_classes)
+
+
+def classifier_args(block_fc: int, delinear: bool, dconv: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    """Settings of the decorrelated classifier; eps and iterations follow the conv settings, as
+    the reference's command line used one --eps and --deconv-iter for both."""
+    settings = dconv or PAPER_DECONV_ARGS
+    return dict(block_fc=block_fc, delinear=delinear, eps=settings['eps'], n_iter=settings['n_iter'])
+
+
+def create_channel_deconv(block_fc: int = 0, delinear: bool = True, eps: float = 1e-5,
+                          n_iter: int = 5) -> Optional[nn.Module]:
+    """The reference's pre-pooling ChannelDeconv, used only with ``block_fc > 0`` and no Delinear.
+    Takes ``classifier_args(...)``: main.py gave it the same --eps and --deconv-iter."""
+    if block_fc > 0 and not delinear:
+        return ChannelDeconv(block_fc, eps=eps, n_iter=n_iter)
+    return None

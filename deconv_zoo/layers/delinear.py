@@ -1,0 +1,67 @@
+"""Delinear: a linear layer that decorrelates its input features (the paper's classifier)."""
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from ._stats import WhitenedWeightMixin, float32_statistics, resolve_block
+from .whitening import fold_linear_whitening, isqrt_newton_schulz
+
+__all__ = ['Delinear']
+
+
+class Delinear(WhitenedWeightMixin, nn.Linear):
+    """Linear layer with feature decorrelation (the reference's ``Delinear``).
+
+    The ``in_features`` inputs are cut into contiguous chunks of ``block`` features; all chunks
+    of all samples share one ``block x block`` covariance whose Newton-Schulz inverse square root
+    is folded into the weight. Running statistics are tracked with ``momentum`` for eval.
+    """
+    def __init__(
+            self,
+            in_features: int,
+            out_features: int,
+            bias: bool = True,
+            eps: float = 1e-5,
+            n_iter: int = 5,
+            momentum: float = 0.1,
+            block: int = 512,
+    ):
+        super().__init__(in_features, out_features, bias=bias)
+        self.block = resolve_block(type(self).__name__, in_features, block)
+        self.eps = eps
+        self.n_iter = n_iter
+        self.momentum = momentum
+        self.track_running_stats = True
+        self.register_buffer('running_mean', torch.zeros(self.block))
+        self.register_buffer('running_deconv', torch.eye(self.block))
+        self._init_fold_cache()
+
+    def batch_statistics(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+        """Mean and whitening matrix of the input's feature chunks (differentiable)."""
+        chunks = x.reshape(-1, self.block)
+        mean = chunks.mean(dim=0)
+        centred = chunks - mean
+        eye = torch.eye(self.block, dtype=x.dtype, device=x.device)
+        cov = torch.addmm(eye, centred.t(), centred, beta=self.eps, alpha=1.0 / centred.shape[0])
+        return mean, isqrt_newton_schulz(cov, self.n_iter)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() < 1 or x.shape[-1] != self.in_features:
+            raise ValueError(
+                f'{type(self).__name__}: expected input (..., {self.in_features}), got shape {tuple(x.shape)}')
+        if self.training and self.track_running_stats:
+            with float32_statistics(x) as xs:
+                mean, deconv = self.batch_statistics(xs)
+                self._track(mean, deconv)
+                weight, bias = self._fold_in(mean, deconv)
+        else:
+            weight, bias = self._eval_fold()
+        return nn.functional.linear(x, weight, bias)
+
+    def _fold(self, weight: Tensor, bias: Optional[Tensor], mean: Tensor, deconv: Tensor) -> Tuple[Tensor, Tensor]:
+        return fold_linear_whitening(weight, bias, mean, deconv)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f', block={self.block}, n_iter={self.n_iter}, eps={self.eps}'

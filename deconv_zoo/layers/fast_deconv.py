@@ -1,0 +1,128 @@
+"""FastDeconv: a 2-D convolution that deconvolves (whitens) its input first.
+
+Arguments, defaults, parameter and buffer names follow the authors' ``models/deconv.py`` so that
+their checkpoints load unchanged. Runtime bugs of the reference are fixed where marked "fix:".
+"""
+from typing import Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+from torch.nn.modules.utils import _pair
+
+from ._stats import WhitenedWeightMixin, float32_statistics, in_backward_recompute, resolve_block
+from .whitening import fold_conv_whitening, sample_patches, whitening_statistics
+
+__all__ = ['FastDeconv']
+
+_size_2_t = Union[int, Tuple[int, int]]
+
+
+class FastDeconv(WhitenedWeightMixin, nn.Conv2d):
+    """Convolution with network deconvolution (Ye et al. 2020, Alg. 1).
+
+    In training, each call estimates the mean and the covariance of the input's im2col patches
+    (sampled every ``sampling_stride * stride`` pixels, channels split into blocks of ``block``
+    that share one covariance), computes ``Cov^(-1/2)`` with ``n_iter`` Newton-Schulz steps,
+    tracks both with ``momentum``, and folds them into the convolution weight and bias. In eval
+    the running statistics are folded once and cached.
+
+    With ``freeze=True`` fresh statistics are used for the first ``freeze_iter + 1`` training
+    calls of every ``10 * freeze_iter``, the running ones in between (the reference's schedule).
+    """
+    def __init__(
+            self,
+            in_channels: int,
+            out_channels: int,
+            kernel_size: _size_2_t,
+            stride: _size_2_t = 1,
+            padding: _size_2_t = 0,
+            dilation: _size_2_t = 1,
+            groups: int = 1,
+            bias: bool = True,
+            eps: float = 1e-5,
+            n_iter: int = 5,
+            momentum: float = 0.1,
+            block: int = 64,
+            sampling_stride: int = 3,
+            freeze: bool = False,
+            freeze_iter: int = 100,
+    ):
+        if isinstance(padding, str):
+            raise ValueError(f'FastDeconv: padding must be int or a pair of ints, got {padding!r}')
+        super().__init__(
+            in_channels, out_channels, kernel_size, stride=stride, padding=padding,
+            dilation=dilation, groups=groups, bias=bias)
+        if groups > 1:
+            block = in_channels // groups  # one whitening per convolution group
+        else:
+            block = resolve_block(type(self).__name__, in_channels, block)
+        self.block = block
+        self.eps = eps
+        self.n_iter = n_iter
+        self.momentum = momentum
+        self.freeze = freeze
+        self.freeze_iter = freeze_iter
+        self.track_running_stats = True
+        # fix: the reference accepted only int kernel/stride; pairs work the same way.
+        self.sampling_stride = tuple(sampling_stride * s for s in _pair(stride))
+        kh, kw = self.kernel_size
+        self.num_features = kh * kw * block
+        if groups == 1:
+            self.register_buffer('running_mean', torch.zeros(self.num_features))
+            self.register_buffer('running_deconv', torch.eye(self.num_features))
+        else:
+            self.register_buffer('running_mean', torch.zeros(kh * kw * in_channels))
+            self.register_buffer('running_deconv', torch.eye(self.num_features).repeat(groups, 1, 1))
+        # fix: the reference kept this counter in a Python int, so the freeze schedule restarted
+        # after every reload. A reference checkpoint without it loads with counter 0.
+        self.register_buffer('counter', torch.zeros((), dtype=torch.long))
+        self._init_fold_cache()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        state_dict.setdefault(prefix + 'counter', torch.zeros((), dtype=torch.long))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def batch_statistics(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+        """Patch mean and whitening matrix of one batch (float32 or better, differentiable)."""
+        patches = sample_patches(x, self.kernel_size, self.dilation, self.padding, self.sampling_stride)
+        return whitening_statistics(patches, self.groups, self.num_features, self.eps, self.n_iter)
+
+    def _check_input(self, x: Tensor) -> None:
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f'{type(self).__name__}: expected input (N, {self.in_channels}, H, W), '
+                f'got shape {tuple(x.shape)}')
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        if self.training and self.track_running_stats:
+            weight, bias = self._train_fold(x)
+        else:
+            weight, bias = self._eval_fold()
+        return self._conv_forward(x, weight, bias)
+
+    def _train_fold(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+        with float32_statistics(x) as xs:
+            mean, deconv = self.batch_statistics(xs)
+            if self.freeze:
+                # Frozen steps reuse the running statistics. Selecting with a tensor condition
+                # keeps the step free of host syncs and torch.compile recompiles.
+                frozen = self.counter > self.freeze_iter
+                mean = torch.where(frozen, self.running_mean.to(mean.dtype), mean)
+                deconv = torch.where(frozen, self.running_deconv.to(deconv.dtype), deconv)
+                if not in_backward_recompute():
+                    self.counter.add_(1).remainder_(10 * self.freeze_iter)
+            # lerp(r, r, m) == r exactly, so frozen steps leave the running buffers untouched.
+            self._track(mean, deconv)
+            return self._fold_in(mean, deconv)
+
+    def _fold(self, weight: Tensor, bias: Optional[Tensor], mean: Tensor, deconv: Tensor) -> Tuple[Tensor, Tensor]:
+        return fold_conv_whitening(weight, bias, mean, deconv, self.groups)
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        s += f', block={self.block}, n_iter={self.n_iter}, eps={self.eps}, sampling_stride={self.sampling_stride}'
+        if self.freeze:
+            s += f', freeze_iter={self.freeze_iter}'
+        return s

@@ -1,0 +1,129 @@
+"""The timm model API shared by every deconv-zoo family.
+
+A family model describes itself as a list of feature levels (a stem, then its stages), an
+optional step after the last level, and a pooled classifier; this base class derives
+``forward_features``, ``forward_head``, ``forward_intermediates``, gradient checkpointing and
+classifier resets from that, as timm's own models implement them.
+"""
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import SelectAdaptivePool2d
+from timm.models._features import feature_take_indices
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from ..layers import create_classifier
+
+__all__ = ['DeconvNet']
+
+
+class DeconvNet(nn.Module):
+    """Base of the zoo's classification networks.
+
+    Subclasses call ``_init_head`` at the end of ``__init__`` and implement ``feature_levels``
+    (one callable per entry of ``feature_info``); they may override ``forward_final``.
+    """
+    classifier_name: str = 'linear'
+
+    def _init_head(
+            self,
+            num_features: int,
+            num_classes: int,
+            global_pool: str = 'avg',
+            drop_rate: float = 0.0,
+            classifier_args: Optional[Dict[str, Any]] = None,
+    ) -> None:
+        self.num_classes = num_classes
+        self.num_features = self.head_hidden_size = num_features
+        self.drop_rate = drop_rate
+        self.grad_checkpointing = False
+        self._classifier_args = dict(classifier_args or {})
+        self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
+        setattr(self, self.classifier_name, create_classifier(
+            num_features * self.global_pool.feat_mult(), num_classes, **self._classifier_args))
+
+    def feature_levels(self) -> List[Callable[[Tensor], Tensor]]:
+        """One callable per feature level, applied in order (level 0 is the stem)."""
+        raise NotImplementedError
+
+    def forward_final(self, x: Tensor) -> Tensor:
+        """What follows the last level inside ``forward_features`` (final norm, ChannelDeconv)."""
+        return x
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        stem, *stages = [info['module'] for info in self.feature_info]
+        return dict(stem=rf'^{stem}', blocks=[(rf'^{s}\.(\d+)' if not coarse else rf'^{s}', None) for s in stages])
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self, name_only: bool = False) -> Union[str, nn.Module]:
+        return self.classifier_name if name_only else getattr(self, self.classifier_name)
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """New classifier (a fresh Delinear, statistics included, when the model uses one)."""
+        self.num_classes = num_classes
+        if global_pool is not None:
+            self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
+        in_features = self.num_features * self.global_pool.feat_mult()
+        setattr(self, self.classifier_name, create_classifier(in_features, num_classes, **self._classifier_args))
+
+    def _run_level(self, level: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+        if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
+            return checkpoint(level, x, use_reentrant=False)
+        return level(x)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        for level in self.feature_levels():
+            x = self._run_level(level, x)
+        return self.forward_final(x)
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        x = self.global_pool(x)
+        if self.drop_rate:
+            x = F.dropout(x, p=self.drop_rate, training=self.training)
+        return x if pre_logits else self.get_classifier()(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(
+            self,
+            x: Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[Tensor], Tuple[Tensor, List[Tensor]]]:
+        """Feature maps of the selected levels (``indices``: which, or how many of the last).
+        ``norm`` is accepted for timm's API; these models have no per-level norm to apply."""
+        if output_fmt != 'NCHW':
+            raise ValueError(f'{type(self).__name__}: only output_fmt="NCHW" is supported, got {output_fmt!r}')
+        levels = self.feature_levels()
+        take_indices, max_index = feature_take_indices(len(levels), indices)
+        # Only intermediates wanted: the later levels cannot contribute, so stop there.
+        last = max_index if (stop_early or intermediates_only) else len(levels) - 1
+        intermediates = []
+        for i, level in enumerate(levels[:last + 1]):
+            x = self._run_level(level, x)
+            if i in take_indices:
+                intermediates.append(x)
+        if intermediates_only:
+            return intermediates
+        return self.forward_final(x), intermediates
+
+    def prune_intermediate_layers(
+            self, indices: Union[int, List[int]] = 1, prune_norm: bool = False, prune_head: bool = True,
+    ) -> List[int]:
+        """Drop the head for feature extraction (levels past the last index are never run)."""
+        take_indices, _ = feature_take_indices(len(self.feature_info), indices)
+        if prune_head:
+            self.reset_classifier(0, '')
+        return take_indices
