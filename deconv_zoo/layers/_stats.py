@@ -14,10 +14,10 @@ from torch import Tensor
 _warned: Set[str] = set()
 
 
-def warn_once(message: str) -> None:
-    """Warn once per distinct message (the reference printed on every construction)."""
-    if message not in _warned:
-        _warned.add(message)
+def warn_once(key: str, message: str) -> None:
+    """Warn the first time ``key`` comes up in this process (the reference printed every time)."""
+    if key not in _warned:
+        _warned.add(key)
         warnings.warn(message, stacklevel=3)
 
 
@@ -29,8 +29,8 @@ def resolve_block(layer: str, channels: int, block: int) -> int:
         return channels
     if channels % block != 0:
         new_block = math.gcd(block, channels)
-        warn_once(f'{layer}: block {block} does not divide {channels} channels; using block {new_block} '
-                  f'(the reference rule gcd(block, channels)).')
+        warn_once(f'{layer}.gcd_block', f'{layer}: block {block} does not divide {channels} channels; using block '
+                  f'{new_block} (the reference rule gcd(block, channels); said once, for the first such layer).')
         return new_block
     return block
 

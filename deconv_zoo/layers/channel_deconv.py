@@ -63,7 +63,8 @@ class ChannelDeconv(nn.Module):
         if c == 0:
             # fix: the reference printed "block should be set smaller" and filled its whitening
             # buffers with NaN; the result (every channel standardised) is the same without that.
-            warn_once(f'ChannelDeconv: block {self.block} is larger than the {channels} channels; '
+            warn_once('ChannelDeconv.block_too_large',
+                      f'ChannelDeconv: block {self.block} is larger than the {channels} channels; '
                       f'only a scalar standardisation is applied.')
         training = self.training
         first = training and int(self.num_batches_tracked) == 0

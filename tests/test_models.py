@@ -1,0 +1,161 @@
+"""Every registered deconv-zoo model through timm's API (mirrors timm's own model tests)."""
+import importlib.util
+import os
+
+import pytest
+import timm
+import torch
+
+import deconv_zoo
+from deconv_zoo.layers import FastDeconv
+
+ALL_MODELS = deconv_zoo.list_models()
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Parameters the reference registers but never uses (kept so its checkpoints load).
+UNUSED_PARAMS = {'preact_resnet18_cifar': ('bn1.',)}
+
+
+def _input_size(name: str, batch: int = 2):
+    """A small input: CIFAR models at their native 32x32, ImageNet models at 64x64."""
+    cfg = timm.models.get_pretrained_cfg(name)
+    size = 32 if cfg.input_size[-1] <= 32 else 64
+    return batch, 3, size, size
+
+
+def test_models_are_registered():
+    names = set(timm.list_models('*deconv*'))
+    assert {'resnet18_cifar_deconv'} <= names
+    assert all(n.endswith('_deconv') or n.endswith('_cifar') or '_deconv_' in n for n in ALL_MODELS)
+    assert not any(n.startswith('test_') for n in ALL_MODELS)
+
+
+@pytest.mark.parametrize('name', ALL_MODELS)
+def test_train_steps_then_eval(name):
+    """A few SGD steps in train mode, then eval: finite everywhere; every parameter learns."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=5)
+    x = torch.randn(*_input_size(name))
+    target = torch.tensor([0, 3])
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    model.train()
+    for _ in range(3):
+        optimizer.zero_grad()
+        out = model(x)
+        assert out.shape == (2, 5)
+        loss = torch.nn.functional.cross_entropy(out, target)
+        assert torch.isfinite(loss)
+        loss.backward()
+        unused = UNUSED_PARAMS.get(name, ())
+        missing = [n for n, p in model.named_parameters() if p.grad is None and not n.startswith(unused)]
+        assert not missing, f'parameters without gradient: {missing[:5]}'
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        first, second = model(x), model(x)
+    assert torch.isfinite(first).all()
+    assert torch.equal(first, second)
+    for module in model.modules():
+        if isinstance(module, FastDeconv):
+            assert torch.isfinite(module.running_deconv).all() and torch.isfinite(module.running_mean).all()
+
+
+@pytest.mark.parametrize('name', ALL_MODELS)
+def test_timm_model_api(name):
+    """num_features / head_hidden_size / reset_classifier / forward_head as timm defines them."""
+    model = timm.create_model(name).eval()
+    cfg = model.pretrained_cfg
+    x = torch.randn(*_input_size(name))
+    with torch.no_grad():
+        features = model.forward_features(x)
+        assert features.shape[1] == model.num_features
+        assert model.forward_head(features, pre_logits=True).shape == (2, model.head_hidden_size)
+        assert model(x).shape == (2, cfg['num_classes'])
+        state = model.state_dict()
+        assert cfg['classifier'] + '.weight' in state
+        assert cfg['first_conv'] + '.weight' in state
+        model.reset_classifier(0)
+        assert model(x).shape == (2, model.head_hidden_size)
+        model.reset_classifier(7)
+        assert model(x).shape == (2, 7)
+        assert model.get_classifier() is model.get_submodule(cfg['classifier'])
+    for key in ('input_size', 'mean', 'std', 'crop_pct', 'license', 'paper_ids'):
+        assert cfg.get(key), key
+
+
+@pytest.mark.parametrize('name', ALL_MODELS)
+def test_features_only(name):
+    model = timm.create_model(name, features_only=True).eval()
+    info = model.feature_info
+    x = torch.randn(*_input_size(name))
+    with torch.no_grad():
+        outs = model(x)
+    assert len(outs) >= 3
+    for out, chs, red in zip(outs, info.channels(), info.reduction()):
+        assert out.shape[1] == chs
+        assert out.shape[-1] == -(-x.shape[-1] // red)
+    picked = timm.create_model(name, features_only=True, out_indices=(-2, -1)).eval()
+    with torch.no_grad():
+        last_two = picked(x)
+    assert [t.shape for t in last_two] == [t.shape for t in outs[-2:]]
+
+
+@pytest.mark.parametrize('name', ALL_MODELS)
+def test_one_channel_input_and_grad_checkpointing(name):
+    model = timm.create_model(name, in_chans=1, num_classes=3).eval()
+    x = torch.randn(*_input_size(name))[:, :1]
+    with torch.no_grad():
+        plain = model(x)
+        model.set_grad_checkpointing(True)
+        checkpointed = model(x)
+    assert plain.shape == (2, 3)
+    torch.testing.assert_close(plain, checkpointed)
+
+
+def test_wrong_channels_are_named():
+    model = timm.create_model('resnet18_cifar_deconv').eval()
+    with pytest.raises(ValueError, match=r'expected input \(N, 3, H, W\)'):
+        model(torch.randn(1, 4, 32, 32))
+
+
+def test_grad_checkpointing_updates_statistics_once():
+    """Checkpointed training recomputes forwards in backward; statistics must move once."""
+    torch.manual_seed(0)
+    plain = timm.create_model('resnet18_cifar_deconv', num_classes=4)
+    ckpt = timm.create_model('resnet18_cifar_deconv', num_classes=4)
+    ckpt.load_state_dict(plain.state_dict())
+    ckpt.set_grad_checkpointing(True)
+    x = torch.randn(2, 3, 32, 32)
+    for model in (plain, ckpt):
+        model.train()
+        model(x).sum().backward()
+    for (name, a), b in zip(plain.state_dict().items(), ckpt.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)
+    for (name, a), b in zip(plain.named_parameters(), ckpt.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, msg=name)
+
+
+def test_pretrained_without_published_weights_raises():
+    with pytest.raises(deconv_zoo.NoPublishedWeightsError, match='No pretrained weights are published'):
+        timm.create_model('resnet18_cifar_deconv', pretrained=True)
+
+
+def _load_hubconf():
+    spec = importlib.util.spec_from_file_location('hubconf', os.path.join(REPO_ROOT, 'hubconf.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_hubconf_lists_every_model():
+    hubconf = _load_hubconf()
+    entries = sorted(n for n in dir(hubconf) if callable(getattr(hubconf, n)) and not n.startswith('_'))
+    assert entries == sorted(ALL_MODELS)
+    assert hubconf.dependencies == ['torch', 'timm', 'safetensors']
+    assert 'resnet18_cifar_deconv' in hubconf.resnet18_cifar_deconv.__doc__
+
+
+def test_torch_hub_load_local():
+    model = torch.hub.load(REPO_ROOT, 'resnet18_cifar_deconv', source='local', num_classes=4)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 4)
+    with pytest.raises(RuntimeError, match='Cannot find callable'):
+        torch.hub.load(REPO_ROOT, 'no_such_model', source='local')
