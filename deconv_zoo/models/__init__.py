@@ -1,2 +1,5 @@
 """Importing this package registers every deconv-zoo model with timm."""
 from .cifar_resnet import *
+from .deconv_resnet import *
+from .deconv_vgg import *
+from .deconv_densenet import *
