@@ -2,10 +2,10 @@
 from typing import Any, Dict, Optional, Type
 
 import torch.nn as nn
-from timm.models import build_model_with_cfg, generate_default_cfgs
-from timm.models._builder import resolve_pretrained_cfg
+from timm.models import build_model_with_cfg, generate_default_cfgs, get_pretrained_cfg
 
-from ..weights import HUB_ORG_ENV, NoPublishedWeightsError, hub_org, hub_repo_id
+from ..loading import filter_pretrained_state_dict, resolve_pretrained_source
+from ..weights import CONVERTED_BN_WEIGHTS, hub_repo_id
 
 __all__ = ['CIFAR10_MEAN', 'CIFAR10_STD', 'CIFAR100_MEAN', 'CIFAR100_STD', 'cifar_cfg', 'cifar100', 'imagenet_cfg',
            'zoo_default_cfgs', 'build_zoo_model']
@@ -35,17 +35,37 @@ def imagenet_cfg(**kwargs: Any) -> Dict[str, Any]:
                 **_PAPER, **kwargs)
 
 
+# What a converted batch-norm tag takes from timm's source cfg: how its weights were trained and
+# must be evaluated, and under which licence they are published.
+_BN_SOURCE_FIELDS = ('input_size', 'test_input_size', 'interpolation', 'crop_pct', 'test_crop_pct', 'crop_mode',
+                     'mean', 'std', 'num_classes', 'license', 'origin_url')
+
+
+def _converted_bn_cfg(cfg: Dict[str, Any], bn_source: str) -> Dict[str, Any]:
+    bn_cfg = get_pretrained_cfg(bn_source)
+    return dict(
+        cfg, **{k: getattr(bn_cfg, k) for k in _BN_SOURCE_FIELDS}, hf_hub_id=bn_cfg.hf_hub_id,
+        description=(f"timm's batch-norm weights {bn_source} (hf.co/{bn_cfg.hf_hub_id}), converted on load: every "
+                     f"BatchNorm folded into its convolution, deconvolution statistics set to identity, so the "
+                     f"eval-mode function equals the BN model's. Not trained with deconvolution."))
+
+
 def zoo_default_cfgs(cfgs: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
-    """``generate_default_cfgs`` plus the weight source of each 'arch.tag' (see weights.py)."""
-    sourced = {}
+    """``generate_default_cfgs`` plus the weight source of each 'arch.tag' (see weights.py).
+
+    Every converted batch-norm tag of weights.CONVERTED_BN_WEIGHTS whose architecture is in
+    ``cfgs`` is added after the family's own tags, based on the architecture's first cfg.
+    """
+    sourced, first_cfgs = {}, {}
     for name, cfg in cfgs.items():
         repo = hub_repo_id(name) if '.' in name else None
         sourced[name] = dict(cfg, hf_hub_id=repo) if repo and 'hf_hub_id' not in cfg else cfg
+        first_cfgs.setdefault(name.split('.')[0], cfg)
+    for name, bn_source in CONVERTED_BN_WEIGHTS.items():
+        arch = name.split('.')[0]
+        if arch in first_cfgs:
+            sourced[name] = _converted_bn_cfg(cfgs.get(name, first_cfgs[arch]), bn_source)
     return generate_default_cfgs(sourced)
-
-
-def _has_source(cfg) -> bool:
-    return bool(cfg.state_dict or cfg.file or cfg.hf_hub_id or cfg.url)
 
 
 def build_zoo_model(
@@ -58,26 +78,10 @@ def build_zoo_model(
     """``build_model_with_cfg`` with the zoo's weight rules and ``features_only`` defaults.
 
     ``hub_org`` (or the DECONV_ZOO_HUB_ORG variable) points the tag at ``<org>/<arch>.<tag>``.
+    Weights are verified before loading and adapted by ``loading.filter_pretrained_state_dict``.
     """
     if pretrained:
-        kwargs = _resolve_weights(variant, hub_org, kwargs)
+        kwargs = resolve_pretrained_source(variant, hub_org, kwargs)
     feature_cfg = dict(feature_cls='getter', out_indices=kwargs.pop('default_out_indices'))
-    return build_model_with_cfg(model_cls, variant, pretrained, feature_cfg=feature_cfg, **kwargs)
-
-
-def _resolve_weights(variant: str, org: Optional[str], kwargs: Dict[str, Any]) -> Dict[str, Any]:
-    cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get('pretrained_cfg'),
-                                 pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay'))
-    name = f'{variant}.{cfg.tag}' if cfg.tag else variant
-    if org and cfg.source not in ('hf-hub', 'local-dir'):
-        overlay = dict(kwargs.get('pretrained_cfg_overlay') or {})
-        overlay.setdefault('hf_hub_id', hub_repo_id(name, hub_org(org)))
-        return dict(kwargs, pretrained_cfg_overlay=overlay)
-    if not _has_source(cfg):  # the overlay is already applied to cfg
-        raise NoPublishedWeightsError(
-            f"No pretrained weights are published for '{name}'. Train your own "
-            f"(scripts/train.py --model {variant}) and load them with "
-            f"timm.create_model('{variant}', pretrained=True, pretrained_cfg_overlay=dict(file='model.safetensors')) "
-            f"or checkpoint_path='checkpoint.pth.tar'; weights you pushed to the Hub load with "
-            f"{HUB_ORG_ENV}=<your-org> or hub_org='<your-org>' (repo <your-org>/{name}).")
-    return kwargs
+    return build_model_with_cfg(model_cls, variant, pretrained, feature_cfg=feature_cfg,
+                                pretrained_filter_fn=filter_pretrained_state_dict, **kwargs)

@@ -1,0 +1,291 @@
+"""How pretrained weights reach a zoo model: fetched, verified, adapted and checked.
+
+``build_zoo_model`` (models/_registry.py) runs ``resolve_pretrained_source`` before timm builds the
+model and passes ``filter_pretrained_state_dict`` as timm's ``pretrained_filter_fn``:
+
+1. ``resolve_pretrained_source`` downloads Hub weights itself (offline cache misses get an error
+   that names the repo and the fix), checks a listed file's sha256 and that the file is intact,
+   and hands timm the verified local file, so timm reads exactly the bytes that were checked.
+2. ``filter_pretrained_state_dict`` converts timm batch-norm weights for converted tags, resets a
+   classifier whose class count changes (its decorrelation statistics too), adapts the first
+   layer's deconvolution statistics to ``in_chans`` (timm adapts only ``.weight``), and rejects a
+   checkpoint that does not fit the model, listing the keys.
+"""
+import dataclasses
+import hashlib
+import logging
+import os
+import zipfile
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Set, Tuple
+
+import huggingface_hub.constants
+import torch
+import torch.nn as nn
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+from safetensors import SafetensorError, safe_open
+from timm.models import get_model_traits
+from timm.models._builder import resolve_pretrained_cfg
+from timm.models._hub import hf_split
+from torch import Tensor
+
+from .layers import FastDeconv
+from .weights import (
+    CONVERTED_BN_WEIGHTS, HUB_ORG_ENV, ChecksumMismatchError, CheckpointMismatchError, CorruptWeightsError,
+    NoPublishedWeightsError, WeightsNotCachedError, hub_org, hub_repo_id, published_weights_for_repo,
+)
+
+__all__ = ['resolve_pretrained_source', 'fetch_hub_weights', 'verify_weights_file', 'file_sha256',
+           'filter_pretrained_state_dict', 'StateDictMismatch', 'compare_state_dict', 'optional_state_keys',
+           'gray_whitening']
+
+_logger = logging.getLogger(__name__)
+
+# timm's fallback order for a Hub repo without an explicit file name.
+HUB_WEIGHT_FILES = ('model.safetensors', 'pytorch_model.bin')
+
+
+def _tagged_name(architecture: str, tag: Optional[str]) -> str:
+    return f'{architecture}.{tag}' if tag else architecture
+
+
+def resolve_pretrained_source(variant: str, org: Optional[str], kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """Model kwargs whose ``pretrained_cfg_overlay`` points timm at verified weights.
+
+    Follows timm's source order (``state_dict`` > ``file`` > ``hf_hub_id`` > ``url``; an
+    ``hf-hub:``/``local-dir:`` model name forces that source). ``org`` (or DECONV_ZOO_HUB_ORG)
+    makes the tag resolve to ``<org>/<arch>.<tag>``. A Hub source is downloaded here and replaced
+    by the local file; a tag without any source raises ``NoPublishedWeightsError``.
+    """
+    cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get('pretrained_cfg'),
+                                 pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay'))
+    name = _tagged_name(variant, cfg.tag)
+    overlay = dict(kwargs.get('pretrained_cfg_overlay') or {})
+    if hub_org(org) and cfg.source not in ('hf-hub', 'local-dir') and 'hf_hub_id' not in overlay:
+        overlay['hf_hub_id'] = hub_repo_id(name, org)
+        cfg = dataclasses.replace(cfg, hf_hub_id=overlay['hf_hub_id'])
+
+    from_hub = cfg.source == 'hf-hub'
+    if cfg.source == 'local-dir' or (not from_hub and cfg.state_dict is not None):
+        pass  # timm reads a local directory or an in-memory state dict itself
+    elif not from_hub and cfg.file:
+        verify_weights_file(cfg.file)
+    elif cfg.hf_hub_id:
+        path = fetch_hub_weights(cfg.hf_hub_id, cfg.hf_hub_filename, kwargs.get('cache_dir'))
+        verify_weights_file(path, expected_sha256=_listed_sha256(cfg.hf_hub_id), repo_id=cfg.hf_hub_id)
+        overlay.update(file=path, source=None)
+    elif not cfg.url:  # a url is downloaded by timm into the torch.hub cache
+        raise NoPublishedWeightsError(
+            f"No pretrained weights are published for '{name}'. Train your own "
+            f"(scripts/train.py --model {variant}) and load them with "
+            f"timm.create_model('{variant}', pretrained=True, pretrained_cfg_overlay=dict(file='model.safetensors')) "
+            f"or checkpoint_path='checkpoint.pth.tar'; weights you pushed to the Hub load with "
+            f"{HUB_ORG_ENV}=<your-org> or hub_org='<your-org>' (repo <your-org>/{name}).")
+    return dict(kwargs, pretrained_cfg_overlay=overlay)
+
+
+def _listed_sha256(hf_hub_id: str) -> Optional[str]:
+    published = published_weights_for_repo(hf_hub_id)
+    return published.sha256 if published else None
+
+
+def fetch_hub_weights(hf_hub_id: str, filename: Optional[str] = None, cache_dir: Optional[str] = None) -> str:
+    """Local path of a Hub repo's weights (``filename``, else model.safetensors, else pytorch_model.bin).
+
+    Raises ``WeightsNotCachedError`` (a ``LocalEntryNotFoundError``) naming the repo and the ways
+    to get the file when the Hub cannot be reached and the cache lacks it.
+    """
+    repo_id, revision = hf_split(hf_hub_id)
+    candidates = (filename,) if filename else HUB_WEIGHT_FILES
+    not_cached = []
+    for candidate in candidates:
+        try:
+            return hf_hub_download(repo_id, candidate, revision=revision, cache_dir=cache_dir)
+        except LocalEntryNotFoundError:  # offline / unreachable, and not cached (subclass: test it first)
+            not_cached.append(candidate)
+        except EntryNotFoundError:  # the Hub says the repo has no such file: try the next name
+            continue
+    if not_cached:
+        cache = cache_dir or huggingface_hub.constants.HF_HUB_CACHE
+        raise WeightsNotCachedError(
+            f"Weights of Hub repo '{hf_hub_id}' ({' or '.join(not_cached)}) are not in the local Hugging Face "
+            f"cache ({cache}) and the Hub cannot be reached (HF_HUB_OFFLINE=1 or no network). Fix: run once "
+            f"with network access (unset HF_HUB_OFFLINE), or on a connected machine run "
+            f"`hf download {repo_id}` and copy its cache here (or point HF_HUB_CACHE at it), or load a local "
+            f"file with pretrained_cfg_overlay=dict(file='/path/to/model.safetensors').")
+    raise CorruptWeightsError(f"Hub repo '{hf_hub_id}' has none of the weight files {list(candidates)}.")
+
+
+def file_sha256(path: str) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 20), b''):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_weights_file(path: str, expected_sha256: Optional[str] = None, repo_id: Optional[str] = None) -> None:
+    """Check that a weights file exists, is intact, and (if given) has the listed sha256.
+
+    safetensors files are checked through their header (which covers the data size); zip-format
+    torch files through their central directory. Both checks read no tensor data.
+    """
+    if not os.path.isfile(path):
+        raise CorruptWeightsError(f'Pretrained weights file not found: {path}')
+    if expected_sha256 is not None:
+        actual = file_sha256(path)
+        if actual != expected_sha256:
+            raise ChecksumMismatchError(
+                f"sha256 of {path} is {actual}, but deconv_zoo.weights.PUBLISHED_WEIGHTS lists {expected_sha256} "
+                f"for '{repo_id}': the file is corrupt or not the published version. Delete it from the cache "
+                f"(`hf cache delete`) and download again; to load it anyway, pass "
+                f"pretrained_cfg_overlay=dict(file='{path}').")
+    if path.endswith('.safetensors'):
+        try:
+            with safe_open(path, framework='pt'):
+                pass
+        except SafetensorError as e:
+            raise CorruptWeightsError(f'{path} is not a valid safetensors file (truncated or corrupt): {e}') from e
+    else:
+        with open(path, 'rb') as f:
+            is_zip_format = f.read(4) == b'PK\x03\x04'
+        if is_zip_format and not zipfile.is_zipfile(path):
+            raise CorruptWeightsError(f'{path} is a truncated or corrupt torch checkpoint (broken zip archive).')
+
+
+@dataclass
+class StateDictMismatch:
+    """Keys of a state dict that do not fit a model: absent, extra, or of another shape."""
+    missing: List[str] = field(default_factory=list)
+    unexpected: List[str] = field(default_factory=list)
+    shapes: List[str] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.missing or self.unexpected or self.shapes)
+
+    def describe(self, limit: int = 10) -> str:
+        lines = []
+        for title, keys in (('missing', self.missing), ('unexpected', self.unexpected),
+                            ('shape mismatch', self.shapes)):
+            if keys:
+                more = f', ... (+{len(keys) - limit} more)' if len(keys) > limit else ''
+                lines.append(f'  {title} ({len(keys)}): {", ".join(keys[:limit])}{more}')
+        return '\n'.join(lines)
+
+
+def compare_state_dict(
+        state_dict: Mapping[str, Tensor],
+        expected: Mapping[str, Tensor],
+        optional: Set[str] = frozenset(),
+        any_shape: Set[str] = frozenset(),
+) -> StateDictMismatch:
+    """What keeps ``state_dict`` from loading strictly where ``expected`` is the model's state.
+
+    ``optional`` keys may be absent (the model fills them in); ``any_shape`` keys are adapted later.
+    """
+    return StateDictMismatch(
+        missing=[k for k in expected if k not in state_dict and k not in optional],
+        unexpected=[k for k in state_dict if k not in expected],
+        shapes=[f'{k} {tuple(v.shape)} vs model {tuple(expected[k].shape)}' for k, v in state_dict.items()
+                if k in expected and k not in any_shape and v.shape != expected[k].shape],
+    )
+
+
+def optional_state_keys(model: nn.Module) -> Set[str]:
+    """Keys the zoo's layers fill in when a checkpoint lacks them (FastDeconv's step counter,
+    which the reference kept outside the state dict)."""
+    return {f'{name}.counter' for name, m in model.named_modules() if isinstance(m, FastDeconv)}
+
+
+def gray_whitening(mean: Tensor, deconv: Tensor, channels: int) -> Tuple[Tensor, Tensor]:
+    """The whitening of a 1-channel layer derived from a ``channels``-channel one (groups=1, one block).
+
+    timm turns the first weight W into sum_c W_c, i.e. the 1-channel model sees a gray image as
+    ``channels`` identical channels: patch x = E g with E stacking ``channels`` copies of the
+    identity. The matching statistics are the least-squares projections onto that subspace:
+    mean_1 = mean over channels of mean, D_1 = E^T D E / channels (the sum of all channel-pair
+    blocks of D, divided by ``channels``), still symmetric positive definite. When D maps
+    replicated patches to replicated patches (statistics identical across channels, e.g. a model
+    trained on gray images copied to RGB) the adapted layer computes exactly the original layer
+    on the replicated image; otherwise it is the closest such layer.
+    """
+    k2 = mean.numel() // channels
+    gray_mean = mean.reshape(channels, k2).mean(dim=0)
+    gray_deconv = deconv.reshape(channels, k2, channels, k2).sum(dim=(0, 2)) / channels
+    return gray_mean, gray_deconv
+
+
+def _adapt_first_conv_statistics(state_dict: Dict[str, Tensor], model: nn.Module, first_convs: List[str],
+                                 source_chans: int) -> None:
+    """Resize the first FastDeconv's running statistics from ``source_chans`` to the model's input
+    channels (timm adapts only ``.weight``; size-mismatched buffers would fail to load).
+
+    in_chans=1: ``gray_whitening``, consistent with timm's channel sum. Other counts: fresh
+    statistics (zero mean, identity whitening); fine-tuning in train mode re-estimates them.
+    """
+    for conv_name in first_convs:
+        conv = model.get_submodule(conv_name)
+        mean_key, deconv_key = f'{conv_name}.running_mean', f'{conv_name}.running_deconv'
+        if not isinstance(conv, FastDeconv) or mean_key not in state_dict or deconv_key not in state_dict:
+            continue
+        mean, deconv = state_dict[mean_key], state_dict[deconv_key]
+        if mean.shape == conv.running_mean.shape and deconv.shape == conv.running_deconv.shape:
+            continue
+        single_block = conv.groups == 1 and deconv.dim() == 2 and mean.numel() == deconv.shape[0] == (
+            source_chans * conv.kernel_size[0] * conv.kernel_size[1])
+        if conv.in_channels == 1 and single_block:
+            state_dict[mean_key], state_dict[deconv_key] = gray_whitening(mean, deconv, source_chans)
+            _logger.info(f'{conv_name}: whitening statistics projected from {source_chans} channels to 1.')
+        else:
+            state_dict[mean_key] = torch.zeros_like(conv.running_mean)
+            eye = torch.eye(conv.running_deconv.shape[-1], dtype=conv.running_deconv.dtype)
+            state_dict[deconv_key] = eye.expand_as(conv.running_deconv).clone()
+            _logger.info(f'{conv_name}: fresh whitening statistics for {conv.in_channels} input channels '
+                         f'(the checkpoint has {source_chans}).')
+
+
+def _as_list(names: Any) -> List[str]:
+    if not names:
+        return []
+    return [names] if isinstance(names, str) else list(names)
+
+
+def filter_pretrained_state_dict(state_dict: Dict[str, Tensor], model: nn.Module) -> Dict[str, Tensor]:
+    """timm ``pretrained_filter_fn`` of every zoo model (see the module docstring).
+
+    A changed ``num_classes`` drops the whole classifier, decorrelation statistics included: the
+    new classifier is exactly what ``reset_classifier`` builds (fresh statistics, re-estimated
+    during fine-tuning), not a mix of new weights and old statistics.
+    """
+    state_dict = dict(state_dict)  # may be the caller's own (pretrained_cfg_overlay=dict(state_dict=...))
+    cfg = model.pretrained_cfg
+    name = _tagged_name(cfg['architecture'], cfg.get('tag'))
+    source = cfg.get('file') or cfg.get('hf_hub_id') or 'the given state_dict'
+    if name in CONVERTED_BN_WEIGHTS and not any(k.endswith('.running_deconv') for k in state_dict):
+        from .convert import deconv_state_dict_from_bn  # convert builds models: import on use
+        state_dict = deconv_state_dict_from_bn(state_dict, CONVERTED_BN_WEIGHTS[name].split('.')[0], model)
+
+    expected = model.state_dict()
+    optional = optional_state_keys(model)
+    if model.num_classes != cfg.get('num_classes'):
+        prefixes = tuple(f'{c}.' for c in _as_list(cfg.get('classifier')))
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith(prefixes)}
+        optional |= {k for k in expected if k.startswith(prefixes)}
+
+    first_convs = _as_list(get_model_traits(model).get('first_conv', cfg.get('first_conv')))
+    source_chans = (cfg.get('input_size') or (3,))[0]
+    adapted_weights = set()
+    if any(model.get_submodule(c).in_channels != source_chans for c in first_convs):
+        _adapt_first_conv_statistics(state_dict, model, first_convs, source_chans)
+        adapted_weights = {f'{c}.weight' for c in first_convs}  # timm adapts these after this filter
+
+    mismatch = compare_state_dict(state_dict, expected, optional=optional, any_shape=adapted_weights)
+    if mismatch:
+        raise CheckpointMismatchError(
+            f"Pretrained weights from {source} do not fit {name}:\n{mismatch.describe()}\n"
+            f"Is this a checkpoint of another architecture or configuration (deconv vs. BN twin, block_fc, "
+            f"num_classes)? Batch-norm weights convert with deconv_zoo.convert.bn_to_deconv; the authors' "
+            f"checkpoints with deconv_zoo.convert.convert_reference_checkpoint.")
+    return state_dict
