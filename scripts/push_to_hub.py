@@ -1,0 +1,101 @@
+#!/usr/bin/env python3
+"""Publish deconv-zoo weights: a Hub repo folder (model.safetensors, config.json, model card).
+
+    # write the folder (no network), check it, then push it
+    python scripts/push_to_hub.py --checkpoint output/train/.../model_best.pth.tar \\
+        --results output/validate.json --org my-lab --output-dir hub/resnet18_cifar_deconv.cifar10
+    python scripts/push_to_hub.py --checkpoint ... --results ... --org my-lab
+
+Input: a training checkpoint of scripts/train.py (its 'args' name the model; ``--ema`` publishes
+'state_dict_ema') or a plain weights file with ``--model``, plus the JSON that scripts/validate.py
+wrote for those weights. The repo is ``<org>/<model>.<tag>`` unless ``--repo-id`` says otherwise.
+Without ``--output-dir`` the folder is written to a temporary directory and uploaded (needs
+``huggingface-cli login`` or HF_TOKEN). The script prints the PUBLISHED_WEIGHTS entry to add to
+deconv_zoo/weights.py once the upload is done.
+"""
+import argparse
+import json
+import os
+import sys
+import tempfile
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch.nn as nn
+
+import deconv_zoo  # noqa: F401  (registers the models)
+from deconv_zoo.convert import convert_reference_checkpoint, read_checkpoint
+from deconv_zoo.hub import published_entry_source, push_hub_folder, save_hub_folder
+from deconv_zoo.loading import file_sha256
+from deconv_zoo.weights import HUB_ORG_ENV
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[1], formatter_class=argparse.RawTextHelpFormatter)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument('--checkpoint', help='training checkpoint of scripts/train.py (.pth.tar)')
+    source.add_argument('--weights', help='plain state dict (.safetensors or .pth); needs --model')
+    parser.add_argument('--results', required=True, help='JSON written by scripts/validate.py for these weights')
+    parser.add_argument('--model', help='architecture (default: the results / checkpoint)')
+    parser.add_argument('--tag', help="pretrained tag, e.g. cifar10 (default: the results' tag)")
+    parser.add_argument('--ema', action='store_true', help="publish the checkpoint's EMA weights")
+    parser.add_argument('--model-kwargs', type=json.loads, default=None,
+                        help='JSON of model arguments the weights were trained with (default: the checkpoint\'s)')
+    parser.add_argument('--train-command', help='the exact training command, for the model card (the checkpoint '
+                                                'records only its arguments)')
+    parser.add_argument('--repo-id', help='Hub repo (default: <org>/<model>.<tag>)')
+    parser.add_argument('--org', default=os.environ.get(HUB_ORG_ENV), help=f'Hub organisation (default: ${HUB_ORG_ENV})')
+    parser.add_argument('--output-dir', help='write the repo folder here and do not upload')
+    parser.add_argument('--private', action='store_true', help='create the Hub repo as private')
+    parser.add_argument('--token', help='Hub token (default: the logged-in one)')
+    return parser.parse_args(argv)
+
+
+def build_model(args: argparse.Namespace, results: Dict[str, Any]) -> Tuple[nn.Module, str, Dict[str, Any]]:
+    """The model holding the weights to publish, its 'arch.tag' name and its training arguments."""
+    path = args.checkpoint or args.weights
+    checkpoint = read_checkpoint(path)
+    if results.get('sha256') and results['sha256'] != file_sha256(path):
+        raise SystemExit(f'{args.results} was written for another file (sha256 {results["sha256"]}), not {path}.')
+    train_args = vars(checkpoint['args']) if isinstance(checkpoint.get('args'), argparse.Namespace) else {}
+    arch = args.model or results.get('model') or train_args.get('model')
+    tag = args.tag or results.get('tag')
+    if not arch or not tag:
+        raise SystemExit('Name the architecture and tag (--model, --tag) or use the results of scripts/validate.py.')
+    if train_args.get('model', arch) != arch:
+        raise SystemExit(f"The checkpoint was trained as {train_args['model']}, not {arch}.")
+    model_kwargs = args.model_kwargs if args.model_kwargs is not None else dict(train_args.get('model_kwargs') or {})
+    if args.ema and 'state_dict_ema' not in checkpoint:
+        raise SystemExit(f'{path} holds no EMA weights (state_dict_ema).')
+    model, report = convert_reference_checkpoint(checkpoint['state_dict_ema'] if args.ema else checkpoint,
+                                                 f'{arch}.{tag}', **model_kwargs)
+    cfg = model.pretrained_cfg
+    if model.num_classes != cfg['num_classes']:
+        raise SystemExit(f"The weights have {model.num_classes} classes; tag '{tag}' of {arch} declares "
+                         f"{cfg['num_classes']}: publish them under a tag of the right dataset.")
+    print(f'{arch}.{tag}: {report.describe()}')
+    return model, f'{arch}.{tag}', train_args
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    with open(args.results, encoding='utf-8') as f:
+        results = json.load(f)
+    if not args.repo_id and not args.org:
+        raise SystemExit(f'Give --repo-id or --org (or set {HUB_ORG_ENV}).')
+    model, name, train_args = build_model(args, results)
+    results = dict(results, model=name.split('.')[0], tag=name.split('.', 1)[1])
+    repo_id = args.repo_id or f'{args.org}/{name}'
+    if args.output_dir:
+        weights = save_hub_folder(model, args.output_dir, repo_id, results, args.train_command, train_args)
+        print(f'Wrote {args.output_dir} for {repo_id}; upload it by running this command without --output-dir.')
+    else:
+        with tempfile.TemporaryDirectory() as folder:
+            weights = save_hub_folder(model, folder, repo_id, results, args.train_command, train_args)
+            print(f'Uploaded: {push_hub_folder(folder, repo_id, token=args.token, private=args.private)}')
+    print('Entry for PUBLISHED_WEIGHTS in deconv_zoo/weights.py:')
+    print(published_entry_source(name, weights))
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
