@@ -1,0 +1,122 @@
+"""Bringing in existing weights: the authors' checkpoints, batch-norm models, calibration."""
+import copy
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+
+from deconv_zoo.convert import bn_to_deconv, convert_reference_checkpoint, deconv_state_dict_from_bn
+from deconv_zoo.weights import CheckpointMismatchError
+from weight_helpers import SMALL, assert_close, assert_state_equal, load_script, randomize_batchnorm, \
+    randomize_statistics
+
+
+@pytest.fixture(scope='module')
+def zoo_model():
+    model = timm.create_model('resnet18_cifar_deconv', **SMALL).eval()
+    randomize_statistics(model, torch.Generator().manual_seed(0))
+    return model
+
+
+def reference_style(model: torch.nn.Module) -> dict:
+    """What the authors' main.py saves: DataParallel keys, no step counters, under 'net'."""
+    state = {f'module.{k}': v.clone() for k, v in model.state_dict().items() if not k.endswith('.counter')}
+    return dict(net=state, acc=93.2, epoch=19)
+
+
+def test_reference_checkpoint_converts_with_every_key_accounted_for(zoo_model, tmp_path):
+    path = tmp_path / 'ckpt.t7'
+    torch.save(reference_style(zoo_model), path)
+    model, report = convert_reference_checkpoint(str(path), 'resnet18_cifar_deconv', **SMALL)
+    expected = {k: (torch.zeros_like(v) if k.endswith('.counter') else v) for k, v in zoo_model.state_dict().items()}
+    assert_state_equal(model, expected)
+    assert report.filled == sorted(k for k in expected if k.endswith('.counter'))
+    assert len(report.loaded) == len(expected) - len(report.filled)
+    image = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(model(image), zoo_model(image))
+
+
+@pytest.mark.parametrize('wrap', [lambda s: s, lambda s: dict(state_dict=s, epoch=3), lambda s: dict(model=s)])
+def test_reference_wrappers(zoo_model, wrap):
+    state = reference_style(zoo_model)['net']
+    model, _ = convert_reference_checkpoint(wrap(state), 'resnet18_cifar_deconv', **SMALL)
+    assert torch.equal(model.linear.running_deconv, zoo_model.linear.running_deconv)
+
+
+def test_reference_checkpoint_mismatch_lists_keys(zoo_model):
+    state = reference_style(zoo_model)['net']
+    state['module.extra.weight'] = torch.zeros(1)
+    del state['module.layer1.0.conv1.running_deconv']
+    with pytest.raises(CheckpointMismatchError, match=r'(?s)missing \(1\): layer1\.0\.conv1\.running_deconv.*'
+                                                      r'unexpected \(1\): extra\.weight'):
+        convert_reference_checkpoint(state, 'resnet18_cifar_deconv', **SMALL)
+    with pytest.raises(CheckpointMismatchError, match='shape mismatch.*layer1.0.conv1.running_deconv'):
+        convert_reference_checkpoint(reference_style(zoo_model), 'resnet18_cifar_deconv')  # default block 64
+
+
+def test_convert_reference_script(zoo_model, tmp_path, capsys):
+    path = tmp_path / 'ckpt.pth'
+    torch.save(reference_style(zoo_model), path)
+    load_script('convert_reference').main([str(path), '--model', 'resnet18_cifar_deconv', '--model-kwargs',
+                                           '{"deconv_cfg": {"block": 8}, "block_fc": 64}',
+                                           '--output', str(tmp_path / 'out.safetensors')])
+    assert 'filled in by the model: conv1.counter' in capsys.readouterr().out
+    saved = load_file(str(tmp_path / 'out.safetensors'))
+    assert torch.equal(saved['layer4.1.conv2.running_deconv'], zoo_model.layer4[1].conv2.running_deconv)
+
+
+@pytest.fixture(scope='module')
+def bn_model():
+    model = timm.create_model('resnet18_cifar').eval()
+    randomize_batchnorm(model, torch.Generator().manual_seed(2))
+    return model
+
+
+def test_bn_model_converts_to_the_same_function(bn_model):
+    image = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    model = bn_to_deconv(bn_model, 'resnet18_cifar_deconv', **SMALL)
+    with torch.no_grad():
+        expected = bn_model(image)
+        assert_close(model(image), expected, rel=1e-4)
+    from_state_dict = bn_to_deconv(bn_model.state_dict(), 'resnet18_cifar_deconv', **SMALL)  # twin inferred
+    assert_state_equal(from_state_dict, model.state_dict())
+
+
+def test_calibration_keeps_the_function_and_matches_train_mode(bn_model):
+    generator = torch.Generator().manual_seed(4)
+    batches = [torch.randn(4, 3, 32, 32, generator=generator) for _ in range(2)]
+    identity = bn_to_deconv(bn_model, 'resnet18_cifar_deconv', **SMALL)
+    calibrated = bn_to_deconv(bn_model, 'resnet18_cifar_deconv', calibrate_loader=[(b, None) for b in batches],
+                              **SMALL)
+    assert not torch.equal(calibrated.conv1.running_deconv, identity.conv1.running_deconv)
+    with torch.no_grad():
+        expected = bn_model(batches[0])
+        assert_close(calibrated(batches[0]), expected, rel=1e-4)
+        # Train mode whitens with batch statistics: close to eval only once the weights expect whitening.
+        errors = [(copy.deepcopy(m).train()(batches[0]) - expected).abs().max() for m in (identity, calibrated)]
+    assert errors[1] < 0.5 * errors[0]
+
+
+def test_pre_activation_networks_are_refused(tmp_path):
+    bn = timm.create_model('preact_resnet18_cifar')
+    with pytest.raises(CheckpointMismatchError, match=r'cannot be converted exactly: 9 BatchNorms.*layer1\.0\.bn1'):
+        bn_to_deconv(bn, 'preact_resnet18_cifar_deconv', **SMALL)
+
+
+@pytest.mark.parametrize('bn_arch, arch, refused', [
+    ('vgg11_bn', 'vgg11_deconv', False),  # timm's 7x7 convolution head becomes the twin's Linear
+    ('densenet121', 'densenet121_deconv', True),  # pre-activation: norm1 of every dense layer
+])
+def test_imagenet_bn_structures(bn_arch, arch, refused):
+    """State-dict level on the meta device (these models are large): keys and shapes fit."""
+    with torch.device('meta'):
+        bn_state = timm.create_model(bn_arch).state_dict()
+        deconv = timm.create_model(arch)
+    if refused:
+        with pytest.raises(CheckpointMismatchError, match='cannot be converted exactly'):
+            deconv_state_dict_from_bn(bn_state, bn_arch, deconv)
+        return
+    state = deconv_state_dict_from_bn(bn_state, bn_arch, deconv)
+    assert {k: v.shape for k, v in state.items()} == {k: v.shape for k, v in deconv.state_dict().items()}

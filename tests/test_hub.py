@@ -1,0 +1,286 @@
+"""Publishing and loading through the Hugging Face Hub, all offline.
+
+A resnet18_cifar_deconv with non-trivial statistics is published with scripts/push_to_hub.py
+into a folder; each test puts that folder into a hand-built Hugging Face cache (HF_HUB_OFFLINE=1)
+or loads its files directly, and checks that every loaded tensor equals the saved one.
+"""
+import argparse
+import contextlib
+import io
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Dict, Mapping
+
+import huggingface_hub.constants
+import pytest
+import timm
+import torch
+from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+from safetensors.torch import load_file, save_file
+
+import deconv_zoo
+from deconv_zoo import weights
+from deconv_zoo.loading import gray_whitening
+from deconv_zoo.weights import (
+    ChecksumMismatchError, CheckpointMismatchError, CorruptWeightsError, NoPublishedWeightsError, PublishedWeights,
+    WeightsNotCachedError,
+)
+from weight_helpers import (
+    REPO_ROOT, SMALL, assert_close, assert_state_equal, load_script, randomize_batchnorm, randomize_statistics, spd,
+)
+
+ARCH, TAG, ORG = 'resnet18_cifar_deconv', 'cifar10', 'dzlab'
+NAME = f'{ARCH}.{TAG}'
+REPO_ID = f'{ORG}/{NAME}'
+
+
+def add_to_hf_cache(cache: Path, repo_id: str, files: Dict[str, Path], revision: str = 'rev0') -> None:
+    """A repo snapshot in Hugging Face's cache layout (refs/main holds the revision, no newline)."""
+    repo_dir = cache / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo_dir / 'snapshots' / revision
+    snapshot.mkdir(parents=True, exist_ok=True)
+    for name, source in files.items():
+        shutil.copy(source, snapshot / name)
+    (repo_dir / 'refs').mkdir(exist_ok=True)
+    (repo_dir / 'refs' / 'main').write_text(revision)
+
+
+def assert_state_equal_to_file(path: Path, expected: Mapping[str, torch.Tensor]) -> None:
+    saved = load_file(str(path))
+    assert set(saved) == set(expected)
+    assert all(torch.equal(saved[k], expected[k]) for k in saved)
+
+
+@pytest.fixture
+def hf_cache(monkeypatch, tmp_path) -> Path:
+    """An empty, private Hugging Face cache; offline; no organisation override."""
+    cache = tmp_path / 'hf_hub'
+    cache.mkdir()
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_CACHE', str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', True)
+    monkeypatch.setenv('HF_HUB_CACHE', str(cache))
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch'))
+    monkeypatch.delenv(weights.HUB_ORG_ENV, raising=False)
+    return cache
+
+
+@pytest.fixture(scope='module')
+def published(tmp_path_factory):
+    """scripts/push_to_hub.py run on a training checkpoint: the repo folder, saved state, output."""
+    root = tmp_path_factory.mktemp('published')
+    generator = torch.Generator().manual_seed(0)
+    model = timm.create_model(ARCH)
+    randomize_statistics(model, generator)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    ema = {k: v + 1 if v.is_floating_point() else v for k, v in state.items()}
+    command = 'python scripts/train.py --model resnet18_cifar_deconv --dataset torch/cifar10 --epochs 20'
+    checkpoint = root / 'model_best.pth.tar'
+    train_args = argparse.Namespace(model=ARCH, model_kwargs={}, lr=0.1, epochs=20)
+    torch.save(dict(state_dict=state, state_dict_ema=ema, args=train_args, epoch=19), checkpoint)
+    results = dict(model=ARCH, tag=TAG, dataset='cifar10', split='test', num_images=10000, top1=95.12, top5=99.81,
+                   loss=0.2034, img_per_sec=1234.5, checkpoint=str(checkpoint),
+                   sha256=deconv_zoo.loading.file_sha256(str(checkpoint)))
+    results_path = root / 'validate.json'
+    results_path.write_text(json.dumps(results))
+    folder = root / 'repo'
+    output = io.StringIO()
+    with contextlib.redirect_stdout(output):
+        load_script('push_to_hub').main(['--checkpoint', str(checkpoint), '--results', str(results_path),
+                                         '--org', ORG, '--output-dir', str(folder), '--train-command', command])
+    return dict(folder=folder, state=state, output=output.getvalue(), checkpoint=checkpoint,
+                results_path=results_path)
+
+
+@pytest.fixture
+def cached_repo(hf_cache, published) -> Path:
+    add_to_hf_cache(hf_cache, REPO_ID, {n: published['folder'] / n for n in ('model.safetensors', 'config.json')})
+    return hf_cache
+
+
+def test_push_writes_a_timm_hub_folder(published):
+    folder = published['folder']
+    assert sorted(os.listdir(folder)) == ['README.md', 'config.json', 'model.safetensors']
+    assert_state_equal_to_file(folder / 'model.safetensors', published['state'])
+    config = json.loads((folder / 'config.json').read_text())
+    assert config['architecture'] == ARCH and config['num_classes'] == 10
+    assert config['pretrained_cfg']['tag'] == TAG and config['pretrained_cfg']['first_conv'] == 'conv1'
+    assert config['pretrained_cfg']['classifier'] == 'linear'
+
+    readme = (folder / 'README.md').read_text()
+    header = readme.split('---')[1]
+    assert 'license: mit' in header and '- network-deconvolution' in header and '- cifar10' in header
+    assert 'model-index' in header and 'value: 95.12' in header and 'value: 99.81' in header
+    assert '| cifar10 | test | 10000 | 95.12 | 99.81 | 0.2034 |' in readme
+    assert 'python scripts/train.py --model resnet18_cifar_deconv --dataset torch/cifar10 --epochs 20' in readme
+    assert '"lr": 0.1' in readme  # the arguments the checkpoint recorded
+    assert 'title     = {Network Deconvolution}' in readme and '1905.11926' in readme
+    assert 'Aloimonos' in readme and 'ICLR' in readme
+
+    sha = deconv_zoo.loading.file_sha256(str(folder / 'model.safetensors'))
+    assert f"'{NAME}': PublishedWeights(" in published['output']
+    assert f"hf_hub_id='{REPO_ID}', top1=95.12, top5=99.81" in published['output']
+    assert f"sha256='{sha}'" in published['output']
+
+
+def test_push_publishes_ema_weights_on_request(published, tmp_path):
+    with contextlib.redirect_stdout(io.StringIO()):
+        load_script('push_to_hub').main(['--checkpoint', str(published['checkpoint']), '--ema', '--results',
+                                         str(published['results_path']), '--repo-id', REPO_ID,
+                                         '--output-dir', str(tmp_path)])
+    saved = load_file(str(tmp_path / 'model.safetensors'))
+    assert torch.equal(saved['linear.weight'], published['state']['linear.weight'] + 1)
+
+
+def test_push_without_output_dir_uploads_and_fails_clearly_offline(published, hf_cache):
+    with pytest.raises(OfflineModeIsEnabled):
+        load_script('push_to_hub').main(['--checkpoint', str(published['checkpoint']), '--results',
+                                         str(published['results_path']), '--org', ORG])
+
+
+def test_org_override_by_env_var_and_keyword(cached_repo, published, monkeypatch):
+    assert_state_equal(timm.create_model(NAME, pretrained=True, hub_org=ORG), published['state'])
+    monkeypatch.setenv(weights.HUB_ORG_ENV, ORG)
+    model = timm.create_model(ARCH, pretrained=True)  # default tag: cifar10
+    assert_state_equal(model, published['state'])
+    assert model.pretrained_cfg['hf_hub_id'] == REPO_ID
+
+
+def test_hf_hub_model_name_uses_the_cached_config(cached_repo, published):
+    model = timm.create_model(f'hf-hub:{REPO_ID}', pretrained=True)
+    assert isinstance(model, deconv_zoo.models.cifar_resnet.ResNetCifar)
+    assert_state_equal(model, published['state'])
+
+
+def test_explicit_cache_dir(published, tmp_path):
+    add_to_hf_cache(tmp_path, REPO_ID, {'model.safetensors': published['folder'] / 'model.safetensors'})
+    model = timm.create_model(NAME, pretrained=True, hub_org=ORG, cache_dir=str(tmp_path))
+    assert_state_equal(model, published['state'])
+
+
+def test_file_overlay_safetensors_and_pth(hf_cache, published, tmp_path):
+    path = published['folder'] / 'model.safetensors'
+    assert_state_equal(timm.create_model(ARCH, pretrained=True, pretrained_cfg_overlay=dict(file=str(path))),
+                       published['state'])
+    pth = tmp_path / 'weights.pth'
+    torch.save(published['state'], pth)
+    assert_state_equal(timm.create_model(ARCH, pretrained=True, pretrained_cfg_overlay=dict(file=str(pth))),
+                       published['state'])
+
+
+def test_torch_hub_load_local_pretrained(cached_repo, published, monkeypatch):
+    monkeypatch.setenv(weights.HUB_ORG_ENV, ORG)
+    model = torch.hub.load(str(REPO_ROOT), ARCH, source='local', pretrained=True)
+    assert_state_equal(model, published['state'])
+
+
+def test_listed_sha256_is_verified(cached_repo, published, monkeypatch):
+    sha = deconv_zoo.loading.file_sha256(str(published['folder'] / 'model.safetensors'))
+    monkeypatch.setitem(weights.PUBLISHED_WEIGHTS, NAME, PublishedWeights(REPO_ID, 95.12, 99.81, sha))
+    assert_state_equal(timm.create_model(f'hf-hub:{REPO_ID}', pretrained=True), published['state'])
+    monkeypatch.setitem(weights.PUBLISHED_WEIGHTS, NAME, PublishedWeights(REPO_ID, 95.12, 99.81, '0' * 64))
+    with pytest.raises(ChecksumMismatchError, match=f'lists {"0" * 64}.*{REPO_ID}'):
+        timm.create_model(NAME, pretrained=True, hub_org=ORG)
+
+
+def test_new_num_classes_resets_the_whole_classifier(cached_repo, published):
+    model = timm.create_model(NAME, pretrained=True, hub_org=ORG, num_classes=5)
+    assert_state_equal(model, published['state'], skip='linear.')
+    assert model.linear.weight.shape == (5, 512)
+    assert torch.equal(model.linear.running_deconv, torch.eye(512))  # fresh, as reset_classifier makes it
+    assert torch.equal(model.linear.running_mean, torch.zeros(512))
+    headless = timm.create_model(NAME, pretrained=True, hub_org=ORG, num_classes=0)
+    assert_state_equal(headless, published['state'], skip='linear.')
+
+
+def test_in_chans_adapts_weight_and_whitening(cached_repo, published):
+    model = timm.create_model(NAME, pretrained=True, hub_org=ORG, in_chans=1)
+    state = published['state']
+    assert torch.allclose(model.conv1.weight, state['conv1.weight'].sum(dim=1, keepdim=True))
+    mean, deconv = gray_whitening(state['conv1.running_mean'], state['conv1.running_deconv'], 3)
+    assert torch.equal(model.conv1.running_mean, mean) and torch.equal(model.conv1.running_deconv, deconv)
+    assert_state_equal(model, state, skip='conv1.')
+    five = timm.create_model(NAME, pretrained=True, hub_org=ORG, in_chans=5)
+    assert torch.equal(five.conv1.running_deconv, torch.eye(45))  # 5 channels: fresh statistics
+
+
+def test_gray_adaptation_is_exact_for_channel_symmetric_statistics(hf_cache, tmp_path):
+    """A stem whose statistics are the same for every channel (e.g. trained on gray images copied
+    to RGB): the 1-channel model on a gray image equals the 3-channel model on its copies."""
+    generator = torch.Generator().manual_seed(1)
+    model = timm.create_model(ARCH, **SMALL).eval()
+    randomize_statistics(model, generator)
+    with torch.no_grad():
+        channel_mix = 0.8 * torch.eye(3) + 0.1 * torch.ones(3, 3)  # keeps (1, 1, 1) an eigenvector
+        model.conv1.running_deconv.copy_(torch.kron(channel_mix, spd(9, generator=generator)))
+        model.conv1.running_mean.copy_(torch.randn(9, generator=generator).repeat(3))
+    path = tmp_path / 'rgb.safetensors'
+    save_file(model.state_dict(), str(path))
+    gray = timm.create_model(ARCH, pretrained=True, in_chans=1, pretrained_cfg_overlay=dict(file=str(path)),
+                             **SMALL).eval()
+    image = torch.randn(2, 1, 32, 32, generator=generator)
+    with torch.no_grad():
+        assert_close(gray(image), model(image.expand(-1, 3, -1, -1)), rel=1e-4)
+
+
+def test_features_only_pretrained(cached_repo, published):
+    features = timm.create_model(NAME, pretrained=True, hub_org=ORG, features_only=True, out_indices=(1, 2))
+    assert features.feature_info.channels() == [64, 128]
+    assert_state_equal(features.model, published['state'], skip='linear.')  # the head is pruned
+
+
+def test_unknown_tag_and_unpublished_tag(hf_cache):
+    with pytest.raises(RuntimeError, match='Invalid pretrained tag'):
+        timm.create_model(f'{ARCH}.imagenet', pretrained=True)
+    with pytest.raises(NoPublishedWeightsError, match=f"published for '{NAME}'.*hub_org"):
+        timm.create_model(ARCH, pretrained=True)
+
+
+def test_cache_miss_offline_names_repo_and_fix(hf_cache):
+    with pytest.raises(WeightsNotCachedError, match=f"'{REPO_ID}'.*HF_HUB_OFFLINE.*hf download {REPO_ID}") as info:
+        timm.create_model(NAME, pretrained=True, hub_org=ORG)
+    assert isinstance(info.value, LocalEntryNotFoundError)  # still caught by huggingface_hub handlers
+
+
+def test_truncated_safetensors_is_named(cached_repo, published, tmp_path):
+    data = (published['folder'] / 'model.safetensors').read_bytes()
+    truncated = tmp_path / 'truncated.safetensors'
+    truncated.write_bytes(data[:len(data) // 2])
+    with pytest.raises(CorruptWeightsError, match=f'{truncated}.*truncated or corrupt'):
+        timm.create_model(ARCH, pretrained=True, pretrained_cfg_overlay=dict(file=str(truncated)))
+    add_to_hf_cache(cached_repo, 'dzlab/broken', {'model.safetensors': truncated})
+    with pytest.raises(CorruptWeightsError, match='snapshots/rev0/model.safetensors.*truncated'):
+        timm.create_model(ARCH, pretrained=True, pretrained_cfg_overlay=dict(hf_hub_id='dzlab/broken'))
+    with pytest.raises(CorruptWeightsError, match='not found: /no/such/file.safetensors'):
+        timm.create_model(ARCH, pretrained=True, pretrained_cfg_overlay=dict(file='/no/such/file.safetensors'))
+
+
+def test_checkpoint_of_another_architecture_lists_keys(hf_cache, tmp_path):
+    path = tmp_path / 'bn_twin.safetensors'
+    save_file(timm.create_model('resnet18_cifar').state_dict(), str(path))
+    for num_classes in (10, 5):  # also when the classifier is reset (timm then loads non-strictly)
+        with pytest.raises(CheckpointMismatchError, match=r'(?s)missing \(\d+\): conv1\.bias, conv1\.running_mean.*'
+                                                          r'unexpected \(100\): bn1\.') as info:
+            timm.create_model(ARCH, pretrained=True, num_classes=num_classes,
+                              pretrained_cfg_overlay=dict(file=str(path)))
+        assert str(path) in str(info.value) and 'bn_to_deconv' in str(info.value)
+
+
+def test_converted_bn_tag_loads_timm_batchnorm_weights(hf_cache, tmp_path):
+    """resnet18_deconv.tv_in1k: timm's resnet18.tv_in1k weights converted on load."""
+    generator = torch.Generator().manual_seed(2)
+    bn_model = timm.create_model('resnet18').eval()
+    randomize_batchnorm(bn_model, generator)
+    path = tmp_path / 'model.safetensors'
+    save_file(bn_model.state_dict(), str(path))
+    add_to_hf_cache(hf_cache, 'timm/resnet18.tv_in1k', {'model.safetensors': path})
+
+    model = timm.create_model('resnet18_deconv', pretrained=True).eval()  # the default tag
+    assert model.pretrained_cfg['tag'] == 'tv_in1k' and 'converted on load' in model.pretrained_cfg['description']
+    assert torch.equal(model.layer1[0].conv1.running_deconv, torch.eye(576))  # identity whitening
+    image = torch.randn(1, 3, 64, 64, generator=generator)
+    with torch.no_grad():
+        assert_close(model(image), bn_model(image), rel=1e-4)
+    tuned = timm.create_model('resnet18_deconv.tv_in1k', pretrained=True, num_classes=10, in_chans=1)
+    assert torch.allclose(tuned.conv1.weight, model.conv1.weight.sum(dim=1, keepdim=True))
