@@ -201,8 +201,11 @@ def _identity_statistics(module: nn.Module) -> Dict[str, Tensor]:
 
 
 def deconv_state_dict_from_bn(
-        bn_state_dict: Mapping[str, Tensor], bn_arch: str, deconv_model: nn.Module) -> Dict[str, Tensor]:
-    """State dict for ``deconv_model`` computing what ``bn_arch`` with ``bn_state_dict`` computes in eval.
+        bn_state_dict: Mapping[str, Tensor], bn_model: Union[str, nn.Module], deconv_model: nn.Module,
+) -> Dict[str, Tensor]:
+    """State dict for ``deconv_model`` computing what the BN model computes in eval with ``bn_state_dict``.
+
+    ``bn_model`` is the BN model or its architecture name (it is then built on the meta device).
 
     Convolution and linear layers are matched in module order (the twins list them alike; VGG's
     indices differ), folded BatchNorms disappear, BatchNorms the deconv model keeps (ImageNet
@@ -210,7 +213,9 @@ def deconv_state_dict_from_bn(
     Weights keep the state dict's shapes, so a model built with other ``num_classes``/``in_chans``
     can adapt them afterwards (timm's pretrained loading does).
     """
-    bn_model = _bn_structure(bn_state_dict, bn_arch)
+    if isinstance(bn_model, str):
+        bn_model = _bn_structure(bn_state_dict, bn_model)
+    bn_arch = getattr(bn_model, 'pretrained_cfg', {}).get('architecture', type(bn_model).__name__)
     bn_modules = dict(bn_model.named_modules())
     deconv_modules = dict(deconv_model.named_modules())
     bn_layers = [n for n, m in bn_modules.items() if _is_weight_layer(m)]
@@ -246,8 +251,8 @@ def deconv_state_dict_from_bn(
             target.weight.dtype)
         if target.bias is not None:
             state_dict[f'{deconv_layer}.bias'] = bias.to(target.bias.dtype)
-        elif bias.abs().max() > 0:
-            raise CheckpointMismatchError(f'{deconv_layer} has no bias to hold the folded BatchNorm shift.')
+        elif bn_layer in folds or f'{bn_layer}.bias' in bn_state_dict:
+            raise CheckpointMismatchError(f'{deconv_layer} has no bias for the bias of {bn_layer} (or its BatchNorm).')
     for bn in kept_bns:
         kept = {k: v for k, v in bn_state_dict.items() if k.startswith(f'{bn}.')}
         if not kept:
@@ -285,15 +290,16 @@ def bn_to_deconv(
     """
     if isinstance(bn_model_or_state_dict, nn.Module):
         bn_state_dict = bn_model_or_state_dict.state_dict()
-        bn_arch = bn_arch or bn_model_or_state_dict.pretrained_cfg['architecture']
+        bn_model = bn_model_or_state_dict  # also a zoo model built with deconv=False
+        bn_arch = bn_model.pretrained_cfg['architecture']
     else:
         bn_state_dict = dict(bn_model_or_state_dict)
         bn_arch = bn_arch or (arch[:-len('_deconv')] if arch.endswith('_deconv') else None)
         if not bn_arch or not timm.is_model(bn_arch):
-            raise ValueError(f'Name the batch-norm architecture of the state dict: bn_to_deconv(..., bn_arch=...)')
-    geometry = checkpoint_geometry(bn_state_dict, bn_arch)
-    model = timm.create_model(arch, **dict(geometry, **model_kwargs))
-    model.load_state_dict(deconv_state_dict_from_bn(bn_state_dict, bn_arch, model))
+            raise ValueError('Name the batch-norm architecture of the state dict: bn_to_deconv(..., bn_arch=...)')
+        bn_model = bn_arch
+    model = timm.create_model(arch, **dict(checkpoint_geometry(bn_state_dict, bn_arch), **model_kwargs))
+    model.load_state_dict(deconv_state_dict_from_bn(bn_state_dict, bn_model, model))
     model.eval()
     if calibrate_loader is not None:
         calibrate_whitening(model, calibrate_loader)
