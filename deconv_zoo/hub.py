@@ -35,6 +35,15 @@ PAPER_CITATION = r"""@inproceedings{ye2020network,
 # The fields of scripts/validate.py's JSON that a model card and the published entry use.
 RESULT_FIELDS = ('model', 'tag', 'dataset', 'split', 'num_images', 'top1', 'top5', 'loss')
 
+# Hugging Face dataset ids of the zoo's tags (the model card's ``datasets`` metadata).
+TAG_DATASETS = {'cifar10': 'cifar10', 'cifar100': 'cifar100', 'in1k': 'imagenet-1k'}
+
+
+def _hub_dataset(results: Mapping[str, Any]) -> str:
+    """The dataset id for the card's metadata: from the tag, else the validated dataset's name
+    (timm's 'torch/cifar10' -> 'cifar10')."""
+    return TAG_DATASETS.get(results['tag']) or str(results['dataset']).rsplit('/', 1)[-1].lower()
+
 
 def _results_table(results: Mapping[str, Any]) -> str:
     return (
@@ -77,7 +86,7 @@ def model_card(model: nn.Module, repo_id: str, results: Mapping[str, Any], train
             'Model Type': 'Image classification / feature backbone',
             'Model Stats': {'Params (M)': f'{num_params / 1e6:.1f}',
                             'Image size': 'x'.join(str(s) for s in cfg['input_size'][1:])},
-            'Dataset': results['dataset'],
+            'Dataset': _hub_dataset(results),
             'Papers': {'Network Deconvolution': 'https://arxiv.org/abs/1905.11926'},
             'Original': 'https://github.com/yechengxi/deconvolution',
         },
@@ -94,8 +103,8 @@ def model_card(model: nn.Module, repo_id: str, results: Mapping[str, Any], train
 def _readme(card: Dict[str, Any], name: str, results: Mapping[str, Any]) -> str:
     """timm's README plus the top-1/top-5 accuracy as Hub ``model-index`` metadata."""
     readme = ModelCard(generate_readme(card, name))
-    dataset = dict(task_type='image-classification', dataset_type=str(results['dataset']).lower(),
-                   dataset_name=str(results['dataset']), dataset_split=str(results['split']))
+    dataset = dict(task_type='image-classification', dataset_type=_hub_dataset(results),
+                   dataset_name=_hub_dataset(results), dataset_split=str(results['split']))
     readme.data.model_name = name
     readme.data.eval_results = [
         EvalResult(metric_type='accuracy', metric_name='top-1 accuracy', metric_value=results['top1'], **dataset),

@@ -4,7 +4,8 @@
     # a checkpoint of the authors' scripts (main.py: {'net': ...}; main_imagenet.py: {'state_dict': ...})
     python scripts/convert_reference.py ckpt.t7 --model resnet18_cifar_deconv --output resnet18.safetensors
     # batch-norm weights (zoo BN twin or timm model) folded into the deconv twin, same eval function
-    python scripts/convert_reference.py resnet18_bn.pth --from-bn resnet18 --model resnet18_deconv --output r18.safetensors
+    python scripts/convert_reference.py resnet18_bn.pth --from-bn resnet18 --model resnet18_deconv \\
+        --output r18.safetensors
 
 The weights file loads with
 ``timm.create_model(model, pretrained=True, pretrained_cfg_overlay=dict(file=...))``; publish it

@@ -6,12 +6,13 @@
         --results output/validate.json --org my-lab --output-dir hub/resnet18_cifar_deconv.cifar10
     python scripts/push_to_hub.py --checkpoint ... --results ... --org my-lab
 
-Input: a training checkpoint of scripts/train.py (its 'args' name the model; ``--ema`` publishes
-'state_dict_ema') or a plain weights file with ``--model``, plus the JSON that scripts/validate.py
-wrote for those weights. The repo is ``<org>/<model>.<tag>`` unless ``--repo-id`` says otherwise.
-Without ``--output-dir`` the folder is written to a temporary directory and uploaded (needs
-``huggingface-cli login`` or HF_TOKEN). The script prints the PUBLISHED_WEIGHTS entry to add to
-deconv_zoo/weights.py once the upload is done.
+Input: a training checkpoint of scripts/train.py (its 'args' name the model) or a plain weights
+file, plus the JSON that scripts/validate.py wrote for those weights: the file must be the one it
+validated (sha256), and its EMA weights are published when it validated those (use_ema). The
+repo is ``<org>/<model>.<tag>`` unless ``--repo-id`` says otherwise. Without ``--output-dir`` the
+folder is written to a temporary directory and uploaded (needs ``hf auth login`` or HF_TOKEN).
+The script prints the PUBLISHED_WEIGHTS entry to add to deconv_zoo/weights.py once the upload
+is done.
 """
 import argparse
 import json
@@ -37,13 +38,15 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument('--results', required=True, help='JSON written by scripts/validate.py for these weights')
     parser.add_argument('--model', help='architecture (default: the results / checkpoint)')
     parser.add_argument('--tag', help="pretrained tag, e.g. cifar10 (default: the results' tag)")
-    parser.add_argument('--ema', action='store_true', help="publish the checkpoint's EMA weights")
+    parser.add_argument('--ema', action='store_true',
+                        help="publish the checkpoint's EMA weights (default: as the results' use_ema says)")
     parser.add_argument('--model-kwargs', type=json.loads, default=None,
                         help='JSON of model arguments the weights were trained with (default: the checkpoint\'s)')
     parser.add_argument('--train-command', help='the exact training command, for the model card (the checkpoint '
                                                 'records only its arguments)')
     parser.add_argument('--repo-id', help='Hub repo (default: <org>/<model>.<tag>)')
-    parser.add_argument('--org', default=os.environ.get(HUB_ORG_ENV), help=f'Hub organisation (default: ${HUB_ORG_ENV})')
+    parser.add_argument('--org', default=os.environ.get(HUB_ORG_ENV),
+                        help=f'Hub organisation (default: ${HUB_ORG_ENV})')
     parser.add_argument('--output-dir', help='write the repo folder here and do not upload')
     parser.add_argument('--private', action='store_true', help='create the Hub repo as private')
     parser.add_argument('--token', help='Hub token (default: the logged-in one)')
@@ -64,9 +67,12 @@ def build_model(args: argparse.Namespace, results: Dict[str, Any]) -> Tuple[nn.M
     if train_args.get('model', arch) != arch:
         raise SystemExit(f"The checkpoint was trained as {train_args['model']}, not {arch}.")
     model_kwargs = args.model_kwargs if args.model_kwargs is not None else dict(train_args.get('model_kwargs') or {})
-    if args.ema and 'state_dict_ema' not in checkpoint:
+    use_ema = bool(results.get('use_ema', args.ema))  # publish exactly the weights that were validated
+    if args.ema and not use_ema:
+        raise SystemExit(f'--ema, but {args.results} was measured on the non-EMA weights.')
+    if use_ema and 'state_dict_ema' not in checkpoint:
         raise SystemExit(f'{path} holds no EMA weights (state_dict_ema).')
-    model, report = convert_reference_checkpoint(checkpoint['state_dict_ema'] if args.ema else checkpoint,
+    model, report = convert_reference_checkpoint(checkpoint['state_dict_ema'] if use_ema else checkpoint,
                                                  f'{arch}.{tag}', **model_kwargs)
     cfg = model.pretrained_cfg
     if model.num_classes != cfg['num_classes']:

@@ -79,9 +79,9 @@ def published(tmp_path_factory):
     checkpoint = root / 'model_best.pth.tar'
     train_args = argparse.Namespace(model=ARCH, model_kwargs={}, lr=0.1, epochs=20)
     torch.save(dict(state_dict=state, state_dict_ema=ema, args=train_args, epoch=19), checkpoint)
-    results = dict(model=ARCH, tag=TAG, dataset='cifar10', split='test', num_images=10000, top1=95.12, top5=99.81,
-                   loss=0.2034, img_per_sec=1234.5, checkpoint=str(checkpoint),
-                   sha256=deconv_zoo.loading.file_sha256(str(checkpoint)))
+    results = dict(model=ARCH, tag=TAG, dataset='torch/cifar10', split='test', num_images=10000, top1=95.12,
+                   top5=99.81, loss=0.2034, img_per_sec=1234.5, checkpoint=str(checkpoint),
+                   sha256=deconv_zoo.loading.file_sha256(str(checkpoint)), use_ema=False)
     results_path = root / 'validate.json'
     results_path.write_text(json.dumps(results))
     folder = root / 'repo'
@@ -110,9 +110,9 @@ def test_push_writes_a_timm_hub_folder(published):
 
     readme = (folder / 'README.md').read_text()
     header = readme.split('---')[1]
-    assert 'license: mit' in header and '- network-deconvolution' in header and '- cifar10' in header
+    assert 'license: mit' in header and '- network-deconvolution' in header and 'datasets:\n- cifar10' in header
     assert 'model-index' in header and 'value: 95.12' in header and 'value: 99.81' in header
-    assert '| cifar10 | test | 10000 | 95.12 | 99.81 | 0.2034 |' in readme
+    assert '| torch/cifar10 | test | 10000 | 95.12 | 99.81 | 0.2034 |' in readme
     assert 'python scripts/train.py --model resnet18_cifar_deconv --dataset torch/cifar10 --epochs 20' in readme
     assert '"lr": 0.1' in readme  # the arguments the checkpoint recorded
     assert 'title     = {Network Deconvolution}' in readme and '1905.11926' in readme
@@ -124,13 +124,22 @@ def test_push_writes_a_timm_hub_folder(published):
     assert f"sha256='{sha}'" in published['output']
 
 
-def test_push_publishes_ema_weights_on_request(published, tmp_path):
+def test_push_publishes_the_validated_ema_weights(published, tmp_path):
+    results = json.loads(published['results_path'].read_text())
+    ema_results = tmp_path / 'validate_ema.json'
+    ema_results.write_text(json.dumps(dict(results, use_ema=True)))
+    push = load_script('push_to_hub')
     with contextlib.redirect_stdout(io.StringIO()):
-        load_script('push_to_hub').main(['--checkpoint', str(published['checkpoint']), '--ema', '--results',
-                                         str(published['results_path']), '--repo-id', REPO_ID,
-                                         '--output-dir', str(tmp_path)])
-    saved = load_file(str(tmp_path / 'model.safetensors'))
+        push.main(['--checkpoint', str(published['checkpoint']), '--results', str(ema_results), '--repo-id', REPO_ID,
+                   '--output-dir', str(tmp_path / 'repo')])
+    saved = load_file(str(tmp_path / 'repo' / 'model.safetensors'))
     assert torch.equal(saved['linear.weight'], published['state']['linear.weight'] + 1)
+    with pytest.raises(SystemExit, match='measured on the non-EMA weights'):
+        push.main(['--checkpoint', str(published['checkpoint']), '--ema', '--results', str(published['results_path']),
+                   '--repo-id', REPO_ID, '--output-dir', str(tmp_path / 'other')])
+    with pytest.raises(SystemExit, match='written for another file'):
+        push.main(['--weights', str(published['folder'] / 'model.safetensors'), '--results',
+                   str(published['results_path']), '--repo-id', REPO_ID, '--output-dir', str(tmp_path / 'other')])
 
 
 def test_push_without_output_dir_uploads_and_fails_clearly_offline(published, hf_cache):
