@@ -22,6 +22,7 @@ import tempfile
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch.nn as nn
+from timm.utils import ParseKwargs
 
 import deconv_zoo  # noqa: F401  (registers the models)
 from deconv_zoo.convert import convert_reference_checkpoint, read_checkpoint
@@ -40,8 +41,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument('--tag', help="pretrained tag, e.g. cifar10 (default: the results' tag)")
     parser.add_argument('--ema', action='store_true',
                         help="publish the checkpoint's EMA weights (default: as the results' use_ema says)")
-    parser.add_argument('--model-kwargs', type=json.loads, default=None,
-                        help='JSON of model arguments the weights were trained with (default: the checkpoint\'s)')
+    parser.add_argument('--model-kwargs', nargs='*', default=None, action=ParseKwargs,
+                        help="model arguments the weights were trained with, as for train.py (default: the "
+                             "checkpoint's)")
     parser.add_argument('--train-command', help='the exact training command, for the model card (the checkpoint '
                                                 'records only its arguments)')
     parser.add_argument('--repo-id', help='Hub repo (default: <org>/<model>.<tag>)')

@@ -60,7 +60,7 @@ def test_convert_reference_script(zoo_model, tmp_path, capsys):
     path = tmp_path / 'ckpt.pth'
     torch.save(reference_style(zoo_model), path)
     load_script('convert_reference').main([str(path), '--model', 'resnet18_cifar_deconv', '--model-kwargs',
-                                           '{"deconv_cfg": {"block": 8}, "block_fc": 64}',
+                                           "deconv_cfg={'block': 8}", 'block_fc=64',
                                            '--output', str(tmp_path / 'out.safetensors')])
     assert 'filled in by the model: conv1.counter' in capsys.readouterr().out
     saved = load_file(str(tmp_path / 'out.safetensors'))
