@@ -10,6 +10,7 @@ from typing import Iterator, Optional, Set, Tuple
 
 import torch
 from torch import Tensor
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 _warned: Set[str] = set()
 
@@ -63,6 +64,19 @@ def update_running(running: Tensor, batch: Tensor, momentum: float) -> None:
         running.lerp_(batch.detach().to(running.dtype), momentum)
 
 
+# fix: fused optimizers (``fused=True`` Adam, AdamW, SGD) update parameters without bumping their
+# version counters, so every optimizer step also advances this count, which is part of the key.
+_optimizer_steps = 0
+
+
+def _count_optimizer_step(*_) -> None:
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
+
+
 class FoldCache:
     """Folded (weight, bias) of an eval-mode layer, valid while its inputs are unchanged.
 
@@ -76,7 +90,7 @@ class FoldCache:
 
     @staticmethod
     def key(*tensors: Optional[Tensor]) -> Optional[tuple]:
-        parts = []
+        parts: list = [_optimizer_steps]
         for t in tensors:
             if t is None:
                 parts.append(None)
@@ -108,8 +122,8 @@ def use_fold_cache(weight: Tensor) -> bool:
 class WhitenedWeightMixin:
     """Training-step bookkeeping and the eval-mode fold shared by FastDeconv and Delinear.
 
-    The host class has ``weight``, ``bias``, ``running_mean``, ``running_deconv``, ``momentum``
-    and implements ``_fold(weight, bias, mean, deconv) -> (weight, bias)``.
+    The host class has ``weight``, ``bias``, ``running_mean``, ``running_deconv``, ``momentum``,
+    ``track_running_stats`` and implements ``_fold(weight, bias, mean, deconv) -> (weight, bias)``.
     """
     # Turn off to run under CUDA graphs / fullgraph compile: the check synchronises the device.
     check_finite: bool = True
@@ -126,6 +140,8 @@ class WhitenedWeightMixin:
 
     def _track(self, mean: Tensor, deconv: Tensor) -> None:
         """Validate one batch's statistics and fold them into the running buffers."""
+        if not self.track_running_stats:
+            return
         if self.check_finite:
             ensure_finite(type(self).__name__, mean, deconv)
         if not in_backward_recompute():

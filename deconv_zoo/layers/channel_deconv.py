@@ -69,7 +69,7 @@ class ChannelDeconv(nn.Module):
         training = self.training
         first = training and int(self.num_batches_tracked) == 0
         record = training and not in_backward_recompute()
-        parts = []
+        parts, tracked = [], []
         with float32_statistics(x) as xs:
             if c > 0:
                 # (block, N * H * W * c / block): feature r pools adjacent channels.
@@ -83,9 +83,7 @@ class ChannelDeconv(nn.Module):
                     deconv = isqrt_newton_schulz(cov, self.n_iter)
                     if self.check_finite:
                         ensure_finite('ChannelDeconv', mean1, deconv)
-                    if record:
-                        self._update(self.running_mean1, mean1, first)
-                        self._update(self.running_deconv, deconv, first)
+                    tracked += [(self.running_mean1, mean1), (self.running_deconv, deconv)]
                 else:
                     # fix: the reference raised UnboundLocalError here before any training step;
                     # a fresh layer now applies its initial (identity) statistics, like BatchNorm.
@@ -101,14 +99,16 @@ class ChannelDeconv(nn.Module):
                     mean2, var = x2_s.mean().reshape(1, 1), x2_s.var().reshape(1, 1)
                     if self.check_finite:
                         ensure_finite('ChannelDeconv', mean2, var)
-                    if record:
-                        self._update(self.running_mean2, mean2, first)
-                        self._update(self.running_var, var, first)
+                    tracked += [(self.running_mean2, mean2), (self.running_var, var)]
                 else:
                     mean2, var = self.running_mean2.to(x2.dtype), self.running_var.to(x2.dtype)
                 parts.append((x2 - mean2) / (var + self.eps).sqrt())
             out = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
         if record:
+            # fix: the buffers move only once both parts passed the finite check (a non-finite
+            # remainder used to leave the whitening buffers updated and the rest not).
+            for running, batch in tracked:
+                self._update(running, batch, first)
             self.num_batches_tracked.add_(1)
         out = out.to(x.dtype)
         return out[:, :, 0, 0] if flat_input else out

@@ -51,7 +51,7 @@ class Delinear(WhitenedWeightMixin, nn.Linear):
         if x.dim() < 1 or x.shape[-1] != self.in_features:
             raise ValueError(
                 f'{type(self).__name__}: expected input (..., {self.in_features}), got shape {tuple(x.shape)}')
-        if self.training and self.track_running_stats:
+        if self.training:  # fix: without track_running_stats, batch statistics unrecorded (as BatchNorm)
             with float32_statistics(x) as xs:
                 mean, deconv = self.batch_statistics(xs)
                 self._track(mean, deconv)

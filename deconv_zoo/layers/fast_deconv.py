@@ -96,7 +96,9 @@ class FastDeconv(WhitenedWeightMixin, nn.Conv2d):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
-        if self.training and self.track_running_stats:
+        # fix: with track_running_stats off, training still uses the batch statistics (as the
+        # reference and BatchNorm do); only their recording stops.
+        if self.training:
             weight, bias = self._train_fold(x)
         else:
             weight, bias = self._eval_fold()
@@ -105,16 +107,22 @@ class FastDeconv(WhitenedWeightMixin, nn.Conv2d):
     def _train_fold(self, x: Tensor) -> Tuple[Tensor, Tensor]:
         with float32_statistics(x) as xs:
             mean, deconv = self.batch_statistics(xs)
+            recompute = in_backward_recompute()
+            advance = self.freeze and self.track_running_stats
             if self.freeze:
                 # Frozen steps reuse the running statistics. Selecting with a tensor condition
                 # keeps the step free of host syncs and torch.compile recompiles.
-                frozen = self.counter > self.freeze_iter
+                # fix: a checkpoint recompute runs after its forward advanced the counter; it must
+                # decide on the value that forward saw, or the step's gradients are wrong.
+                counter = (self.counter - 1).remainder(10 * self.freeze_iter) if recompute and advance else self.counter
+                frozen = counter > self.freeze_iter
                 mean = torch.where(frozen, self.running_mean.to(mean.dtype), mean)
                 deconv = torch.where(frozen, self.running_deconv.to(deconv.dtype), deconv)
-                if not in_backward_recompute():
-                    self.counter.add_(1).remainder_(10 * self.freeze_iter)
             # lerp(r, r, m) == r exactly, so frozen steps leave the running buffers untouched.
             self._track(mean, deconv)
+            if advance and not recompute:
+                # fix: advanced after _track accepted the batch, so a non-finite one leaves it unchanged.
+                self.counter.add_(1).remainder_(10 * self.freeze_iter)
             return self._fold_in(mean, deconv)
 
     def _fold(self, weight: Tensor, bias: Optional[Tensor], mean: Tensor, deconv: Tensor) -> Tuple[Tensor, Tensor]:

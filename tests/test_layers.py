@@ -1,0 +1,455 @@
+"""The deconvolution layers compute the paper's deconvolution (issue #2, section 1).
+
+FastDeconv, Delinear and ChannelDeconv are compared with ``oracle.py``, a literal and
+independent implementation of the reference algorithm, and their runtime behaviour (freeze
+schedule, eval cache, autocast, memory formats, bad input, checkpointing) is pinned down.
+"""
+import copy
+import warnings
+
+import pytest
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from deconv_zoo.layers import ChannelDeconv, Delinear, FastDeconv, _stats, isqrt_newton_schulz
+from oracle import OracleChannelDeconv, OracleDelinear, OracleFastDeconv, oracle_newton_schulz
+
+
+@pytest.fixture(autouse=True, scope='module')
+def one_thread():
+    """The tensors here are tiny: one intra-op thread runs them several times faster than two
+    (no OpenMP hand-offs, no spinning threads on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# Relative error (max norm) allowed against the float64 oracle, by the layer's dtype.
+TOL = {torch.float64: 1e-8, torch.float32: 1e-4}
+
+
+def assert_rel(actual, expected, tol):
+    """max |actual - expected| <= tol * max |expected|."""
+    err = (actual.double() - expected.double()).abs().max().item()
+    scale = expected.double().abs().max().item()
+    assert err <= tol * scale, f'relative error {err / scale:.3g} exceeds {tol:g}'
+
+
+def random_input(shape, seed, dtype=torch.float64):
+    """Inputs with a non-zero mean and unequal channel scales, so that centring matters."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
+    scale = torch.linspace(0.5, 2.0, shape[1], dtype=torch.float64).reshape(1, -1, *([1] * (len(shape) - 2)))
+    return (x * scale + 0.3).to(dtype)
+
+
+ORACLE_OF = {FastDeconv: OracleFastDeconv, Delinear: OracleDelinear, ChannelDeconv: OracleChannelDeconv}
+
+
+def fast(shape, in_channels, out_channels, kernel_size, **kwargs):
+    """A FastDeconv case: (layer class, constructor arguments, input shape)."""
+    kwargs.update(in_channels=in_channels, out_channels=out_channels, kernel_size=kernel_size)
+    return FastDeconv, kwargs, shape
+
+
+def linear(shape, in_features, out_features, **kwargs):
+    return Delinear, dict(in_features=in_features, out_features=out_features, **kwargs), shape
+
+
+def channel(shape, **kwargs):
+    return ChannelDeconv, kwargs, shape
+
+
+ORACLE_CASES = {
+    'fast_k1': fast((3, 8, 9, 7), 8, 6, 1, block=4),
+    'fast_k1_stride2': fast((4, 8, 12, 11), 8, 6, 1, stride=2, block=4),
+    'fast_k1_groups2': fast((3, 8, 9, 7), 8, 6, 1, groups=2),
+    'fast_k3_gcd_block': fast((2, 6, 9, 8), 6, 5, 3, padding=1, block=4),
+    'fast_k3_stride2': fast((2, 8, 11, 10), 8, 4, 3, stride=2, padding=1, block=4),
+    'fast_k3_dilation2': fast((2, 8, 10, 9), 8, 4, 3, padding=2, dilation=2, block=4),
+    'fast_k3_groups4': fast((2, 8, 8, 7), 8, 8, 3, padding=1, groups=4),
+    'fast_k3_depthwise_stride2': fast((2, 6, 10, 9), 6, 12, 3, stride=2, padding=1, groups=6),
+    'fast_k3_no_bias': fast((2, 8, 7, 7), 8, 4, 3, padding=1, block=2, bias=False),
+    'fast_k3_groups2_no_bias': fast((2, 8, 7, 7), 8, 4, 3, padding=1, groups=2, bias=False),
+    'fast_k5_block_exceeds_channels': fast((2, 4, 8, 8), 4, 6, 5, padding=2, sampling_stride=1),
+    'fast_k7_stem': fast((2, 3, 15, 13), 3, 5, 7, stride=2, padding=3),
+    'fast_k3_map1_batch1': fast((1, 4, 1, 1), 4, 3, 3, padding=1, block=2),
+    'fast_k3_map2': fast((2, 4, 2, 2), 4, 3, 3, padding=1),
+    'fast_k1_stride2_map1_batch1': fast((1, 4, 1, 1), 4, 3, 1, stride=2),
+    'delinear': linear((16, 12), 12, 5, block=4),
+    'delinear_gcd_block': linear((16, 12), 12, 5, block=8),
+    'delinear_block_exceeds_features': linear((20, 6), 6, 3),
+    'delinear_no_bias': linear((16, 12), 12, 5, block=3, bias=False),
+    'delinear_sequence': linear((3, 5, 8), 8, 4, block=4),
+    'channel': channel((3, 8, 6, 7), block=4),
+    'channel_leftover': channel((3, 10, 6, 6), block=4),
+    'channel_map_below_stride': channel((4, 10, 2, 2), block=4),
+    'channel_flat_input': channel((16, 10), block=4),
+    'channel_c0': channel((3, 3, 6, 6), block=4),
+    'channel_stride1': channel((2, 6, 5, 5), block=2, sampling_stride=1),
+}
+
+
+@pytest.mark.filterwarnings('ignore:.*(does not divide|is larger than)')
+@pytest.mark.parametrize('dtype', [torch.float64, torch.float32], ids=['f64', 'f32'])
+@pytest.mark.parametrize('case', ORACLE_CASES.values(), ids=ORACLE_CASES.keys())
+def test_layer_matches_oracle(case, dtype):
+    """Two training steps (output, input and parameter gradients, running statistics), then an
+    eval step, of the layer in ``dtype`` against the float64 oracle holding the same state."""
+    layer_cls, kwargs, shape = case
+    torch.manual_seed(0)
+    layer = layer_cls(**kwargs).to(dtype)
+    oracle = ORACLE_OF[layer_cls](**kwargs).double()
+    oracle.load_state_dict(layer.state_dict())
+    tol = TOL[dtype]
+    for step, training in enumerate((True, True, False)):
+        layer.train(training)
+        oracle.train(training)
+        x = random_input(shape, seed=step)
+        x_layer = x.to(dtype, copy=True).requires_grad_()
+        x_oracle = x.requires_grad_()
+        out, expected = layer(x_layer), oracle(x_oracle)
+        assert out.dtype == dtype
+        assert_rel(out, expected, tol)
+        upstream = torch.randn(expected.shape, generator=torch.Generator().manual_seed(10 + step), dtype=torch.float64)
+        (out * upstream.to(dtype)).sum().backward()
+        (expected * upstream).sum().backward()
+        assert_rel(x_layer.grad, x_oracle.grad, tol)
+        oracle_params = dict(oracle.named_parameters())
+        for name, param in layer.named_parameters():
+            assert_rel(param.grad, oracle_params[name].grad, tol)
+        layer.zero_grad()
+        oracle.zero_grad()
+        oracle_state = oracle.state_dict()
+        for name, buf in layer.state_dict().items():
+            if buf.is_floating_point():
+                assert buf.dtype == dtype
+                assert_rel(buf, oracle_state[name], tol)
+
+
+def random_covariance(*batch, d=20, seed=0):
+    """A covariance of 2d samples in d dimensions (condition number about 30)."""
+    x = torch.randn(*batch, 2 * d, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return x.transpose(-1, -2) @ x / (2 * d) + 1e-3 * torch.eye(d, dtype=torch.float64)
+
+
+@pytest.mark.parametrize('d', [20, 150])  # small and large matrices (evaluated differently on CPU)
+@pytest.mark.parametrize('batch', [(), (3,)], ids=['single', 'batched'])
+@pytest.mark.parametrize('n_iter', range(1, 16))
+def test_newton_schulz_matches_literal_iteration(n_iter, batch, d):
+    scale = torch.tensor([1.0, 10.0, 1e3], dtype=torch.float64)[:batch[0], None, None] if batch else 1.0
+    cov = random_covariance(*batch, d=d) * scale
+    upstream = torch.randn(cov.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    results = []
+    for isqrt in (isqrt_newton_schulz, oracle_newton_schulz):
+        a = cov.clone().requires_grad_()
+        out = isqrt(a, n_iter)
+        (out * upstream).sum().backward()  # the paper back-propagates through the iteration
+        results.append((out, a.grad))
+    (out, grad), (expected_out, expected_grad) = results
+    assert_rel(out, expected_out, 1e-12)
+    assert_rel(grad, expected_grad, 1e-10)
+
+
+def test_newton_schulz_is_unconverged_at_five_iterations():
+    cov = random_covariance()
+    evals, evecs = torch.linalg.eigh(cov)
+    exact = evecs @ torch.diag(evals.rsqrt()) @ evecs.t()
+
+    def rel_error(n_iter):
+        return ((isqrt_newton_schulz(cov, n_iter) - exact).norm() / exact.norm()).item()
+
+    assert rel_error(5) > 0.05  # the paper's default is a truncated polynomial, not A^(-1/2)
+    assert rel_error(15) < 1e-12
+    with pytest.raises(ValueError, match='n_iter'):
+        isqrt_newton_schulz(cov, 0)
+
+
+FREEZE_KWARGS = dict(in_channels=4, out_channels=3, kernel_size=3, padding=1, block=2, freeze=True, freeze_iter=3)
+
+
+def test_freeze_schedule():
+    """freeze_iter=3: fresh statistics on training calls 1..4 and 31..34, running ones on 5..30
+    and 35 (the counter runs modulo 30)."""
+    layer = FastDeconv(**FREEZE_KWARGS).double()
+    oracle = OracleFastDeconv(**FREEZE_KWARGS).double()
+    oracle.load_state_dict(layer.state_dict())
+    layer.train()
+    oracle.train()
+    updated = []
+    for call in range(1, 36):
+        before = [layer.running_mean.clone(), layer.running_deconv.clone()]
+        x = random_input((2, 4, 6, 6), seed=call)
+        assert_rel(layer(x), oracle(x), 1e-8)
+        after = [layer.running_mean, layer.running_deconv]
+        updated.append([not torch.equal(b, a) for b, a in zip(before, after)])
+        assert int(layer.counter) == int(oracle.counter) == call % 30
+    assert updated == [[fresh, fresh] for fresh in (call <= 4 or 31 <= call <= 34 for call in range(1, 36))]
+    layer.eval()
+    layer(random_input((2, 4, 6, 6), seed=0))
+    assert int(layer.counter) == 5  # eval calls do not advance the schedule
+
+
+def test_counter_is_saved_and_restored():
+    layer = FastDeconv(**FREEZE_KWARGS)
+    for seed in range(7):
+        layer(random_input((2, 4, 6, 6), seed, torch.float32))
+    state = layer.state_dict()
+    assert int(state['counter']) == 7
+    restored = FastDeconv(**FREEZE_KWARGS)
+    restored.load_state_dict(state)
+    assert int(restored.counter) == 7
+    before = copy.deepcopy(restored.state_dict())
+    restored(random_input((2, 4, 6, 6), 7, torch.float32))  # call 8: frozen, as in the original
+    for name in ('running_mean', 'running_deconv'):
+        assert torch.equal(restored.state_dict()[name], before[name])
+
+
+def test_reference_checkpoint_without_counter_loads_strictly():
+    model = torch.nn.Sequential(FastDeconv(**FREEZE_KWARGS))
+    model[0].counter.fill_(5)
+    reference_state = {k: v for k, v in model.state_dict().items() if not k.endswith('counter')}
+    model.load_state_dict(reference_state)  # strict
+    assert int(model[0].counter) == 0
+    assert '0.counter' not in reference_state  # the caller's dict is not modified
+
+
+# Small layers for the behaviour tests, in the ORACLE_CASES format.
+SMALL = {
+    'fast_deconv': (FastDeconv, FREEZE_KWARGS, (2, 4, 6, 6)),
+    'delinear': linear((6, 8), 8, 3, block=4),
+    'channel_deconv': channel((3, 10, 6, 6), block=4),
+}
+FOLDING = ['fast_deconv', 'delinear']
+
+
+def trained_small(name):
+    """A small layer after one training step (non-trivial statistics), and an input for it."""
+    layer_cls, kwargs, shape = SMALL[name]
+    torch.manual_seed(0)
+    layer = layer_cls(**kwargs)
+    layer(random_input(shape, 0, torch.float32))
+    return layer, random_input(shape, 1, torch.float32)
+
+
+@pytest.mark.parametrize('name', FOLDING)
+def test_training_without_tracking_uses_batch_statistics(name):
+    """track_running_stats=False (the reference's attribute, as in BatchNorm): training calls
+    still whiten with the batch's statistics, and record nothing (buffers, freeze counter)."""
+    layer, x = trained_small(name)
+    layer.double()
+    layer.track_running_stats = False
+    oracle = ORACLE_OF[type(layer)](**SMALL[name][1]).double()
+    oracle.load_state_dict(layer.state_dict())
+    before = copy.deepcopy(layer.state_dict())
+    x = x.double()
+    assert_rel(layer(x), oracle(x), 1e-8)  # FastDeconv: counter 1, not frozen: fresh statistics
+    for key, value in layer.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def count_folds(monkeypatch, layer):
+    calls = []
+    original = type(layer)._fold
+
+    def counting(self, *args):
+        calls.append(1)
+        return original(self, *args)
+
+    monkeypatch.setattr(type(layer), '_fold', counting)
+    return calls
+
+
+@pytest.mark.parametrize('name', FOLDING)
+def test_eval_folds_once_and_reuses(name, monkeypatch):
+    layer, x = trained_small(name)
+    layer.eval()
+    calls = count_folds(monkeypatch, layer)
+    with torch.no_grad():
+        cached = [layer(x), layer(x), layer(x)]
+    assert len(calls) == 1
+    uncached = layer(x)  # weight requires grad and grad mode is on: folded afresh, not cached
+    assert len(calls) == 2 and uncached.requires_grad
+    for out in cached:
+        assert torch.equal(out, uncached)
+
+
+def _optimizer_step(make_optimizer):
+    def step(layer):
+        for p in layer.parameters():
+            p.grad = torch.full_like(p, 0.1)
+        make_optimizer(layer.parameters()).step()
+    return step
+
+
+def _load_perturbed_state(layer):
+    layer.load_state_dict({k: v * 1.5 if v.is_floating_point() else v for k, v in layer.state_dict().items()})
+
+
+def _edit(attribute, edit):
+    def mutate(layer):
+        with torch.no_grad():
+            edit(getattr(layer, attribute))
+    return mutate
+
+
+INVALIDATIONS = {
+    'sgd_step': _optimizer_step(lambda params: torch.optim.SGD(params, lr=0.5, foreach=False)),
+    'sgd_foreach_step': _optimizer_step(lambda params: torch.optim.SGD(params, lr=0.5, foreach=True)),
+    'adam_fused_step': _optimizer_step(lambda params: torch.optim.Adam(params, lr=0.5, fused=True)),
+    'load_state_dict': _load_perturbed_state,
+    'weight_inplace': _edit('weight', lambda t: t.mul_(-2.0)),
+    'bias_inplace': _edit('bias', lambda t: t.add_(1.0)),
+    'running_mean_inplace': _edit('running_mean', lambda t: t.add_(0.5)),
+    'running_deconv_inplace': _edit('running_deconv', lambda t: t.mul_(0.5)),
+    'back_to_train': lambda layer: layer.train().eval(),
+}
+
+
+@pytest.mark.parametrize('mutate', INVALIDATIONS.values(), ids=INVALIDATIONS.keys())
+@pytest.mark.parametrize('name', FOLDING)
+def test_eval_cache_is_invalidated(name, mutate, monkeypatch):
+    layer, x = trained_small(name)
+    layer.eval()
+    calls = count_folds(monkeypatch, layer)
+    with torch.no_grad():
+        layer(x)
+    mutate(layer)
+    with torch.no_grad():
+        cached = layer(x)
+    assert len(calls) == 2
+    assert torch.equal(cached, layer(x))  # equal to a fold of the current state
+
+
+@pytest.mark.parametrize('input_dtype', [torch.float32, torch.bfloat16], ids=['f32_input', 'bf16_input'])
+@pytest.mark.parametrize('name', SMALL)
+def test_autocast_keeps_statistics_in_float32(name, input_dtype):
+    """Under bfloat16 autocast the statistics and Newton-Schulz run in float32: the running
+    buffers stay float32 and match a float32 run on the same values; outputs are finite."""
+    layer_cls, kwargs, shape = SMALL[name]
+    reference = layer_cls(**kwargs)
+    amp = copy.deepcopy(reference)
+    for step, training in enumerate((True, True, False)):
+        reference.train(training)
+        amp.train(training)
+        x = random_input(shape, step, input_dtype)
+        expected = reference(x.float())
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            out = amp(x)
+        assert torch.isfinite(out).all()
+        assert_rel(out.float(), expected, 3e-2)
+        reference_state = reference.state_dict()
+        for key, buf in amp.state_dict().items():
+            assert buf.dtype == reference_state[key].dtype
+            assert_rel(buf, reference_state[key], 1e-6)
+
+
+CHANNELS_LAST = {
+    'fast_deconv_k1': ORACLE_CASES['fast_k1'],
+    'fast_deconv_k3': ORACLE_CASES['fast_k3_stride2'],
+    'channel_deconv': SMALL['channel_deconv'],
+}
+
+
+@pytest.mark.parametrize('case', CHANNELS_LAST.values(), ids=CHANNELS_LAST.keys())
+def test_channels_last_matches_contiguous(case):
+    layer_cls, kwargs, shape = case
+    layer = layer_cls(**kwargs).double()
+    twin = copy.deepcopy(layer)
+    for step, training in enumerate((True, False)):
+        x = random_input(shape, step)
+        out = layer.train(training)(x.to(memory_format=torch.channels_last))
+        assert_rel(out, twin.train(training)(x), 1e-12)
+    for buf, twin_buf in zip(layer.buffers(), twin.buffers()):
+        assert_rel(buf, twin_buf, 1e-12)
+
+
+@pytest.mark.parametrize('layer, shape, message', [
+    (FastDeconv(4, 3, 3), (2, 5, 6, 6), r'\(N, 4, H, W\)'),
+    (Delinear(8, 3), (2, 7), r'\(\.\.\., 8\)'),
+    (ChannelDeconv(4), (2, 8, 6), r'\(N, C\) or \(N, C, H, W\)'),
+], ids=['fast_deconv', 'delinear', 'channel_deconv'])
+def test_wrong_input_shape_raises(layer, shape, message):
+    with pytest.raises(ValueError, match=message):
+        layer(torch.randn(shape))
+
+
+def _poison(channels):
+    def poison(x):
+        x[0, channels] = float('nan')
+        return x
+    return poison
+
+
+NON_FINITE = {
+    'fast_deconv': ('fast_deconv', _poison(slice(None))),
+    'delinear': ('delinear', _poison(slice(None))),
+    'channel_deconv_whitened': ('channel_deconv', _poison(slice(0, 8))),
+    'channel_deconv_leftover': ('channel_deconv', _poison(slice(8, 10))),
+}
+
+
+@pytest.mark.parametrize('case', NON_FINITE.values(), ids=NON_FINITE.keys())
+def test_non_finite_input_raises_and_keeps_state(case):
+    name, poison = case
+    layer, x = trained_small(name)
+    before = copy.deepcopy(layer.state_dict())
+    with pytest.raises(FloatingPointError, match='running statistics were left unchanged'):
+        layer(poison(x))
+    for key, value in layer.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+@pytest.mark.parametrize('make', [lambda: FastDeconv(10, 4, 3, block=4), lambda: Delinear(10, 3, block=4)],
+                         ids=['fast_deconv', 'delinear'])
+def test_block_not_dividing_warns_once(make, monkeypatch, capsys):
+    monkeypatch.setattr(_stats, '_warned', set())
+    with pytest.warns(UserWarning, match='block 4 does not divide 10 .* using block 2'):
+        assert make().block == 2  # gcd(4, 10)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        make()
+    assert capsys.readouterr().out == ''
+
+
+def test_channel_deconv_eval_before_training():
+    """The reference crashed here; now the initial (identity) statistics apply, buffers untouched."""
+    layer = ChannelDeconv(4).eval()
+    oracle = OracleChannelDeconv(4).eval()
+    before = copy.deepcopy(layer.state_dict())
+    x = random_input((3, 10, 6, 6), 0, torch.float32)
+    assert_rel(layer(x), oracle(x), 1e-6)
+    for key, value in layer.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_channel_deconv_without_whitened_channels_warns(monkeypatch):
+    monkeypatch.setattr(_stats, '_warned', set())
+    with pytest.warns(UserWarning, match='block 4 is larger than the 3 channels'):
+        ChannelDeconv(4)(torch.randn(2, 3, 5, 5))
+
+
+@pytest.mark.parametrize('name', SMALL)
+def test_checkpoint_tracks_statistics_once(name):
+    """Inside torch.utils.checkpoint the forward is recomputed during backward; the running
+    statistics and the freeze counter must advance once per step and the gradients must equal
+    those of a plain run, including across the freeze schedule's boundaries."""
+    layer_cls, kwargs, shape = SMALL[name]
+    plain = layer_cls(**kwargs).double()
+    ckpt = copy.deepcopy(plain)
+    for step in range(32):  # FastDeconv, freeze_iter=3: fresh on calls 1..4 and 31..32
+        x = random_input(shape, step)
+        x_plain, x_ckpt = x.clone().requires_grad_(), x.clone().requires_grad_()
+        out_plain = plain(x_plain)
+        out_ckpt = checkpoint(ckpt, x_ckpt, use_reentrant=False)
+        upstream = random_input(out_plain.shape, 100 + step)
+        (out_plain * upstream).sum().backward()
+        (out_ckpt * upstream).sum().backward()
+        assert_rel(out_ckpt, out_plain, 1e-12)
+        assert_rel(x_ckpt.grad, x_plain.grad, 1e-12)
+        for p_ckpt, p_plain in zip(ckpt.parameters(), plain.parameters()):
+            assert_rel(p_ckpt.grad, p_plain.grad, 1e-12)
+        plain_state = plain.state_dict()
+        for key, value in ckpt.state_dict().items():
+            assert torch.equal(value, plain_state[key]), key
