@@ -11,7 +11,7 @@ from torch import Tensor
 from torch.nn.modules.utils import _pair
 
 from ._stats import WhitenedWeightMixin, float32_statistics, in_backward_recompute, resolve_block
-from .whitening import fold_conv_whitening, sample_patches, whitening_statistics
+from .whitening import conv_whitening_statistics, fold_conv_whitening
 
 __all__ = ['FastDeconv']
 
@@ -85,8 +85,8 @@ class FastDeconv(WhitenedWeightMixin, nn.Conv2d):
 
     def batch_statistics(self, x: Tensor) -> Tuple[Tensor, Tensor]:
         """Patch mean and whitening matrix of one batch (float32 or better, differentiable)."""
-        patches = sample_patches(x, self.kernel_size, self.dilation, self.padding, self.sampling_stride)
-        return whitening_statistics(patches, self.groups, self.num_features, self.eps, self.n_iter)
+        return conv_whitening_statistics(x, self.kernel_size, self.dilation, self.padding, self.sampling_stride,
+                                         self.groups, self.num_features, self.eps, self.n_iter)
 
     def _check_input(self, x: Tensor) -> None:
         if x.dim() != 4 or x.shape[1] != self.in_channels:

@@ -17,21 +17,50 @@ columns j, j + G, j + 2G, ... of the im2col matrix. This module works on a featu
 (nf, G, S).
 
 Everything here is differentiable: the paper back-propagates through the statistics.
+
+Cost (issue #5): the covariance and Newton-Schulz dominate a training step's extra work. Both
+keep the paper's function; they are only evaluated more cheaply: the covariance has a one-product
+backward (``PatchMoments``), and on CPU the Newton-Schulz polynomial is applied to the
+eigenvalues of ONE symmetric eigendecomposition (``newton_schulz_eigh``) instead of multiplying
+matrices ~36 times forward and backward. The ``deconv::*`` profiler scopes name the parts for
+``scripts/benchmark.py --profile``.
 """
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.profiler import record_function
 
 __all__ = [
-    'isqrt_newton_schulz', 'sample_patches', 'whitening_statistics',
-    'fold_conv_whitening', 'fold_linear_whitening',
+    'isqrt_newton_schulz', 'newton_schulz_iteration', 'newton_schulz_eigh', 'newton_schulz_polynomial',
+    'PatchMoments', 'symmetric_gram', 'sample_patches', 'patches_adjoint', 'whitening_statistics',
+    'conv_whitening_statistics', 'fold_conv_whitening', 'fold_linear_whitening',
 ]
+
+# From this matrix size on, the eigendecomposition route is faster on CPU (measured with
+# scripts/benchmark.py; at nf = 576 it is about 3x faster forward + backward). On GPUs the
+# matrix products are cheap and torch.linalg.eigh synchronises with the host, so the
+# iteration is kept there.
+EIGH_MIN_SIZE = 128
 
 
 def isqrt_newton_schulz(cov: Tensor, n_iter: int) -> Tensor:
-    """Coupled Newton-Schulz iteration for cov^(-1/2), for one (d, d) or a batch (b, d, d).
+    """The paper's Newton-Schulz approximation of cov^(-1/2), for one (d, d) or a batch (b, d, d).
+
+    ``cov`` must be symmetric (a covariance). Both evaluations below compute the same
+    polynomial of ``cov``; the choice only affects speed and rounding.
+    """
+    if n_iter < 1:
+        raise ValueError(f'n_iter must be >= 1, got {n_iter}')
+    with record_function('deconv::newton_schulz'):
+        if cov.device.type == 'cpu' and cov.shape[-1] >= EIGH_MIN_SIZE:
+            return newton_schulz_eigh(cov, n_iter)
+        return newton_schulz_iteration(cov, n_iter)
+
+
+def newton_schulz_iteration(cov: Tensor, n_iter: int) -> Tensor:
+    """Coupled Newton-Schulz iteration (Alg. 1 lines 6-10), differentiated by autograd.
 
     Y0 = A / ||A||_F, Z0 = I; T = (3I - Z Y) / 2, Y <- Y T, Z <- T Z; result Z / sqrt(||A||_F).
     The paper runs a fixed, small number of iterations (5 by default), which is NOT converged:
@@ -54,6 +83,74 @@ def isqrt_newton_schulz(cov: Tensor, n_iter: int) -> Tensor:
     return z / norm.sqrt()
 
 
+def newton_schulz_polynomial(mu: Tensor, n_iter: int) -> Tuple[Tensor, Tensor]:
+    """The Newton-Schulz iteration on scalars: p(mu) and the divided differences p[mu_i, mu_j].
+
+    Every iterate of the matrix iteration is a polynomial in Y0 (they all commute), so on an
+    eigenvalue mu of Y0 it reads: w = mu, z = 1; t = (3 - w) / 2, z <- z t, w <- w t^2
+    (w stands for Z Y). p = z after ``n_iter`` steps, for ``mu`` of shape (..., d).
+
+    The divided differences (p(a) - p(b)) / (a - b), with p'(a) on the diagonal, are carried
+    through the same recursion by the product rule (uv)[a, b] = u(a) v[a, b] + u[a, b] v(b), so
+    close or equal eigenvalues lose no accuracy to cancellation. Returns (p, K) with K (..., d, d).
+    """
+    z, w = torch.ones_like(mu), mu
+    dz = torch.zeros(mu.shape + mu.shape[-1:], dtype=mu.dtype, device=mu.device)
+    dw = torch.ones_like(dz)
+
+    def product(u: Tensor, du: Tensor, v: Tensor, dv: Tensor) -> Tuple[Tensor, Tensor]:
+        return u * v, torch.addcmul(du * v[..., None, :], u[..., :, None], dv)
+
+    for _ in range(n_iter):
+        t, dt = 0.5 * (3.0 - w), -0.5 * dw
+        z, dz = product(z, dz, t, dt)
+        w, dw = product(*product(w, dw, t, dt), t, dt)
+    return z, dz
+
+
+class _NewtonSchulzEigh(torch.autograd.Function):
+    """newton_schulz_iteration(A, n) evaluated through A = U diag(lambda) U^T.
+
+    With s = ||A||_F and mu = lambda / s, the result is F(A) = U diag(p(mu)) U^T / sqrt(s). Its
+    gradient is the Daleckii-Krein formula for the polynomial plus the terms of the Frobenius
+    normalisation: for an upstream gradient G, with H = U^T G U / sqrt(s) and K the divided
+    differences of p,
+        dL/dA = U (K o H - c diag(mu)) U^T / s,   c = sum_i (K o H)_ii mu_i + 0.5 H_ii p_i.
+    Four matrix products backward and one eigendecomposition plus one product forward, instead of
+    about 12 products forward and 24 backward. The polynomial formula holds for any direction dA,
+    so the gradient equals the iteration's autograd gradient also for non-symmetric G.
+    """
+
+    @staticmethod
+    def forward(ctx, cov: Tensor, n_iter: int) -> Tensor:
+        norm = torch.linalg.matrix_norm(cov, keepdim=True)
+        eigenvalues, u = torch.linalg.eigh(cov)
+        mu = eigenvalues / norm[..., 0]
+        p, divided = newton_schulz_polynomial(mu, n_iter)
+        ctx.save_for_backward(u, mu, p, divided, norm)
+        return (u * (p[..., None, :] * norm.rsqrt())) @ u.transpose(-1, -2)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tuple[Optional[Tensor], None]:
+        u, mu, p, divided, norm = ctx.saved_tensors
+        h = u.transpose(-1, -2) @ (grad * norm.rsqrt()) @ u
+        inner = divided * h
+        c = (inner.diagonal(dim1=-2, dim2=-1) * mu + 0.5 * h.diagonal(dim1=-2, dim2=-1) * p).sum(-1, keepdim=True)
+        inner.diagonal(dim1=-2, dim2=-1).sub_(c * mu)
+        return u @ (inner / norm) @ u.transpose(-1, -2), None
+
+
+def newton_schulz_eigh(cov: Tensor, n_iter: int) -> Tensor:
+    """newton_schulz_iteration(cov, n_iter) through one symmetric eigendecomposition of ``cov``.
+
+    Exactly the same truncated polynomial (not the true inverse square root); ``cov`` must be
+    symmetric, as only its lower triangle is read.
+    """
+    if n_iter < 1:
+        raise ValueError(f'n_iter must be >= 1, got {n_iter}')
+    return _NewtonSchulzEigh.apply(cov, n_iter)
+
+
 def sample_patches(
         x: Tensor,
         kernel_size: Tuple[int, int],
@@ -68,11 +165,85 @@ def sample_patches(
     (sh*sw)-th pixel of the flattened (N, H, W) order, which is reproduced exactly.
     """
     n, c, h, w = x.shape
+    with record_function('deconv::patches'):
+        if kernel_size == (1, 1):
+            pixels = x.transpose(0, 1).reshape(c, n * h * w)
+            return pixels[:, ::sampling_stride[0] * sampling_stride[1]]
+        cols = F.unfold(x, kernel_size, dilation=dilation, padding=padding, stride=sampling_stride)
+        return cols.transpose(0, 1).reshape(cols.shape[1], -1)
+
+
+def symmetric_gram(x: Tensor, block_rows: int = 128) -> Tensor:
+    """x x^T for x (..., n, M), computing only the lower block triangle (a BLAS syrk, which
+    torch lacks): with n split into k row blocks of at least ``block_rows``, (k + 1) / 2k of
+    the full product's work (5/8 for n = 576), then the upper blocks are mirrored."""
+    n = x.shape[-2]
+    parts = max(1, min(4, n // block_rows))
+    if parts == 1:
+        return torch.matmul(x, x.transpose(-1, -2))
+    gram = x.new_empty(x.shape[:-1] + (n,))
+    bounds = [n * i // parts for i in range(parts + 1)]
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        torch.matmul(x[..., lo:hi, :], x[..., :hi, :].transpose(-1, -2), out=gram[..., lo:hi, :hi])
+        gram[..., :lo, lo:hi] = gram[..., lo:hi, :lo].transpose(-1, -2)
+    return gram
+
+
+def patches_adjoint(
+        grad: Tensor,
+        x_shape: torch.Size,
+        kernel_size: Tuple[int, int],
+        dilation: Tuple[int, int],
+        padding: Tuple[int, int],
+        sampling_stride: Tuple[int, int],
+) -> Tensor:
+    """The transpose of ``sample_patches``: adds a patch-matrix gradient (C*kh*kw, S) back
+    onto the pixels the patches were taken from; returns a gradient of shape ``x_shape``."""
+    n, c, h, w = x_shape
     if kernel_size == (1, 1):
-        pixels = x.transpose(0, 1).reshape(c, n * h * w)
-        return pixels[:, ::sampling_stride[0] * sampling_stride[1]]
-    cols = F.unfold(x, kernel_size, dilation=dilation, padding=padding, stride=sampling_stride)
-    return cols.transpose(0, 1).reshape(cols.shape[1], -1)
+        pixels = grad.new_zeros(c, n * h * w)
+        pixels[:, ::sampling_stride[0] * sampling_stride[1]] = grad
+        return pixels.reshape(c, n, h, w).transpose(0, 1)
+    cols = grad.reshape(grad.shape[0], n, -1).transpose(0, 1)
+    return F.fold(cols, (h, w), kernel_size, dilation=dilation, padding=padding, stride=sampling_stride)
+
+
+class PatchMoments(torch.autograd.Function):
+    """Mean and centred second moment of the samples of every whitening block.
+
+    ``samples = sample_patches(x, *geometry).reshape(shape)`` (or ``x.reshape(shape)`` when
+    ``geometry`` is None and ``x`` already is the patch matrix) has shape (..., nf, M); returns
+    mean (..., nf) and Xc Xc^T / M (..., nf, nf) with Xc = samples - mean.
+
+    Autograd would differentiate Xc Xc^T with two products (one per factor); as both factors
+    are the same matrix, dL/dX = (G + G^T) Xc / M + dL/dmean / M is ONE product (the centring
+    term vanishes because the rows of Xc sum to zero). Only ``x`` (which the convolution keeps
+    anyway) and the mean are saved: the backward rebuilds the patch matrix instead of holding
+    an activation-sized copy per layer until then.
+    """
+
+    @staticmethod
+    def samples(x: Tensor, geometry: Optional[tuple], shape: Tuple[int, ...]) -> Tensor:
+        return (x if geometry is None else sample_patches(x, *geometry)).reshape(shape)
+
+    @staticmethod
+    def forward(ctx, x: Tensor, geometry: Optional[tuple], shape: Tuple[int, ...]) -> Tuple[Tensor, Tensor]:
+        samples = PatchMoments.samples(x, geometry, shape)
+        mean = samples.mean(dim=-1)
+        ctx.geometry, ctx.shape = geometry, shape
+        ctx.save_for_backward(x, mean)
+        return mean, symmetric_gram(samples - mean[..., None]).div_(samples.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_mean: Tensor, grad_cov: Tensor) -> Tuple[Tensor, None, None]:
+        x, mean = ctx.saved_tensors
+        centred = PatchMoments.samples(x, ctx.geometry, ctx.shape) - mean[..., None]
+        grad = torch.matmul(grad_cov + grad_cov.transpose(-1, -2), centred)
+        grad = grad.add_(grad_mean[..., None]).div_(centred.shape[-1])
+        if ctx.geometry is None:
+            return grad.reshape(x.shape), None, None
+        rows = x.shape[1] * ctx.geometry[0][0] * ctx.geometry[0][1]  # C*kh*kw
+        return patches_adjoint(grad.reshape(rows, -1), x.shape, *ctx.geometry), None, None
 
 
 def whitening_statistics(patches: Tensor, groups: int, nf: int, eps: float, n_iter: int) -> Tuple[Tensor, Tensor]:
@@ -82,19 +253,34 @@ def whitening_statistics(patches: Tensor, groups: int, nf: int, eps: float, n_it
     covariance; returns mean (nf,) and D (nf, nf).
     groups > 1: one covariance per convolution group over its own contiguous channels;
     returns mean (groups*nf,) and D (groups, nf, nf).
+    Cov = (X - mu)(X - mu)^T / M + eps * I over the M samples of a block, D = NS(Cov).
     """
-    if groups == 1:
-        samples = patches.reshape(nf, -1)  # (nf, G*S): block index is the fast axis
-        mean = samples.mean(dim=1)
-        centred = samples - mean[:, None]
-        eye = torch.eye(nf, dtype=patches.dtype, device=patches.device)
-        cov = torch.addmm(eye, centred, centred.t(), beta=eps, alpha=1.0 / centred.shape[1])
-        return mean, isqrt_newton_schulz(cov, n_iter)
-    samples = patches.reshape(groups, nf, -1)
-    mean = samples.mean(dim=2)
-    centred = samples - mean[:, :, None]
-    eye = torch.eye(nf, dtype=patches.dtype, device=patches.device).expand(groups, nf, nf)
-    cov = torch.baddbmm(eye, centred, centred.transpose(1, 2), beta=eps, alpha=1.0 / centred.shape[2])
+    return _whitening(patches, None, groups, nf, eps, n_iter)
+
+
+def conv_whitening_statistics(
+        x: Tensor,
+        kernel_size: Tuple[int, int],
+        dilation: Tuple[int, int],
+        padding: Tuple[int, int],
+        sampling_stride: Tuple[int, int],
+        groups: int,
+        nf: int,
+        eps: float,
+        n_iter: int,
+) -> Tuple[Tensor, Tensor]:
+    """``whitening_statistics(sample_patches(x, ...), groups, nf, eps, n_iter)``, computed
+    without keeping the patch matrix alive for the backward pass (it is rebuilt from ``x``)."""
+    return _whitening(x, (kernel_size, dilation, padding, sampling_stride), groups, nf, eps, n_iter)
+
+
+def _whitening(x: Tensor, geometry: Optional[tuple], groups: int, nf: int, eps: float,
+               n_iter: int) -> Tuple[Tensor, Tensor]:
+    # groups == 1: (nf, G*S), the block index is the fast axis; else (groups, nf, S).
+    shape = (nf, -1) if groups == 1 else (groups, nf, -1)
+    with record_function('deconv::covariance'):
+        mean, cov = PatchMoments.apply(x, geometry, shape)
+        cov = cov + eps * torch.eye(nf, dtype=cov.dtype, device=cov.device)
     return mean.reshape(-1), isqrt_newton_schulz(cov, n_iter)
 
 
@@ -106,23 +292,25 @@ def fold_conv_whitening(
     ``bias`` may be None (treated as zero). For groups == 1 the same D acts on every channel
     block, so the block's rows of W are multiplied separately and their mean terms summed.
     """
-    out_ch = weight.shape[0]
-    if groups == 1:
-        nf = deconv.shape[-1]
-        w = weight.reshape(out_ch, nf, -1).transpose(1, 2) @ deconv  # (O, G, nf)
-        shift = (w @ mean).sum(dim=1)
-        folded = w.transpose(1, 2).reshape(weight.shape)
-    else:
-        nf = deconv.shape[-1]
-        w = weight.reshape(groups, out_ch // groups, nf) @ deconv  # (groups, O/groups, nf)
-        shift = (w @ mean.reshape(groups, nf, 1)).reshape(out_ch)
-        folded = w.reshape(weight.shape)
-    return folded, (-shift if bias is None else bias - shift)
+    out_ch, nf = weight.shape[0], deconv.shape[-1]
+    with record_function('deconv::fold'):
+        if groups == 1:
+            w = weight.reshape(out_ch, nf, -1).transpose(1, 2) @ deconv  # (O, G, nf)
+            # Summing the blocks before the product leaves autograd an (O, nf) tensor to keep
+            # instead of a second weight-sized one.
+            shift = w.sum(dim=1) @ mean
+            folded = w.transpose(1, 2).reshape(weight.shape)
+        else:
+            w = weight.reshape(groups, out_ch // groups, nf) @ deconv  # (groups, O/groups, nf)
+            shift = (w @ mean.reshape(groups, nf, 1)).reshape(out_ch)
+            folded = w.reshape(weight.shape)
+        return folded, (-shift if bias is None else bias - shift)
 
 
 def fold_linear_whitening(weight: Tensor, bias: Tensor, mean: Tensor, deconv: Tensor) -> Tuple[Tensor, Tensor]:
     """Fold the decorrelation of contiguous feature chunks into a linear layer (Delinear)."""
     block = deconv.shape[-1]
-    w = weight.reshape(-1, block) @ deconv
-    shift = (w @ mean).reshape(weight.shape[0], -1).sum(dim=1)
-    return w.reshape(weight.shape), (-shift if bias is None else bias - shift)
+    with record_function('deconv::fold'):
+        w = weight.reshape(-1, block) @ deconv
+        shift = (w @ mean).reshape(weight.shape[0], -1).sum(dim=1)
+        return w.reshape(weight.shape), (-shift if bias is None else bias - shift)

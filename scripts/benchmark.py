@@ -1,0 +1,411 @@
+#!/usr/bin/env python
+"""Training-step time, eval time and peak memory of a deconvolution model against its BN twin.
+
+All models are built in one process and timed interleaved (the order alternates every repeat),
+so that load from other processes hits them alike; ratios are medians of the per-repeat ratios.
+Beside the zoo's layers, a "literal" copy of the deconv model runs the paper's algorithm as its
+authors implemented it: statistics from ``tests/oracle.py`` (explicit im2col, centred copy,
+explicit covariance, every Newton-Schulz product, autograd backward), their weight folding,
+and no eval cache (their layer refolds on every call).
+
+    python scripts/benchmark.py --threads 2 --batch-size 64 --output benchmark.json
+    python scripts/benchmark.py --pair densenet121_cifar_deconv:densenet121_cifar --batch-size 32
+    python scripts/benchmark.py --device cuda --dtype bf16 --batch-size 128 --profile
+
+Peak memory is the high-water mark of tensor memory allocated during one training step (from
+zeroed gradients to the optimizer step) above what existed before it (parameters, buffers,
+optimizer state): ``torch.cuda.max_memory_allocated`` on CUDA, the profiler's allocation
+events on CPU (same definition; the CPU allocator keeps no peak statistic).
+
+``--profile`` prints where a training step of the deconv and the literal model spends its time:
+the layers' ``deconv::*`` profiler scopes (patches, covariance, newton_schulz, fold) forward,
+their autograd nodes backward (matched to the scope that created them), convolutions, and the
+rest of the network. The zoo's covariance backward rebuilds the patch matrix and scatters its
+gradient itself, so its "patches backward" is part of "covariance backward".
+"""
+import argparse
+import contextlib
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile, record_function
+
+import deconv_zoo  # noqa: F401  (registers the zoo's models with timm)
+from deconv_zoo.layers import Delinear, FastDeconv
+from deconv_zoo.layers._stats import FoldCache
+
+AMP_DTYPES = {'float32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
+SCOPES = ('patches', 'covariance', 'newton_schulz', 'fold')
+
+
+def load_oracle() -> Optional[Any]:
+    """tests/oracle.py, the literal implementation the layer tests compare against (None if the
+    repository's tests are not present, e.g. in an installed package)."""
+    tests = Path(__file__).resolve().parent.parent / 'tests'
+    if not (tests / 'oracle.py').exists():
+        return None
+    sys.path.insert(0, str(tests))
+    import oracle
+
+    # Profiler labels only (for --profile); the oracle's functions run unchanged. Its patch
+    # extraction, block slicing and centring count as 'patches'.
+    def scoped(function: Callable, scope: str) -> Callable:
+        def labelled(*args: Any, **kwargs: Any) -> Any:
+            with record_function(f'deconv::{scope}'):
+                return function(*args, **kwargs)
+        return labelled
+
+    oracle._covariance = scoped(oracle._covariance, 'covariance')
+    oracle.oracle_newton_schulz = scoped(oracle.oracle_newton_schulz, 'newton_schulz')
+    oracle.oracle_fast_deconv_statistics = scoped(oracle.oracle_fast_deconv_statistics, 'patches')
+    oracle.oracle_delinear_statistics = scoped(oracle.oracle_delinear_statistics, 'patches')
+    return oracle
+
+
+class _NoFoldCache(FoldCache):
+    """The authors' layers refold the running statistics on every eval call."""
+
+    def put(self, key: Optional[tuple], value: Tuple[torch.Tensor, torch.Tensor]) -> None:
+        pass
+
+
+def literal_layer_classes(oracle: Any) -> Dict[type, type]:
+    """FastDeconv / Delinear subclasses whose batch statistics are the oracle's."""
+
+    class LiteralFastDeconv(FastDeconv):
+        check_finite = False  # the authors' layer has no such check
+
+        def batch_statistics(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+            return oracle.oracle_fast_deconv_statistics(
+                x, kernel_size=self.kernel_size[0], stride=self.stride[0], padding=self.padding[0],
+                dilation=self.dilation[0], groups=self.groups, block=self.block, eps=self.eps,
+                n_iter=self.n_iter, sampling_stride=self.sampling_stride[0] // self.stride[0])
+
+    class LiteralDelinear(Delinear):
+        check_finite = False
+
+        def batch_statistics(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+            return oracle.oracle_delinear_statistics(x, block=self.block, eps=self.eps, n_iter=self.n_iter)
+
+    return {FastDeconv: LiteralFastDeconv, Delinear: LiteralDelinear}
+
+
+def literal_copy(model: nn.Module, oracle: Any) -> Optional[nn.Module]:
+    """A copy of ``model`` (same weights and state) whose deconv layers run the literal algorithm;
+    None if it has no deconv layers."""
+    classes = literal_layer_classes(oracle)
+    literal = copy.deepcopy(model)
+    swapped = 0
+    for module in literal.modules():
+        if type(module) in classes:
+            module.__class__ = classes[type(module)]
+            module._fold_cache = _NoFoldCache()
+            swapped += 1
+    return literal if swapped else None
+
+
+def sync(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+class Runner:
+    """One model with its optimizer, input batch and training / eval step."""
+
+    def __init__(self, name: str, model: nn.Module, args: argparse.Namespace, device: torch.device):
+        self.name = name
+        self.device = device
+        memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+        self.model = model.to(device=device, memory_format=memory_format)
+        self.module = self.model  # uncompiled, for state sizes
+        if args.compile:
+            self.model = torch.compile(self.model, mode=args.compile_mode)
+        self.optimizer = torch.optim.SGD(self.module.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-3)
+        generator = torch.Generator().manual_seed(0)
+        num_classes = getattr(self.module, 'num_classes', 1000) or 1000
+        self.x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, generator=generator).to(
+            device=device, memory_format=memory_format)
+        self.y = torch.randint(0, num_classes, (args.batch_size,), generator=generator).to(device)
+        amp_dtype = AMP_DTYPES[args.dtype]
+        self.autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
+        self.scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+
+    def train_step(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        with self.autocast():
+            loss = F.cross_entropy(self.model(self.x), self.y)
+        if self.scaler is None:
+            loss.backward()
+            self.optimizer.step()
+        else:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+
+    def eval_step(self) -> None:
+        with torch.no_grad(), self.autocast():
+            self.model(self.x)
+
+    def timed(self, step: Callable[[], None]) -> float:
+        sync(self.device)
+        start = time.perf_counter()
+        step()
+        sync(self.device)
+        return (time.perf_counter() - start) * 1e3
+
+    def state_mb(self) -> float:
+        """Parameters, buffers and optimizer state (what exists between steps)."""
+        tensors = list(self.module.parameters()) + list(self.module.buffers())
+        tensors += [t for s in self.optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
+        return sum(t.numel() * t.element_size() for t in tensors) / 2 ** 20
+
+    def peak_step_mb(self) -> float:
+        """High-water mark of tensor memory allocated during one training step above its start."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.device.type == 'cuda':
+            sync(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            start = torch.cuda.memory_allocated(self.device)
+            self.train_step()
+            sync(self.device)
+            return (torch.cuda.max_memory_allocated(self.device) - start) / 2 ** 20
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            self.train_step()
+        # Allocation events carry +bytes, frees -bytes; blocks that existed before profiling
+        # are not reported, so the running sum is the growth over the step's start.
+        events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                        if e.name() == '[memory]' and e.device_type() == torch.autograd.DeviceType.CPU)
+        level = peak = 0
+        for _, nbytes in events:
+            level += nbytes
+            peak = max(peak, level)
+        return peak / 2 ** 20
+
+
+def interleaved(runners: Dict[str, Runner], step: str, warmup: int, repeats: int) -> Dict[str, List[float]]:
+    """Milliseconds of ``repeats`` calls of each runner's step, the runners' order alternating."""
+    for runner in runners.values():
+        for _ in range(warmup):
+            getattr(runner, step)()
+    times: Dict[str, List[float]] = {role: [] for role in runners}
+    order = list(runners)
+    for r in range(repeats):
+        for role in (order if r % 2 == 0 else order[::-1]):
+            times[role].append(runners[role].timed(getattr(runners[role], step)))
+    return times
+
+
+def summary(samples: List[float]) -> Dict[str, Any]:
+    quartiles = statistics.quantiles(samples, n=4) if len(samples) > 1 else [samples[0]] * 3
+    return dict(median=statistics.median(samples), min=min(samples), max=max(samples),
+                q1=quartiles[0], q3=quartiles[2], samples=samples)
+
+
+def paired_ratio(numerator: List[float], denominator: List[float]) -> Dict[str, float]:
+    """Median (and range) of the per-repeat ratios: robust to load that drifts between repeats."""
+    ratios = [a / b for a, b in zip(numerator, denominator)]
+    return dict(median=statistics.median(ratios), min=min(ratios), max=max(ratios))
+
+
+BACKWARD_NODE = 'autograd::engine::evaluate_function: '
+
+
+def event_scope(event: Any) -> Optional[str]:
+    """The innermost ``deconv::<scope>`` profiler range enclosing an event, if any."""
+    while event is not None:
+        if event.name.startswith('deconv::'):
+            return event.name[len('deconv::'):]
+        event = event.cpu_parent
+    return None
+
+
+def in_backward(event: Any) -> bool:
+    """Whether an event ran inside an autograd backward node (e.g. a patch matrix rebuilt there)."""
+    while event is not None:
+        if event.name.startswith(BACKWARD_NODE):
+            return True
+        event = event.cpu_parent
+    return False
+
+
+def profile_step(runner: Runner) -> Tuple[float, Dict[str, float]]:
+    """Milliseconds of one training step, by part: '<scope> forward/backward', convolutions, rest.
+
+    Backward work is attributed through autograd sequence numbers: a backward node belongs to
+    the scope of the forward op that created it.
+    """
+    use_cuda = runner.device.type == 'cuda'
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if use_cuda else [])
+    runner.optimizer.zero_grad(set_to_none=True)
+    sync(runner.device)
+    with profile(activities=activities) as prof:
+        wall = runner.timed(runner.train_step)
+    events = prof.events()
+
+    def ms(event: Any) -> float:
+        return (event.device_time_total if use_cuda else event.cpu_time_total) / 1e3
+
+    created_in: Dict[Tuple[int, int], str] = {}
+    parts: Dict[str, float] = defaultdict(float)
+    for e in events:
+        if e.name.startswith('autograd::') or in_backward(e):
+            continue
+        scope = event_scope(e)
+        if e.sequence_nr >= 0:
+            created_in.setdefault((e.thread, e.sequence_nr), scope or e.name)
+        if e.name.startswith('deconv::'):
+            parts[f'{scope} forward'] += ms(e)
+            outer = event_scope(e.cpu_parent)
+            if outer is not None:  # nested scopes: count the time once, in the inner one
+                parts[f'{outer} forward'] -= ms(e)
+        elif e.name == 'aten::convolution' and scope is None:
+            parts['convolution forward'] += ms(e)
+    for e in events:
+        if not e.name.startswith(BACKWARD_NODE):
+            continue
+        origin = created_in.get((e.fwd_thread, e.sequence_nr), '')
+        if origin in SCOPES:
+            parts[f'{origin} backward'] += ms(e)
+        elif e.name == BACKWARD_NODE + 'ConvolutionBackward0':
+            parts['convolution backward'] += ms(e)
+    parts['rest (network, loss, optimizer)'] = wall - sum(parts.values())
+    return wall, dict(parts)
+
+
+def print_profile(profiles: Dict[str, Tuple[float, Dict[str, float]]]) -> None:
+    rows = [f'{scope} {phase}' for scope in SCOPES for phase in ('forward', 'backward')]
+    rows += ['convolution forward', 'convolution backward', 'rest (network, loss, optimizer)']
+    roles = list(profiles)
+    print('\nwhere a training step spends its time (ms, share of the step), one profiled step each')
+    print(f"{'part':34s}" + ''.join(f'{role:>22s}' for role in roles))
+    for row in rows:
+        cells = []
+        for role in roles:
+            wall, parts = profiles[role]
+            value = parts.get(row, 0.0)
+            cells.append(f'{value:11.1f} {100 * value / wall:7.1f}%  ')
+        print(f'{row:34s}' + ''.join(f'{c:>22s}' for c in cells))
+    print(f"{'step (profiled, wall)':34s}" + ''.join(f'{profiles[role][0]:11.1f}{"":11s}' for role in roles))
+
+
+def machine(device: torch.device) -> Dict[str, Any]:
+    info = dict(torch=torch.__version__, timm=timm.__version__, python=platform.python_version(),
+                threads=torch.get_num_threads(), cpu_count=os.cpu_count(), cpu=platform.processor())
+    with contextlib.suppress(OSError):
+        for line in open('/proc/cpuinfo'):
+            if line.startswith('model name'):
+                info['cpu'] = line.split(':', 1)[1].strip()
+                break
+    if device.type == 'cuda':
+        info['gpu'] = torch.cuda.get_device_name(device)
+    return info
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--pair', default='resnet18_cifar_deconv:resnet18_cifar',
+                        help='deconv_model:bn_model (any two timm or zoo model names)')
+    parser.add_argument('--deconv-kwargs', type=json.loads, default={},
+                        help='JSON keyword arguments for the deconv model, e.g. \'{"deconv_cfg": {"n_iter": 3}}\'')
+    parser.add_argument('--device', default='cpu', help='cpu, cuda, cuda:1, ...')
+    parser.add_argument('--batch-size', type=int, default=64)
+    parser.add_argument('--img-size', type=int, default=32)
+    parser.add_argument('--dtype', choices=sorted(AMP_DTYPES), default='float32',
+                        help='float32, or automatic mixed precision in bf16 / fp16 (statistics stay float32)')
+    parser.add_argument('--channels-last', action='store_true')
+    parser.add_argument('--compile', action='store_true', help='torch.compile every model (implies --no-finite-check)')
+    parser.add_argument('--compile-mode', default=None, help='torch.compile mode, e.g. reduce-overhead (CUDA graphs)')
+    parser.add_argument('--no-finite-check', action='store_true',
+                        help="turn off the layers' non-finite check (a host sync on GPUs)")
+    parser.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: torch default)')
+    parser.add_argument('--warmup', type=int, default=2, help='untimed steps per model and phase')
+    parser.add_argument('--repeats', type=int, default=5, help='timed steps per model and phase')
+    parser.add_argument('--no-literal', action='store_true', help='skip the literal (authors\') algorithm')
+    parser.add_argument('--profile', action='store_true', help='print where a deconv training step spends time')
+    parser.add_argument('--output', default=None, help='write the results as JSON here')
+    return parser.parse_args(argv)
+
+
+def build_runners(args: argparse.Namespace, device: torch.device) -> Dict[str, Runner]:
+    deconv_name, bn_name = args.pair.split(':')
+    torch.manual_seed(0)
+    deconv_model = timm.create_model(deconv_name, **args.deconv_kwargs)
+    models = {'deconv': (deconv_name, deconv_model), 'bn': (bn_name, timm.create_model(bn_name))}
+    oracle = None if args.no_literal else load_oracle()
+    literal = literal_copy(deconv_model, oracle) if oracle is not None else None
+    if literal is not None:
+        models['literal'] = (f'{deconv_name} (literal)', literal)
+    if args.no_finite_check or args.compile:
+        for _, model in models.values():
+            for module in model.modules():
+                if hasattr(module, 'check_finite'):
+                    module.check_finite = False
+    return {role: Runner(name, model, args, device) for role, (name, model) in models.items()}
+
+
+def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    runners = build_runners(args, device)
+
+    for runner in runners.values():
+        runner.model.train()
+    train = interleaved(runners, 'train_step', args.warmup, args.repeats)
+    for runner in runners.values():
+        runner.model.eval()
+    evaluation = interleaved(runners, 'eval_step', args.warmup, args.repeats)
+    for runner in runners.values():
+        runner.model.train()
+
+    results: Dict[str, Any] = {}
+    for role, runner in runners.items():
+        results[role] = dict(model=runner.name, train_ms=summary(train[role]), eval_ms=summary(evaluation[role]),
+                             peak_step_mb=runner.peak_step_mb(), state_mb=runner.state_mb())
+    ratios = {}
+    for role in runners:
+        if role != 'bn':
+            ratios[f'{role}/bn'] = dict(train=paired_ratio(train[role], train['bn']),
+                                        eval=paired_ratio(evaluation[role], evaluation['bn']),
+                                        memory=results[role]['peak_step_mb'] / results['bn']['peak_step_mb'])
+    report = dict(config=vars(args), machine=machine(device), results=results, ratios=ratios)
+
+    print(f"{'role':8s} {'model':36s} {'train ms (median, min-max)':>30s} {'eval ms (median, min-max)':>30s}"
+          f" {'step peak MB':>13s} {'state MB':>9s}")
+    for role, r in results.items():
+        t, e = r['train_ms'], r['eval_ms']
+        print(f"{role:8s} {r['model']:36s} {t['median']:12.1f} ({t['min']:7.1f}-{t['max']:7.1f})"
+              f" {e['median']:12.1f} ({e['min']:7.1f}-{e['max']:7.1f}) {r['peak_step_mb']:13.1f} {r['state_mb']:9.1f}")
+    for name, ratio in ratios.items():
+        t, e = ratio['train'], ratio['eval']
+        print(f"{name:12s} train {t['median']:.2f} ({t['min']:.2f}-{t['max']:.2f})  "
+              f"eval {e['median']:.2f} ({e['min']:.2f}-{e['max']:.2f})  step peak memory {ratio['memory']:.2f}")
+    print(f"[{args.pair}, {device}, batch {args.batch_size}, {args.img_size}px, {args.dtype}"
+          f"{', channels_last' if args.channels_last else ''}{', compiled' if args.compile else ''}, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}, {args.repeats} interleaved repeats]")
+
+    if args.profile:
+        profiles = {role: profile_step(runners[role]) for role in ('deconv', 'literal') if role in runners}
+        print_profile(profiles)
+        report['profile'] = {role: dict(step_ms=wall, parts=parts) for role, (wall, parts) in profiles.items()}
+    if args.output:
+        with open(args.output, 'w') as f:
+            json.dump(report, f, indent=2)
+    return report
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,34 @@
+"""scripts/benchmark.py runs end to end and writes its report (issue #5). No timing is asserted."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parent.parent / 'scripts' / 'benchmark.py'
+
+
+def test_benchmark_smoke(tmp_path):
+    output = tmp_path / 'benchmark.json'
+    # Small whitening blocks keep the run short; the code paths are those of the paper settings.
+    command = [sys.executable, str(SCRIPT), '--img-size', '16', '--batch-size', '2', '--repeats', '1',
+               '--warmup', '0', '--threads', '1', '--profile', '--output', str(output),
+               '--deconv-kwargs', '{"deconv_cfg": {"block": 4}, "block_fc": 32}']
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert 'deconv/bn' in run.stdout and 'newton_schulz backward' in run.stdout
+
+    report = json.loads(output.read_text())
+    assert report['config']['batch_size'] == 2 and report['machine']['threads'] == 1
+    assert set(report['results']) == {'deconv', 'bn', 'literal'}
+    for result in report['results'].values():
+        for phase in ('train_ms', 'eval_ms'):
+            assert len(result[phase]['samples']) == 1 and result[phase]['median'] > 0
+        assert result['peak_step_mb'] > 0 and result['state_mb'] > 0
+    assert set(report['ratios']) == {'deconv/bn', 'literal/bn'}
+    for ratio in report['ratios'].values():
+        assert ratio['train']['median'] > 0 and ratio['eval']['median'] > 0 and ratio['memory'] > 0
+    for role in ('deconv', 'literal'):
+        parts = report['profile'][role]['parts']
+        for scope in ('covariance', 'newton_schulz', 'fold'):
+            assert parts[f'{scope} forward'] > 0 and parts[f'{scope} backward'] > 0
+        assert parts['convolution forward'] > 0 and parts['convolution backward'] > 0
