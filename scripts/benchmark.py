@@ -2,7 +2,8 @@
 """Training-step time, eval time and peak memory of a deconvolution model against its BN twin.
 
 All models are built in one process and timed interleaved (the order alternates every repeat),
-so that load from other processes hits them alike; ratios are medians of the per-repeat ratios.
+so that load from other processes hits them alike; ratios are medians of the per-repeat ratios,
+of wall-clock time and of process CPU time (steadier where other processes share the cores).
 Beside the zoo's layers, a "literal" copy of the deconv model runs the paper's algorithm as its
 authors implemented it: statistics from ``tests/oracle.py`` (explicit im2col, centred copy,
 explicit covariance, every Newton-Schulz product, autograd backward), their weight folding,
@@ -158,12 +159,13 @@ class Runner:
         with torch.no_grad(), self.autocast():
             self.model(self.x)
 
-    def timed(self, step: Callable[[], None]) -> float:
+    def timed(self, step: Callable[[], None]) -> Tuple[float, float]:
+        """Wall-clock and process CPU milliseconds of one call."""
         sync(self.device)
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         step()
         sync(self.device)
-        return (time.perf_counter() - start) * 1e3
+        return (time.perf_counter() - start) * 1e3, (time.process_time() - start_cpu) * 1e3
 
     def state_mb(self) -> float:
         """Parameters, buffers and optimizer state (what exists between steps)."""
@@ -194,17 +196,21 @@ class Runner:
         return peak / 2 ** 20
 
 
-def interleaved(runners: Dict[str, Runner], step: str, warmup: int, repeats: int) -> Dict[str, List[float]]:
-    """Milliseconds of ``repeats`` calls of each runner's step, the runners' order alternating."""
+def interleaved(runners: Dict[str, Runner], step: str, warmup: int,
+                repeats: int) -> Tuple[Dict[str, List[float]], Dict[str, List[float]]]:
+    """Wall and CPU milliseconds of ``repeats`` calls of each runner's step, in alternating order."""
     for runner in runners.values():
         for _ in range(warmup):
             getattr(runner, step)()
-    times: Dict[str, List[float]] = {role: [] for role in runners}
+    wall: Dict[str, List[float]] = {role: [] for role in runners}
+    cpu: Dict[str, List[float]] = {role: [] for role in runners}
     order = list(runners)
     for r in range(repeats):
         for role in (order if r % 2 == 0 else order[::-1]):
-            times[role].append(runners[role].timed(getattr(runners[role], step)))
-    return times
+            wall_ms, cpu_ms = runners[role].timed(getattr(runners[role], step))
+            wall[role].append(wall_ms)
+            cpu[role].append(cpu_ms)
+    return wall, cpu
 
 
 def summary(samples: List[float]) -> Dict[str, Any]:
@@ -251,7 +257,7 @@ def profile_step(runner: Runner) -> Tuple[float, Dict[str, float]]:
     runner.optimizer.zero_grad(set_to_none=True)
     sync(runner.device)
     with profile(activities=activities) as prof:
-        wall = runner.timed(runner.train_step)
+        wall, _ = runner.timed(runner.train_step)
     events = prof.events()
 
     def ms(event: Any) -> float:
@@ -364,22 +370,27 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
 
     for runner in runners.values():
         runner.model.train()
-    train = interleaved(runners, 'train_step', args.warmup, args.repeats)
+    train, train_cpu = interleaved(runners, 'train_step', args.warmup, args.repeats)
     for runner in runners.values():
         runner.model.eval()
-    evaluation = interleaved(runners, 'eval_step', args.warmup, args.repeats)
+    evaluation, evaluation_cpu = interleaved(runners, 'eval_step', args.warmup, args.repeats)
     for runner in runners.values():
         runner.model.train()
 
     results: Dict[str, Any] = {}
     for role, runner in runners.items():
         results[role] = dict(model=runner.name, train_ms=summary(train[role]), eval_ms=summary(evaluation[role]),
+                             train_cpu_ms=summary(train_cpu[role]), eval_cpu_ms=summary(evaluation_cpu[role]),
                              peak_step_mb=runner.peak_step_mb(), state_mb=runner.state_mb())
+    # The CPU-time ratios are the steadier estimate on a machine shared with other processes: time
+    # spent waiting for a core does not count (time spinning in a thread barrier still does).
     ratios = {}
     for role in runners:
         if role != 'bn':
             ratios[f'{role}/bn'] = dict(train=paired_ratio(train[role], train['bn']),
                                         eval=paired_ratio(evaluation[role], evaluation['bn']),
+                                        train_cpu=paired_ratio(train_cpu[role], train_cpu['bn']),
+                                        eval_cpu=paired_ratio(evaluation_cpu[role], evaluation_cpu['bn']),
                                         memory=results[role]['peak_step_mb'] / results['bn']['peak_step_mb'])
     report = dict(config=vars(args), machine=machine(device), results=results, ratios=ratios)
 
@@ -390,9 +401,11 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         print(f"{role:8s} {r['model']:36s} {t['median']:12.1f} ({t['min']:7.1f}-{t['max']:7.1f})"
               f" {e['median']:12.1f} ({e['min']:7.1f}-{e['max']:7.1f}) {r['peak_step_mb']:13.1f} {r['state_mb']:9.1f}")
     for name, ratio in ratios.items():
-        t, e = ratio['train'], ratio['eval']
+        t, e, tc, ec = ratio['train'], ratio['eval'], ratio['train_cpu'], ratio['eval_cpu']
         print(f"{name:12s} train {t['median']:.2f} ({t['min']:.2f}-{t['max']:.2f})  "
-              f"eval {e['median']:.2f} ({e['min']:.2f}-{e['max']:.2f})  step peak memory {ratio['memory']:.2f}")
+              f"eval {e['median']:.2f} ({e['min']:.2f}-{e['max']:.2f})  step peak memory {ratio['memory']:.2f}  "
+              f"| CPU time: train {tc['median']:.2f} ({tc['min']:.2f}-{tc['max']:.2f})  "
+              f"eval {ec['median']:.2f} ({ec['min']:.2f}-{ec['max']:.2f})")
     print(f"[{args.pair}, {device}, batch {args.batch_size}, {args.img_size}px, {args.dtype}"
           f"{', channels_last' if args.channels_last else ''}{', compiled' if args.compile else ''}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}, {args.repeats} interleaved repeats]")

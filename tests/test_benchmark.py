@@ -21,12 +21,14 @@ def test_benchmark_smoke(tmp_path):
     assert report['config']['batch_size'] == 2 and report['machine']['threads'] == 1
     assert set(report['results']) == {'deconv', 'bn', 'literal'}
     for result in report['results'].values():
-        for phase in ('train_ms', 'eval_ms'):
+        for phase in ('train_ms', 'eval_ms', 'train_cpu_ms', 'eval_cpu_ms'):
             assert len(result[phase]['samples']) == 1 and result[phase]['median'] > 0
         assert result['peak_step_mb'] > 0 and result['state_mb'] > 0
     assert set(report['ratios']) == {'deconv/bn', 'literal/bn'}
     for ratio in report['ratios'].values():
-        assert ratio['train']['median'] > 0 and ratio['eval']['median'] > 0 and ratio['memory'] > 0
+        for phase in ('train', 'eval', 'train_cpu', 'eval_cpu'):
+            assert ratio[phase]['median'] > 0
+        assert ratio['memory'] > 0
     for role in ('deconv', 'literal'):
         parts = report['profile'][role]['parts']
         for scope in ('covariance', 'newton_schulz', 'fold'):

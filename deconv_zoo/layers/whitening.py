@@ -87,24 +87,27 @@ def newton_schulz_polynomial(mu: Tensor, n_iter: int) -> Tuple[Tensor, Tensor]:
     """The Newton-Schulz iteration on scalars: p(mu) and the divided differences p[mu_i, mu_j].
 
     Every iterate of the matrix iteration is a polynomial in Y0 (they all commute), so on an
-    eigenvalue mu of Y0 it reads: w = mu, z = 1; t = (3 - w) / 2, z <- z t, w <- w t^2
+    eigenvalue mu of Y0 it reads: w = mu, z = 1; t = (3 - w) / 2, z <- z t, w <- phi(w) = w t^2
     (w stands for Z Y). p = z after ``n_iter`` steps, for ``mu`` of shape (..., d).
 
-    The divided differences (p(a) - p(b)) / (a - b), with p'(a) on the diagonal, are carried
-    through the same recursion by the product rule (uv)[a, b] = u(a) v[a, b] + u[a, b] v(b), so
-    close or equal eigenvalues lose no accuracy to cancellation. Returns (p, K) with K (..., d, d).
+    The divided differences K[a, b] = (p(a) - p(b)) / (a - b), with p'(a) on the diagonal, follow
+    the same recursion by the product and chain rules, with no subtraction of close values (so
+    close or equal eigenvalues lose nothing to cancellation):
+        z[a, b] <- z[a, b] t(b) - z(a) w[a, b] / 2,
+        w[a, b] <- phi[w(a), w(b)] w[a, b],  phi[x, y] = (9 - 6 (x + y) + x^2 + x y + y^2) / 4.
+    Returns (p, K) with K of shape (..., d, d).
     """
     z, w = torch.ones_like(mu), mu
     dz = torch.zeros(mu.shape + mu.shape[-1:], dtype=mu.dtype, device=mu.device)
-    dw = torch.ones_like(dz)
-
-    def product(u: Tensor, du: Tensor, v: Tensor, dv: Tensor) -> Tuple[Tensor, Tensor]:
-        return u * v, torch.addcmul(du * v[..., None, :], u[..., :, None], dv)
-
-    for _ in range(n_iter):
-        t, dt = 0.5 * (3.0 - w), -0.5 * dw
-        z, dz = product(z, dz, t, dt)
-        w, dw = product(*product(w, dw, t, dt), t, dt)
+    dw, phi = torch.ones_like(dz), torch.empty_like(dz)  # (d, d) buffers, updated in place
+    for i in range(n_iter):
+        t = 0.5 * (3.0 - w)
+        dz.mul_(t[..., None, :]).addcmul_(z[..., :, None], dw, value=-0.5)
+        if i < n_iter - 1:  # the last w is not used
+            h = (4.5 - 6.0 * w + w * w) / 4  # phi[x, y] = h(x) + h(y) + x y / 4
+            torch.mul((0.25 * w)[..., :, None], w[..., None, :], out=phi)
+            dw.mul_(phi.add_(h[..., :, None]).add_(h[..., None, :]))
+        z, w = z * t, w * t * t
     return z, dz
 
 
@@ -184,8 +187,9 @@ def symmetric_gram(x: Tensor, block_rows: int = 128) -> Tensor:
     gram = x.new_empty(x.shape[:-1] + (n,))
     bounds = [n * i // parts for i in range(parts + 1)]
     for lo, hi in zip(bounds[:-1], bounds[1:]):
-        torch.matmul(x[..., lo:hi, :], x[..., :hi, :].transpose(-1, -2), out=gram[..., lo:hi, :hi])
-        gram[..., :lo, lo:hi] = gram[..., lo:hi, :lo].transpose(-1, -2)
+        rows = x[..., lo:hi, :] @ x[..., :hi, :].transpose(-1, -2)
+        gram[..., lo:hi, :hi] = rows
+        gram[..., :lo, lo:hi] = rows[..., :lo].transpose(-1, -2)
     return gram
 
 
