@@ -117,6 +117,25 @@ def literal_copy(model: nn.Module, oracle: Any) -> Optional[nn.Module]:
     return literal if swapped else None
 
 
+def frozen_copy(model: nn.Module, freeze_iter: int) -> nn.Module:
+    """A copy of ``model`` whose FastDeconv layers follow the reference's freeze schedule (fresh
+    statistics on ``freeze_iter + 1`` of every ``10 * freeze_iter`` training steps), placed at
+    its first frozen step so that the timed steps are frozen ones."""
+    frozen = copy.deepcopy(model)
+    for module in frozen.modules():
+        if isinstance(module, FastDeconv):
+            module.freeze, module.freeze_iter = True, freeze_iter
+            module.counter.fill_(freeze_iter + 1)
+    return frozen
+
+
+def schedule_ratio(fresh: List[float], frozen: List[float], bn: List[float], freeze_iter: int) -> float:
+    """Mean step time over a whole freeze cycle relative to BN, from the fresh and frozen medians."""
+    fresh_share = (freeze_iter + 1) / (10 * freeze_iter)
+    mean = fresh_share * statistics.median(fresh) + (1 - fresh_share) * statistics.median(frozen)
+    return mean / statistics.median(bn)
+
+
 def sync(device: torch.device) -> None:
     if device.type == 'cuda':
         torch.cuda.synchronize(device)
@@ -339,6 +358,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument('--warmup', type=int, default=2, help='untimed steps per model and phase')
     parser.add_argument('--repeats', type=int, default=5, help='timed steps per model and phase')
     parser.add_argument('--no-literal', action='store_true', help='skip the literal (authors\') algorithm')
+    parser.add_argument('--freeze-iter', type=int, default=0,
+                        help='also time a frozen step of the reference\'s freeze schedule (an approximation: '
+                             'statistics refreshed on freeze_iter + 1 of every 10 * freeze_iter steps) and '
+                             'report the schedule\'s mean cost')
     parser.add_argument('--profile', action='store_true', help='print where a deconv training step spends time')
     parser.add_argument('--output', default=None, help='write the results as JSON here')
     return parser.parse_args(argv)
@@ -353,6 +376,8 @@ def build_runners(args: argparse.Namespace, device: torch.device) -> Dict[str, R
     literal = literal_copy(deconv_model, oracle) if oracle is not None else None
     if literal is not None:
         models['literal'] = (f'{deconv_name} (literal)', literal)
+    if args.freeze_iter:
+        models['frozen'] = (f'{deconv_name} (frozen step)', frozen_copy(deconv_model, args.freeze_iter))
     if args.no_finite_check or args.compile:
         for _, model in models.values():
             for module in model.modules():
@@ -392,6 +417,10 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                                         train_cpu=paired_ratio(train_cpu[role], train_cpu['bn']),
                                         eval_cpu=paired_ratio(evaluation_cpu[role], evaluation_cpu['bn']),
                                         memory=results[role]['peak_step_mb'] / results['bn']['peak_step_mb'])
+    if 'frozen' in runners:
+        ratios['freeze_schedule/bn'] = dict(
+            train=schedule_ratio(train['deconv'], train['frozen'], train['bn'], args.freeze_iter),
+            train_cpu=schedule_ratio(train_cpu['deconv'], train_cpu['frozen'], train_cpu['bn'], args.freeze_iter))
     report = dict(config=vars(args), machine=machine(device), results=results, ratios=ratios)
 
     print(f"{'role':8s} {'model':36s} {'train ms (median, min-max)':>30s} {'eval ms (median, min-max)':>30s}"
@@ -401,6 +430,10 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         print(f"{role:8s} {r['model']:36s} {t['median']:12.1f} ({t['min']:7.1f}-{t['max']:7.1f})"
               f" {e['median']:12.1f} ({e['min']:7.1f}-{e['max']:7.1f}) {r['peak_step_mb']:13.1f} {r['state_mb']:9.1f}")
     for name, ratio in ratios.items():
+        if name == 'freeze_schedule/bn':
+            print(f"{name:12s} train {ratio['train']:.2f} (mean over a freeze cycle)  "
+                  f"| CPU time: train {ratio['train_cpu']:.2f}")
+            continue
         t, e, tc, ec = ratio['train'], ratio['eval'], ratio['train_cpu'], ratio['eval_cpu']
         print(f"{name:12s} train {t['median']:.2f} ({t['min']:.2f}-{t['max']:.2f})  "
               f"eval {e['median']:.2f} ({e['min']:.2f}-{e['max']:.2f})  step peak memory {ratio['memory']:.2f}  "

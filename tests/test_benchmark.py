@@ -11,7 +11,7 @@ def test_benchmark_smoke(tmp_path):
     output = tmp_path / 'benchmark.json'
     # Small whitening blocks keep the run short; the code paths are those of the paper settings.
     command = [sys.executable, str(SCRIPT), '--img-size', '16', '--batch-size', '2', '--repeats', '1',
-               '--warmup', '0', '--threads', '1', '--profile', '--output', str(output),
+               '--warmup', '0', '--threads', '1', '--profile', '--freeze-iter', '10', '--output', str(output),
                '--deconv-kwargs', '{"deconv_cfg": {"block": 4}, "block_fc": 32}']
     run = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
@@ -19,12 +19,13 @@ def test_benchmark_smoke(tmp_path):
 
     report = json.loads(output.read_text())
     assert report['config']['batch_size'] == 2 and report['machine']['threads'] == 1
-    assert set(report['results']) == {'deconv', 'bn', 'literal'}
+    assert set(report['results']) == {'deconv', 'bn', 'literal', 'frozen'}
     for result in report['results'].values():
         for phase in ('train_ms', 'eval_ms', 'train_cpu_ms', 'eval_cpu_ms'):
             assert len(result[phase]['samples']) == 1 and result[phase]['median'] > 0
         assert result['peak_step_mb'] > 0 and result['state_mb'] > 0
-    assert set(report['ratios']) == {'deconv/bn', 'literal/bn'}
+    assert set(report['ratios']) == {'deconv/bn', 'literal/bn', 'frozen/bn', 'freeze_schedule/bn'}
+    assert report['ratios'].pop('freeze_schedule/bn')['train_cpu'] > 0
     for ratio in report['ratios'].values():
         for phase in ('train', 'eval', 'train_cpu', 'eval_cpu'):
             assert ratio[phase]['median'] > 0

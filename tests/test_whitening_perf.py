@@ -1,14 +1,17 @@
 """The fast evaluations in whitening.py compute exactly what the plain formulations compute (issue #5).
 
 newton_schulz_eigh (one eigendecomposition) against newton_schulz_iteration (the paper's matrix
-iteration, differentiated by autograd), and PatchMoments (one-product backward) against the
-autograd covariance: values and gradients in float64, plus gradcheck.
+iteration, differentiated by autograd), PatchMoments (one-product backward) against the autograd
+covariance: values and gradients in float64, plus gradcheck; frozen steps that skip the statistics
+against the selection they replace.
 """
+import copy
+
 import pytest
 import torch
 from torch.autograd import gradcheck
 
-from deconv_zoo.layers import whitening
+from deconv_zoo.layers import FastDeconv, whitening
 from deconv_zoo.layers.whitening import (
     PatchMoments, isqrt_newton_schulz, newton_schulz_eigh, newton_schulz_iteration, newton_schulz_polynomial,
 )
@@ -148,3 +151,28 @@ def test_symmetric_gram_equals_full_product():
     x = torch.randn(2, 50, 30, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
     for block_rows in (7, 16, 50):  # 4, 3 and 1 row blocks
         assert_rel(whitening.symmetric_gram(x, block_rows), x @ x.transpose(1, 2), 1e-14)
+
+
+def test_frozen_steps_skip_the_statistics_with_the_same_result(monkeypatch):
+    """freeze=True on CPU: frozen steps compute no batch statistics; outputs, gradients and
+    buffers equal (to rounding) those of the sync-free selection used on GPUs and under compile."""
+    torch.manual_seed(0)
+    skipping = FastDeconv(4, 3, 3, padding=1, block=2, freeze=True, freeze_iter=2).double()
+    selecting = copy.deepcopy(skipping)
+    computed = []
+    batch_statistics = FastDeconv.batch_statistics
+    monkeypatch.setattr(FastDeconv, 'batch_statistics', lambda self, x: computed.append(self) or batch_statistics(self, x))
+    for call in range(8):  # fresh statistics on calls 1..3 of every 20
+        x = torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(call), dtype=torch.float64)
+        results = []
+        for layer, compiling in ((skipping, False), (selecting, True)):
+            monkeypatch.setattr(torch.compiler, 'is_compiling', lambda: compiling)
+            xg = x.clone().requires_grad_()
+            out = layer(xg)
+            out.square().sum().backward()
+            results.append([out, xg.grad, layer.weight.grad, layer.bias.grad] + list(layer.buffers()))
+            layer.zero_grad()
+        monkeypatch.setattr(torch.compiler, 'is_compiling', lambda: False)
+        for actual, expected in zip(*results):
+            assert_rel(actual.detach(), expected.detach(), 1e-12)  # matmul picks its kernel by requires_grad
+    assert [layer is skipping for layer in computed] == [True, False] * 3 + [False] * 5

@@ -106,18 +106,25 @@ class FastDeconv(WhitenedWeightMixin, nn.Conv2d):
 
     def _train_fold(self, x: Tensor) -> Tuple[Tensor, Tensor]:
         with float32_statistics(x) as xs:
-            mean, deconv = self.batch_statistics(xs)
             recompute = in_backward_recompute()
             advance = self.freeze and self.track_running_stats
+            frozen = None
             if self.freeze:
-                # Frozen steps reuse the running statistics. Selecting with a tensor condition
-                # keeps the step free of host syncs and torch.compile recompiles.
                 # fix: a checkpoint recompute runs after its forward advanced the counter; it must
                 # decide on the value that forward saw, or the step's gradients are wrong.
                 counter = (self.counter - 1).remainder(10 * self.freeze_iter) if recompute and advance else self.counter
                 frozen = counter > self.freeze_iter
-                mean = torch.where(frozen, self.running_mean.to(mean.dtype), mean)
-                deconv = torch.where(frozen, self.running_deconv.to(deconv.dtype), deconv)
+            if frozen is not None and xs.device.type == 'cpu' and not torch.compiler.is_compiling() and bool(frozen):
+                # perf: on CPU the schedule costs nothing to read, so frozen steps skip the batch
+                # statistics, as the reference did (same result as the selection below).
+                mean, deconv = self.running_mean.to(xs.dtype), self.running_deconv.to(xs.dtype)
+            else:
+                mean, deconv = self.batch_statistics(xs)
+                if frozen is not None:
+                    # Frozen steps reuse the running statistics. Selecting with a tensor condition
+                    # keeps the step free of host syncs and torch.compile recompiles.
+                    mean = torch.where(frozen, self.running_mean.to(mean.dtype), mean)
+                    deconv = torch.where(frozen, self.running_deconv.to(deconv.dtype), deconv)
             # lerp(r, r, m) == r exactly, so frozen steps leave the running buffers untouched.
             self._track(mean, deconv)
             if advance and not recompute:
