@@ -19,11 +19,12 @@ columns j, j + G, j + 2G, ... of the im2col matrix. This module works on a featu
 Everything here is differentiable: the paper back-propagates through the statistics.
 
 Cost (issue #5): the covariance and Newton-Schulz dominate a training step's extra work. Both
-keep the paper's function; they are only evaluated more cheaply: the covariance has a one-product
-backward (``PatchMoments``), and on CPU the Newton-Schulz polynomial is applied to the
-eigenvalues of ONE symmetric eigendecomposition (``newton_schulz_eigh``) instead of multiplying
-matrices ~36 times forward and backward. The ``deconv::*`` profiler scopes name the parts for
-``scripts/benchmark.py --profile``.
+keep the paper's function and are only evaluated more cheaply: the covariance computes half of
+its symmetric product and differentiates it with one product, rebuilding the patch matrix in the
+backward pass instead of keeping it (``PatchMoments``); on CPU the Newton-Schulz polynomial is
+applied to the eigenvalues of ONE symmetric eigendecomposition (``newton_schulz_eigh``) instead
+of about 36 matrix products forward and backward. The ``deconv::*`` profiler scopes name the
+parts for ``scripts/benchmark.py --profile``.
 """
 from typing import Optional, Tuple
 
@@ -38,10 +39,9 @@ __all__ = [
     'conv_whitening_statistics', 'fold_conv_whitening', 'fold_linear_whitening',
 ]
 
-# From this matrix size on, the eigendecomposition route is faster on CPU (measured with
-# scripts/benchmark.py; at nf = 576 it is about 3x faster forward + backward). On GPUs the
-# matrix products are cheap and torch.linalg.eigh synchronises with the host, so the
-# iteration is kept there.
+# From this matrix size on, the eigendecomposition route is the faster one on CPU (forward +
+# backward on a 2-core VM: even at nf = 147, about 2x at 288, 3x at 576). On GPUs the matrix
+# products are cheap and torch.linalg.eigh synchronises with the host, so the iteration stays.
 EIGH_MIN_SIZE = 128
 
 
