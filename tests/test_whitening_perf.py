@@ -176,3 +176,13 @@ def test_frozen_steps_skip_the_statistics_with_the_same_result(monkeypatch):
         for actual, expected in zip(*results):
             assert_rel(actual.detach(), expected.detach(), 1e-12)  # matmul picks its kernel by requires_grad
     assert [layer is skipping for layer in computed] == [True, False] * 3 + [False] * 5
+
+
+def test_eigh_route_restores_the_thread_count():
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        newton_schulz_eigh(covariance(d=6), 5)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
