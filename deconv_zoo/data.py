@@ -1,0 +1,392 @@
+"""Datasets and loaders for training and validation.
+
+- ``digits``: scikit-learn's bundled handwritten digits (1,797 real 8x8 images, read from the
+  installed package, no network), a fixed stratified train/validation split, resized to the
+  model's input. The embedded default for the scripts and for tests that must learn something.
+- ImageNet-layout folders and local CIFAR / MNIST copies through ``timm.data.create_dataset``
+  (never downloading).
+- ``synthetic``: random tensors, for speed and smoke tests only.
+
+Loaders are built here rather than with ``timm.data.create_loader``: that function creates its
+own unseeded sampler, while exact resumption needs a data order fixed by (seed, epoch) that can
+start mid-epoch (``ResumableSampler``) and augmentation randomness fixed per sample
+(``PerSampleSeed``). The transforms are timm's own (``timm.data.create_transform``).
+"""
+import logging
+import random
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset, default_collate
+
+__all__ = [
+    'DIGITS', 'SYNTHETIC', 'DigitsDataset', 'SyntheticDataset', 'create_image_dataset', 'dataset_num_classes',
+    'resolve_input_config', 'ResumableSampler', 'ShardSampler', 'PerSampleSeed', 'SkipUnreadable',
+    'collate_readable', 'create_data_loader', 'set_image_transform',
+]
+
+_logger = logging.getLogger(__name__)
+
+DIGITS = 'digits'
+SYNTHETIC = 'synthetic'
+_TRAIN_SPLITS = ('train', 'training')
+_VAL_SPLITS = ('val', 'validation', 'test')
+
+
+def _is_train_split(split: str) -> bool:
+    if split in _TRAIN_SPLITS:
+        return True
+    if split in _VAL_SPLITS:
+        return False
+    raise ValueError(f'unknown split {split!r}: use one of {_TRAIN_SPLITS + _VAL_SPLITS}')
+
+
+class DigitsDataset(Dataset):
+    """scikit-learn's handwritten digits with a deterministic stratified split.
+
+    Pixel values 0..16 are scaled to [0, 1] and repeated to ``input_size[0]`` channels. Without
+    a ``transform`` the items are tensors resized to ``input_size`` (bilinear, antialiased) and
+    normalised with ``mean``/``std`` when given (``configure`` changes these); with one (e.g.
+    timm's ``create_transform``) the items are 8x8 PIL images passed through it.
+    """
+    num_classes = 10
+
+    def __init__(
+            self,
+            split: str = 'train',
+            input_size: Sequence[int] = (3, 32, 32),
+            mean: Optional[Sequence[float]] = None,
+            std: Optional[Sequence[float]] = None,
+            transform: Optional[Callable] = None,
+            val_fraction: float = 0.2,
+            split_seed: int = 0,
+    ):
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+
+        digits = load_digits()
+        indices = np.arange(len(digits.target))
+        train_idx, val_idx = train_test_split(
+            indices, test_size=val_fraction, stratify=digits.target, random_state=split_seed)
+        chosen = train_idx if _is_train_split(split) else val_idx
+        self.split = split
+        self.images = torch.from_numpy(digits.images[chosen] / 16.0).float()  # (N, 8, 8) in [0, 1]
+        self.targets = torch.from_numpy(digits.target[chosen]).long()
+        self.transform = transform
+        self.configure(input_size, mean, std)
+
+    def configure(self, input_size: Sequence[int], mean: Optional[Sequence[float]] = None,
+                  std: Optional[Sequence[float]] = None) -> None:
+        """Resize (and normalise) the tensor items for a model's input."""
+        self.input_size = tuple(input_size)
+        chans, height, width = self.input_size
+        x = F.interpolate(self.images[:, None], size=(height, width), mode='bilinear',
+                          align_corners=False, antialias=True).clamp_(0, 1)
+        x = x.expand(-1, chans, -1, -1)
+        if mean is not None:
+            x = x - torch.tensor(mean).view(1, -1, 1, 1)
+        if std is not None:
+            x = x / torch.tensor(std).view(1, -1, 1, 1)
+        self._tensors = x.contiguous()
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> Tuple[Any, int]:
+        target = int(self.targets[index])
+        if self.transform is None:
+            return self._tensors[index], target
+        pixels = (self.images[index] * 255).round().to(torch.uint8).numpy()
+        mode = 'L' if self.input_size[0] == 1 else 'RGB'
+        return self.transform(Image.fromarray(pixels, 'L').convert(mode)), target
+
+
+class SyntheticDataset(Dataset):
+    """Random normal images with random labels, reproducible per index (speed/smoke tests only)."""
+
+    def __init__(self, num_samples: int, num_classes: int, input_size: Sequence[int] = (3, 224, 224), seed: int = 0):
+        self.num_samples = num_samples
+        self.num_classes = num_classes
+        self.input_size = tuple(input_size)
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, index: int) -> Tuple[Tensor, int]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        image = torch.randn(self.input_size, generator=generator)
+        return image, int(torch.randint(self.num_classes, (), generator=generator))
+
+
+def create_image_dataset(
+        name: str,
+        root: Optional[str] = None,
+        split: str = 'train',
+        limit: Optional[int] = None,
+        num_classes: Optional[int] = None,
+        synthetic_size: int = 512,
+        seed: int = 0,
+) -> Dataset:
+    """The dataset called ``name`` for ``split`` ('train' or 'validation'), without transforms.
+
+    ``name``: 'digits', 'synthetic' (``num_classes`` classes, default 10), '' or 'folder'
+    (ImageNet layout under ``root``: train/, val/), or any timm dataset name such as
+    'torch/cifar10' read from a local copy in ``root``. Prepare it for a model with
+    ``set_image_transform``. ``limit`` keeps the first ``limit`` samples (smoke tests).
+    """
+    if name == DIGITS:
+        dataset = DigitsDataset(split)
+    elif name == SYNTHETIC:
+        training = _is_train_split(split)
+        dataset = SyntheticDataset(synthetic_size if training else max(synthetic_size // 4, 1), num_classes or 10,
+                                   seed=seed + (0 if training else 1))
+    else:
+        dataset = _timm_dataset(name, root, split)
+    if limit is not None and limit < len(dataset):
+        subset = Subset(dataset, range(limit))
+        subset.num_classes = dataset_num_classes(dataset)
+        dataset = subset
+    return dataset
+
+
+def _timm_dataset(name: str, root: Optional[str], split: str) -> Dataset:
+    from timm.data import create_dataset
+
+    if not root:
+        raise ValueError(f'dataset {name!r} needs --data-dir (a local copy; nothing is downloaded)')
+    is_training = _is_train_split(split)
+    try:
+        # download=False always: the project never fetches data sets.
+        return create_dataset(name, root=root, split='train' if is_training else 'validation',
+                              is_training=is_training, download=False)
+    except RuntimeError as error:
+        if 'download=True' in str(error):
+            raise FileNotFoundError(
+                f'dataset {name!r} not found under {root!r}; place a local copy there '
+                f'(for torch/cifar10: {root}/cifar-10-batches-py)') from None
+        raise
+
+
+def dataset_num_classes(dataset: Dataset) -> Optional[int]:
+    """Number of classes a dataset declares (digits, synthetic, timm ImageDataset, torchvision)."""
+    if hasattr(dataset, 'num_classes'):
+        return dataset.num_classes
+    for source in (getattr(dataset, 'reader', None), dataset):
+        class_to_idx = getattr(source, 'class_to_idx', None)
+        if class_to_idx:
+            return len(class_to_idx)
+    return None
+
+
+def resolve_input_config(model: torch.nn.Module, args: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """timm's data config for ``model``, with the channel count of the model's first layer.
+
+    ``timm.data.resolve_data_config`` keeps the pretrained config's 3-channel input size and
+    statistics for an ``in_chans=1`` model; here they follow the model (mean/std averaged).
+    """
+    from timm.data import resolve_data_config
+
+    config = resolve_data_config(args or {}, model=model)
+    chans = _model_in_chans(model)
+    if chans is not None and config['input_size'][0] != chans:
+        config['input_size'] = (chans, *config['input_size'][1:])
+        for key in ('mean', 'std'):
+            if len(config[key]) != chans:
+                config[key] = (sum(config[key]) / len(config[key]),) * chans
+    return config
+
+
+def _model_in_chans(model: torch.nn.Module) -> Optional[int]:
+    first_conv = getattr(model, 'pretrained_cfg', {}).get('first_conv')
+    if not first_conv:
+        return None
+    try:
+        return model.get_submodule(first_conv).in_channels
+    except AttributeError:
+        return None
+
+
+def set_image_transform(dataset: Dataset, input_config: Dict[str, Any], is_training: bool, **aug: Any) -> None:
+    """Prepare a dataset from ``create_image_dataset`` for a model's ``input_config``.
+
+    Digits are resized and normalised as tensors (no augmentation: digits are centred and not
+    mirror-symmetric); synthetic data takes the input size; image datasets get timm's train or
+    eval transform: ``aug`` holds ``timm.data.create_transform`` options (hflip, scale, auto_augment, re_prob, ...);
+    ``crop_padding > 0`` selects the reference's CIFAR augmentation instead: random crop from the
+    image padded by that many pixels, horizontal flip (``hflip`` probability).
+    """
+    from timm.data import create_transform
+    from torchvision import transforms
+
+    base = dataset.dataset if isinstance(dataset, Subset) else dataset
+    if isinstance(base, DigitsDataset):
+        base.configure(input_config['input_size'], input_config['mean'], input_config['std'])
+        return
+    if isinstance(base, SyntheticDataset):
+        base.input_size = tuple(input_config['input_size'])
+        return
+    crop_padding = aug.pop('crop_padding', 0)
+    if is_training and crop_padding > 0:
+        size = input_config['input_size'][1:]
+        base.transform = transforms.Compose([
+            transforms.RandomCrop(size, padding=crop_padding),
+            transforms.RandomHorizontalFlip(aug.get('hflip', 0.5)),
+            transforms.ToTensor(),
+            transforms.Normalize(input_config['mean'], input_config['std']),
+        ])
+        return
+    config = {key: input_config[key] for key in ('input_size', 'interpolation', 'mean', 'std', 'crop_pct', 'crop_mode')}
+    base.transform = create_transform(**config, is_training=is_training, **(aug if is_training else {}))
+
+
+class ResumableSampler(DistributedSampler):
+    """``DistributedSampler`` (order fixed by seed and epoch) that can start mid-epoch.
+
+    ``set_epoch(epoch, skip)`` drops the first ``skip`` samples of this rank's epoch order, so a
+    run resumed after k steps of batch b sees exactly the batches k, k+1, ... of the original.
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, shuffle: bool = True,
+                 seed: int = 0, drop_last: bool = False):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,
+                         drop_last=drop_last)
+        self.skip = 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        super().set_epoch(epoch)
+        self.skip = skip
+
+    def __iter__(self) -> Iterator[int]:
+        indices = list(super().__iter__())
+        return iter(indices[self.skip:])
+
+    def __len__(self) -> int:
+        return max(self.num_samples - self.skip, 0)
+
+
+class ShardSampler(Sampler):
+    """Evaluation order: rank r takes samples r, r + world, ... (no padding, so the metrics summed
+    over ranks count every image exactly once)."""
+
+    def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0):
+        self.indices = range(rank, len(dataset), num_replicas)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+class PerSampleSeed(Dataset):
+    """Draw each sample's augmentation from RNGs seeded by (seed, epoch, index).
+
+    With worker processes, a sample's random crop would otherwise depend on which worker loaded
+    it and how many samples that worker had drawn before, which changes when a run resumes
+    mid-epoch. The global RNG states are restored afterwards, so the training loop's own random
+    stream (dropout, mixup) is unaffected when loading happens in the main process.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset = dataset
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == 'dataset':  # not yet set (unpickling): avoid recursing through __getattr__
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def __getitem__(self, index: int) -> Any:
+        sample_seed = int(np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)[0])
+        python_state, numpy_state = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed)
+            random.seed(sample_seed)
+            np.random.seed(sample_seed)
+            try:
+                return self.dataset[index]
+            finally:
+                random.setstate(python_state)
+                np.random.set_state(numpy_state)
+
+
+# What PIL and the image readers raise for truncated, corrupt or unreadable files.
+_UNREADABLE = (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+class SkipUnreadable(Dataset):
+    """Return None (and log the file) for an image that cannot be read, instead of raising.
+
+    Pair with ``collate_readable``, which drops those samples from the batch. timm's
+    ``ImageDataset`` would instead return the next readable image in place of a broken one (so
+    that image counts twice); it is limited to one attempt here and its failure caught.
+    """
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+        base = dataset.dataset if isinstance(dataset, Subset) else dataset
+        if hasattr(base, '_max_retries'):
+            base._max_retries = 1  # timm ImageDataset: raise "Failed to load 1 consecutive samples"
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == 'dataset':
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def __getitem__(self, index: int) -> Optional[Any]:
+        try:
+            return self.dataset[index]
+        except (RuntimeError, *_UNREADABLE) as error:
+            if isinstance(error, RuntimeError) and 'consecutive samples' not in str(error):
+                raise
+            _logger.warning('skipping unreadable image %s: %s', self._describe(index), error)
+            return None
+
+    def _describe(self, index: int) -> str:
+        base, base_index = self.dataset, index
+        if isinstance(base, Subset):
+            base, base_index = base.dataset, base.indices[index]
+        filename = getattr(base, 'filename', None)
+        return str(filename(base_index)) if callable(filename) else f'#{index}'
+
+
+def collate_readable(batch: List[Optional[Any]]) -> Optional[Any]:
+    """``default_collate`` of the readable samples; None when none of the batch was readable."""
+    readable = [sample for sample in batch if sample is not None]
+    return default_collate(readable) if readable else None
+
+
+def create_data_loader(
+        dataset: Dataset,
+        batch_size: int,
+        sampler: Sampler,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        collate_fn: Optional[Callable] = None,
+        drop_last: bool = False,
+) -> DataLoader:
+    """A DataLoader whose order is the sampler's alone.
+
+    The loader's own generator is fixed, so creating an iterator (which draws the worker base
+    seed) never consumes the global torch RNG that the resumed training state depends on.
+    Workers are not persistent: each epoch's workers see the dataset's current epoch.
+    """
+    return DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
+        collate_fn=collate_fn, drop_last=drop_last, generator=torch.Generator().manual_seed(0),
+        persistent_workers=False)
