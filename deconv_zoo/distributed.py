@@ -1,0 +1,153 @@
+"""Deconvolution statistics shared across processes (the SyncBatchNorm of network deconvolution).
+
+Under DistributedDataParallel every process sees only its share of the batch, so by default a
+FastDeconv or Delinear whitens with per-process statistics. ``convert_sync_deconv`` switches
+them to statistics of the global batch: each process sums its sampled patches and their count,
+the sums are all-reduced into the global mean, then the patches' centred second moments are
+all-reduced into the global covariance. The result (output, gradients, running statistics) equals
+one process on the concatenated batch; the all-reduces are differentiable, so each process'
+gradient includes the other processes' dependence on its samples, exactly as in one process.
+"""
+from typing import Optional, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch import Tensor
+
+from .layers import ChannelDeconv, Delinear, FastDeconv, isqrt_newton_schulz, sample_patches
+from .layers._stats import warn_once
+
+__all__ = ['SyncFastDeconv', 'SyncDelinear', 'convert_sync_deconv', 'global_whitening_statistics', 'average_buffers']
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over processes whose backward is the same sum of the incoming gradients (each
+    process' output feeds the losses of all processes)."""
+
+    @staticmethod
+    def forward(ctx, tensor: Tensor, group: Optional[dist.ProcessGroup]) -> Tensor:
+        ctx.group = group
+        total = tensor.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(total, group=group)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tuple[Tensor, None]:
+        total = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(total, group=ctx.group)
+        return total, None
+
+
+def _is_synced(group: Optional[dist.ProcessGroup]) -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+
+
+def global_whitening_statistics(
+        samples: Tensor, eps: float, n_iter: int, group: Optional[dist.ProcessGroup] = None,
+) -> Tuple[Tensor, Tensor]:
+    """Mean (G, nf) and whitening matrix (G, nf, nf) of the samples of all processes.
+
+    ``samples`` is this process' (G, nf, S) block of sample columns (G independent covariances).
+    Two all-reduces instead of one over (sum, sum of squares): centring on the global mean first
+    keeps the covariance as accurate as the single-process computation (no cancellation).
+    """
+    groups, nf, local_count = samples.shape
+    # The count rides along in the statistics' dtype: exact up to 2**24 samples in float32.
+    sums = torch.cat([samples.sum(dim=2).reshape(-1), samples.new_full((1,), local_count)])
+    sums = _AllReduceSum.apply(sums, group)
+    count = sums[-1]
+    mean = sums[:-1].reshape(groups, nf) / count
+    centred = samples - mean[:, :, None]
+    moment = _AllReduceSum.apply(centred @ centred.transpose(1, 2), group)
+    eye = torch.eye(nf, dtype=samples.dtype, device=samples.device)
+    return mean, isqrt_newton_schulz(moment / count + eps * eye, n_iter)
+
+
+def _global_offset(local_count: int, device: torch.device, group: Optional[dist.ProcessGroup]) -> int:
+    """Number of elements the lower ranks contribute before this one in the concatenated batch."""
+    counts = [torch.zeros((), dtype=torch.long, device=device) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(counts, torch.tensor(local_count, device=device), group=group)
+    return int(sum(c.item() for c in counts[:dist.get_rank(group)]))
+
+
+class SyncFastDeconv(FastDeconv):
+    """FastDeconv whose training statistics cover the batch of every process in ``process_group``.
+
+    Without an initialised process group of more than one process it behaves as FastDeconv.
+    Create it with ``convert_sync_deconv``.
+    """
+    process_group: Optional[dist.ProcessGroup] = None
+
+    def batch_statistics(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+        if not _is_synced(self.process_group):
+            return super().batch_statistics(x)
+        if self.kernel_size == (1, 1):
+            patches = self._pixel_samples(x)
+        else:
+            # Patches are sampled per image, so concatenating the processes' samples is the
+            # same as sampling the concatenated batch.
+            patches = sample_patches(x, self.kernel_size, self.dilation, self.padding, self.sampling_stride)
+        nf = self.num_features
+        mean, deconv = global_whitening_statistics(
+            patches.reshape(self.groups, nf, -1), self.eps, self.n_iter, self.process_group)
+        return mean.reshape(-1), (deconv[0] if self.groups == 1 else deconv)
+
+    def _pixel_samples(self, x: Tensor) -> Tensor:
+        """1x1 kernels sample every step-th pixel of the flattened (N, H, W) batch (see
+        ``sample_patches``); start where the concatenated batch's sampling grid falls."""
+        n, c, h, w = x.shape
+        step = self.sampling_stride[0] * self.sampling_stride[1]
+        start = -_global_offset(n * h * w, x.device, self.process_group) % step
+        return x.transpose(0, 1).reshape(c, n * h * w)[:, start::step]
+
+
+class SyncDelinear(Delinear):
+    """Delinear whose training statistics cover the batch of every process in ``process_group``."""
+    process_group: Optional[dist.ProcessGroup] = None
+
+    def batch_statistics(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+        if not _is_synced(self.process_group):
+            return super().batch_statistics(x)
+        samples = x.reshape(-1, self.block).t()[None]  # (1, block, chunks)
+        mean, deconv = global_whitening_statistics(samples, self.eps, self.n_iter, self.process_group)
+        return mean[0], deconv[0]
+
+
+_SYNC_CLASSES = {FastDeconv: SyncFastDeconv, Delinear: SyncDelinear}
+
+
+def convert_sync_deconv(module: nn.Module, process_group: Optional[dist.ProcessGroup] = None) -> nn.Module:
+    """Make every FastDeconv and Delinear in ``module`` use global batch statistics.
+
+    Like ``nn.SyncBatchNorm.convert_sync_batchnorm``, call it before wrapping the model in
+    DistributedDataParallel. The layers are converted in place (their class changes; parameters,
+    buffers and settings are kept, so state_dicts are unchanged) and ``module`` is returned.
+    ChannelDeconv layers and subclasses of the two layers keep per-process statistics (a warning
+    says so).
+    """
+    for name, layer in module.named_modules():
+        sync_class = _SYNC_CLASSES.get(type(layer))
+        if sync_class is not None:
+            layer.__class__ = sync_class
+            layer.process_group = process_group
+        elif isinstance(layer, (FastDeconv, Delinear, ChannelDeconv)) and type(layer) not in _SYNC_CLASSES.values():
+            warn_once(f'convert_sync_deconv: {type(layer).__name__} layers (e.g. {name!r}) keep per-process statistics.')
+    return module
+
+
+def average_buffers(module: nn.Module) -> None:
+    """Make every process hold the same buffers: floating-point ones (running statistics) are
+    averaged, the others (step counters) taken from rank 0. Call it at the end of an epoch when
+    the statistics are per-process (no ``convert_sync_deconv`` / SyncBatchNorm); timm's
+    ``distribute_bn`` only knows buffers named running_mean/running_var."""
+    if not _is_synced(None):
+        return
+    world_size = dist.get_world_size()
+    with torch.no_grad():
+        for buffer in module.buffers():
+            if buffer.is_floating_point():
+                dist.all_reduce(buffer)
+                buffer.div_(world_size)
+            else:
+                dist.broadcast(buffer, 0)
