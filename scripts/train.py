@@ -1,0 +1,379 @@
+#!/usr/bin/env python3
+"""Train any timm model (the zoo's deconvolution models or timm's own BN baselines).
+
+    python scripts/train.py                                    # resnet18_cifar_deconv on the embedded digits
+    python scripts/train.py --model resnet18_cifar --epochs 5  # its batch-norm twin
+    python scripts/train.py --dataset torch/cifar10 --data-dir ~/data --recipe cifar
+    torchrun --nproc_per_node 8 scripts/train.py --model resnet50_deconv --dataset folder \\
+        --data-dir /imagenet --batch-size 32 --sync-deconv --amp    # paper ImageNet recipe, 8 x 32 = 256
+
+A recipe (the paper's CIFAR or ImageNet settings, or the short digits run) sets the defaults of
+the optimisation and augmentation flags; any flag given on the command line wins. The run
+folder gets summary.csv, args.json, optional TensorBoard logs and the checkpoints last.pth.tar,
+model_best.pth.tar and checkpoint-<epoch>.pth.tar. ``--resume auto`` continues a killed run
+exactly where its last checkpoint left it.
+"""
+import argparse
+import json
+import logging
+import os
+import sys
+from contextlib import nullcontext
+from functools import partial
+from typing import Any, Dict, List, Optional
+
+import timm
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from timm.data import Mixup
+from timm.loss import create_classification_loss
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import (ModelEmaV3, NativeScaler, ParseKwargs, get_outdir, init_distributed_device, random_seed,
+                        setup_default_logging, update_summary)
+
+import deconv_zoo  # noqa: F401  (registers the zoo's models with timm)
+from deconv_zoo.data import (
+    DIGITS, SYNTHETIC, PerSampleSeed, ResumableSampler, ShardSampler, create_data_loader, create_image_dataset,
+    dataset_num_classes, resolve_input_config, set_image_transform,
+)
+from deconv_zoo.distributed import average_buffers, convert_sync_deconv
+from deconv_zoo.evaluation import evaluate
+from deconv_zoo.training import LAST, RECIPES, CheckpointManager, Trainer, TrainingStopped, TrainPosition, resolve_resume
+
+_logger = logging.getLogger('train')
+
+
+def default_recipe(dataset: str) -> str:
+    """The recipe a dataset implies: digits/synthetic -> digits, CIFAR -> cifar, else imagenet."""
+    if dataset in (DIGITS, SYNTHETIC):
+        return 'digits'
+    return 'cifar' if 'cifar' in dataset else 'imagenet'
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    recipe_note = ' [recipe: %(default)s]'
+
+    group = parser.add_argument_group('recipe')
+    group.add_argument('--recipe', choices=sorted(RECIPES), default=None,
+                       help='paper settings to start from: cifar (Table 1), imagenet (Table 2) or digits '
+                            '(short CIFAR recipe); default: from --dataset (digits/synthetic: digits, '
+                            'torch/cifar*: cifar, folders: imagenet)')
+
+    group = parser.add_argument_group('model')
+    group.add_argument('--model', default='resnet18_cifar_deconv', help='any timm or deconv-zoo model name')
+    group.add_argument('--pretrained', action='store_true', help='start from the published weights')
+    group.add_argument('--initial-checkpoint', default='', help='weights to start from (not a resume)')
+    group.add_argument('--num-classes', type=int, default=None, help='default: the dataset\'s class count')
+    group.add_argument('--in-chans', type=int, default=None, help='input channels (default: the model\'s)')
+    group.add_argument('--img-size', type=int, default=None, help='input height = width (default: the model\'s)')
+    group.add_argument('--input-size', type=int, nargs=3, default=None, metavar=('C', 'H', 'W'),
+                       help='full input size, overrides --img-size and --in-chans')
+    group.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs,
+                       help='extra create_model arguments (Python literals), e.g. deconv_cfg="{\'block\': 16}"')
+    group.add_argument('--drop', type=float, default=None, help='classifier dropout rate')
+    group.add_argument('--drop-path', type=float, default=None, help='stochastic depth rate (timm models)')
+
+    group = parser.add_argument_group('data')
+    group.add_argument('--dataset', default=DIGITS,
+                       help='digits (embedded), synthetic (smoke tests), folder (ImageNet layout in --data-dir) '
+                            'or a timm dataset read from a local copy, e.g. torch/cifar10')
+    group.add_argument('--data-dir', default=None, help='dataset root (folders, CIFAR copies)')
+    group.add_argument('--train-limit', type=int, default=None, help='use only the first N training samples')
+    group.add_argument('--val-limit', type=int, default=None, help='use only the first N validation samples')
+    group.add_argument('--synthetic-size', type=int, default=512, help='synthetic training samples')
+    group.add_argument('--workers', type=int, default=4, help='loader processes (image datasets only)')
+    group.add_argument('--pin-mem', action='store_true', help='pin loader memory (GPU)')
+    group.add_argument('--mean', type=float, nargs='+', default=None, help='normalisation mean (default: model)')
+    group.add_argument('--std', type=float, nargs='+', default=None, help='normalisation std (default: model)')
+    group.add_argument('--interpolation', default='', help='resize interpolation (default: model)')
+    group.add_argument('--crop-pct', type=float, default=None, help='eval centre-crop fraction (default: model)')
+    group.add_argument('--batch-size', '-b', type=int, help='batch size per process' + recipe_note)
+    group.add_argument('--validation-batch-size', type=int, default=None, help='default: --batch-size')
+    group.add_argument('--drop-last', action='store_true', help='drop the last incomplete training batch')
+
+    group = parser.add_argument_group('augmentation')
+    group.add_argument('--crop-padding', type=int,
+                       help='>0: random crop of the image padded by N pixels (the CIFAR recipe), else '
+                            'timm\'s random-resized crop' + recipe_note)
+    group.add_argument('--hflip', type=float, help='horizontal flip probability' + recipe_note)
+    group.add_argument('--scale', type=float, nargs=2, default=None, help='random-resized-crop area range')
+    group.add_argument('--ratio', type=float, nargs=2, default=None, help='random-resized-crop aspect range')
+    group.add_argument('--color-jitter', type=float, help='colour jitter strength' + recipe_note)
+    group.add_argument('--aa', default=None, help='timm auto-augment policy, e.g. rand-m9-mstd0.5')
+    group.add_argument('--reprob', type=float, default=0.0, help='random erasing probability')
+    group.add_argument('--remode', default='pixel', help='random erasing mode')
+    group.add_argument('--recount', type=int, default=1, help='random erasing count')
+    group.add_argument('--mixup', type=float, default=0.0, help='mixup alpha (>0 enables)')
+    group.add_argument('--cutmix', type=float, default=0.0, help='cutmix alpha (>0 enables)')
+    group.add_argument('--mixup-prob', type=float, default=1.0, help='probability of mixup/cutmix per batch')
+    group.add_argument('--mixup-switch-prob', type=float, default=0.5, help='cutmix instead of mixup when both')
+    group.add_argument('--mixup-mode', default='batch', choices=('batch', 'pair', 'elem'), help='mixup granularity')
+    group.add_argument('--smoothing', type=float, default=0.0, help='label smoothing')
+
+    group = parser.add_argument_group('optimisation')
+    group.add_argument('--opt', help='timm optimizer name (momentum = classical SGD)' + recipe_note)
+    group.add_argument('--lr', type=float, help='learning rate' + recipe_note)
+    group.add_argument('--momentum', type=float, help='optimizer momentum' + recipe_note)
+    group.add_argument('--weight-decay', type=float, help='weight decay' + recipe_note)
+    group.add_argument('--filter-bias-and-bn', action=argparse.BooleanOptionalAction,
+                       help='exempt biases and norm weights from weight decay (the paper does not)' + recipe_note)
+    group.add_argument('--clip-grad', type=float, default=None, help='gradient clipping threshold')
+    group.add_argument('--clip-mode', default='norm', choices=('norm', 'value', 'agc'), help='gradient clipping mode')
+    group.add_argument('--sched', help='timm scheduler name' + recipe_note)
+    group.add_argument('--epochs', type=int, help='training epochs' + recipe_note)
+    group.add_argument('--sched-on-updates', action=argparse.BooleanOptionalAction,
+                       help='update the learning rate every step (the paper) instead of every epoch' + recipe_note)
+    group.add_argument('--min-lr', type=float, help='final learning rate' + recipe_note)
+    group.add_argument('--warmup-epochs', type=int, help='linear warm-up epochs' + recipe_note)
+    group.add_argument('--warmup-lr', type=float, default=1e-5, help='warm-up start learning rate')
+    group.add_argument('--max-steps', type=int, default=None,
+                       help='stop after this many optimizer steps in total (smoke tests)')
+
+    group = parser.add_argument_group('precision and speed')
+    group.add_argument('--amp', action='store_true', help='automatic mixed precision (statistics stay float32)')
+    group.add_argument('--amp-dtype', default='bfloat16', choices=('bfloat16', 'float16'), help='AMP dtype')
+    group.add_argument('--channels-last', action='store_true', help='channels_last memory format')
+    group.add_argument('--compile', nargs='?', const='inductor', default=None, metavar='BACKEND',
+                       help='torch.compile the model (default backend: inductor)')
+    group.add_argument('--model-ema', action='store_true', help='keep an EMA of the weights (timm ModelEmaV3)')
+    group.add_argument('--model-ema-decay', type=float, default=0.9998, help='EMA decay')
+    group.add_argument('--model-ema-warmup', action='store_true', help='EMA decay warm-up')
+    group.add_argument('--model-ema-force-cpu', action='store_true', help='keep the EMA on the CPU')
+
+    group = parser.add_argument_group('distributed (launch with torchrun)')
+    group.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='device')
+    group.add_argument('--dist-backend', default=None, help='default: nccl on CUDA, gloo on CPU')
+    group.add_argument('--dist-url', default='env://', help='process group init URL')
+    group.add_argument('--sync-deconv', action='store_true',
+                       help='deconvolution statistics over the global batch (convert_sync_deconv)')
+    group.add_argument('--sync-bn', action='store_true', help='SyncBatchNorm for BN models')
+
+    group = parser.add_argument_group('output and checkpoints')
+    group.add_argument('--output', default='output/train', help='parent folder of the run folders')
+    group.add_argument('--experiment', default='', help='run folder name (default: <model>-<dataset>)')
+    group.add_argument('--resume', default='',
+                       help='checkpoint to continue from, or "auto": the run folder\'s last.pth.tar if present')
+    group.add_argument('--checkpoint-every', type=int, default=0, help='also keep checkpoint-<epoch> every N epochs')
+    group.add_argument('--checkpoint-steps', type=int, default=0,
+                       help='also write last.pth.tar every N steps within an epoch (preemptible jobs)')
+    group.add_argument('--seed', type=int, default=0, help='random seed (data order, initialisation)')
+    group.add_argument('--log-tensorboard', action='store_true', help='TensorBoard logs in <run>/tensorboard')
+    group.add_argument('--no-progress', action='store_true', help='no progress bar')
+    return parser
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    """Parse in two passes: the recipe (explicit, or implied by --dataset) supplies the defaults."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument('--recipe', default=None)
+    pre.add_argument('--dataset', default=DIGITS)
+    known, _ = pre.parse_known_args(argv)
+    recipe = known.recipe or default_recipe(known.dataset)
+    parser = build_parser()
+    if recipe not in RECIPES:
+        parser.error(f'--recipe: choose from {sorted(RECIPES)}')
+    parser.set_defaults(**RECIPES[recipe])
+    args = parser.parse_args(argv)
+    args.recipe = recipe
+    return args
+
+
+def _run_folder(args: argparse.Namespace, primary: bool) -> str:
+    """The run folder, decided on rank 0 and shared: the resumed checkpoint's folder for
+    --resume PATH, <output>/<experiment> for --resume auto, else a fresh one (suffix -1, -2, ...
+    when that name already holds a checkpoint)."""
+    folder = None
+    if primary:
+        name = args.experiment or f'{args.model}-{os.path.basename(args.dataset.rstrip("/")) or "folder"}'
+        if args.resume and args.resume != 'auto' and not args.experiment:
+            folder = os.path.dirname(os.path.abspath(args.resume))
+        else:
+            fresh = not args.resume and os.path.isfile(os.path.join(args.output, name, LAST))
+            folder = get_outdir(args.output, name, inc=fresh)
+    if args.distributed:
+        shared = [folder]
+        dist.broadcast_object_list(shared, src=0)
+        folder = shared[0]
+    return folder
+
+
+def _prune_summary(path: str, next_epoch: int) -> None:
+    """Drop summary rows of epochs a resumed run will redo (written before the kill)."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    kept = lines[:1] + [line for line in lines[1:] if int(float(line.split(',', 1)[0])) < next_epoch]
+    with open(path, 'w') as f:
+        f.writelines(kept)
+
+
+def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
+    """Train; returns the final validation metrics with best_top1, best_epoch and the run folder."""
+    args = parse_args(argv)
+    setup_default_logging()
+    device = init_distributed_device(args)
+    primary = args.rank == 0
+    random_seed(args.seed, args.rank)
+    try:
+        return _train(args, device, primary)
+    finally:
+        if args.distributed:
+            dist.destroy_process_group()
+
+
+def _train(args: argparse.Namespace, device: torch.device, primary: bool) -> Dict[str, Any]:
+    train_set = create_image_dataset(args.dataset, args.data_dir, 'train', limit=args.train_limit,
+                                     num_classes=args.num_classes, synthetic_size=args.synthetic_size, seed=args.seed)
+    val_set = create_image_dataset(args.dataset, args.data_dir, 'validation', limit=args.val_limit,
+                                   num_classes=args.num_classes, synthetic_size=args.synthetic_size, seed=args.seed)
+    num_classes = args.num_classes or dataset_num_classes(train_set)
+    model = timm.create_model(
+        args.model, pretrained=args.pretrained, num_classes=num_classes, in_chans=args.in_chans,
+        drop_rate=args.drop, drop_path_rate=args.drop_path, checkpoint_path=args.initial_checkpoint or None,
+        **args.model_kwargs)
+    input_config = resolve_input_config(model, vars(args))
+    aug = dict(hflip=args.hflip, scale=args.scale, ratio=args.ratio, color_jitter=args.color_jitter,
+               auto_augment=args.aa, re_prob=args.reprob, re_mode=args.remode, re_count=args.recount,
+               crop_padding=args.crop_padding)
+    set_image_transform(train_set, input_config, is_training=True, **aug)
+    set_image_transform(val_set, input_config, is_training=False)
+    if primary:
+        _logger.info(f'{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, '
+                     f'{num_classes} classes, input {input_config["input_size"]}, recipe {args.recipe}, '
+                     f'{args.world_size} process(es) x batch {args.batch_size} on {device}')
+
+    if args.sync_deconv:
+        convert_sync_deconv(model)
+    if args.sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model.to(device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+
+    in_memory = args.dataset in (DIGITS, SYNTHETIC)
+    workers = 0 if in_memory else args.workers
+    train_set = PerSampleSeed(train_set, args.seed)
+    sampler = ResumableSampler(train_set, args.world_size, args.rank, shuffle=True, seed=args.seed,
+                               drop_last=args.drop_last)
+    train_loader = create_data_loader(train_set, args.batch_size, sampler, workers, args.pin_mem,
+                                      drop_last=args.drop_last)
+    val_loader = create_data_loader(val_set, args.validation_batch_size or args.batch_size,
+                                    ShardSampler(val_set, args.world_size, args.rank), workers, args.pin_mem)
+    steps_per_epoch = len(train_loader)
+
+    optimizer = create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
+                                    momentum=args.momentum, filter_bias_and_bn=args.filter_bias_and_bn)
+    amp_dtype = torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16
+    amp_autocast = partial(torch.autocast, device_type=device.type, dtype=amp_dtype) if args.amp else nullcontext
+    # bfloat16 has float32's range: only float16 needs loss scaling.
+    loss_scaler = NativeScaler(device=device.type) if args.amp and amp_dtype == torch.float16 else None
+    model_ema = None
+    if args.model_ema:
+        model_ema = ModelEmaV3(model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup,
+                               device='cpu' if args.model_ema_force_cpu else None)
+    scheduler, num_epochs = create_scheduler_v2(
+        optimizer, sched=args.sched, num_epochs=args.epochs, min_lr=args.min_lr, warmup_lr=args.warmup_lr,
+        warmup_epochs=args.warmup_epochs, step_on_epochs=not args.sched_on_updates, updates_per_epoch=steps_per_epoch)
+
+    run_folder = _run_folder(args, primary)
+    summary_csv = os.path.join(run_folder, 'summary.csv')
+    checkpoints = CheckpointManager(
+        run_folder, model, optimizer, scheduler, loss_scaler, model_ema, args=vars(args), arch=args.model,
+        every_epochs=args.checkpoint_every, distributed=args.distributed, is_primary=primary)
+    criterion = create_classification_loss(smoothing=args.smoothing, soft_targets=args.mixup > 0 or args.cutmix > 0)
+    mixup_fn = None
+    if args.mixup > 0 or args.cutmix > 0:
+        mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, prob=args.mixup_prob,
+                         switch_prob=args.mixup_switch_prob, mode=args.mixup_mode, label_smoothing=args.smoothing,
+                         num_classes=num_classes)
+
+    train_model = model
+    if args.distributed:
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device] if device.type == 'cuda' else None)
+    if args.compile:
+        train_model = torch.compile(train_model, backend=args.compile)
+    trainer = Trainer(
+        train_model, optimizer, criterion.to(device), device, checkpoints, scheduler=scheduler,
+        loss_scaler=loss_scaler, amp_autocast=amp_autocast, model_ema=model_ema, mixup_fn=mixup_fn,
+        clip_grad=args.clip_grad, clip_mode=args.clip_mode, channels_last=args.channels_last,
+        checkpoint_steps=args.checkpoint_steps, max_steps=args.max_steps, distributed=args.distributed,
+        show_progress=primary and not args.no_progress)
+
+    tensorboard = None
+    if primary:
+        with open(os.path.join(run_folder, 'args.json'), 'w') as f:
+            json.dump(vars(args), f, indent=2, default=str)
+        if args.log_tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            tensorboard = SummaryWriter(os.path.join(run_folder, 'tensorboard'))
+
+    position = TrainPosition()
+    resume_path = resolve_resume(args.resume, run_folder)
+    if resume_path:
+        # Last: restores the RNG states, after everything above has drawn its random numbers.
+        position = checkpoints.load(resume_path, args.rank, args.world_size)
+        if primary:
+            _prune_summary(summary_csv, position.epoch)
+            _logger.info(f'resumed from {resume_path}: epoch {position.epoch}, step {position.step_in_epoch} '
+                         f'of {steps_per_epoch}, global step {position.global_step}')
+    elif primary:
+        _logger.info(f'run folder: {run_folder}')
+
+    eval_metrics: Dict[str, float] = {}
+    for epoch in range(position.epoch, num_epochs):
+        if trainer.reached_max_steps(position):
+            break
+        train_set.set_epoch(epoch)
+        sampler.set_epoch(epoch, skip=position.step_in_epoch * args.batch_size)
+        train_metrics = trainer.train_epoch(train_loader, position, steps_per_epoch)
+        if args.distributed and not args.sync_deconv:
+            average_buffers(model)  # per-process running statistics -> one set for eval and checkpoints
+        eval_metrics = evaluate(model, val_loader, device, amp_autocast, args.channels_last, args.distributed)
+        if model_ema is not None:
+            eval_metrics = evaluate(model_ema.module, val_loader, device, amp_autocast, args.channels_last,
+                                    args.distributed)
+        epoch_done = position.step_in_epoch >= steps_per_epoch
+        lr = optimizer.param_groups[0]['lr']
+        if primary:
+            # Throughput is left out: the file should read the same for a resumed run.
+            eval_summary = {key: eval_metrics[key] for key in ('top1', 'top5', 'loss')}
+            update_summary(epoch, train_metrics, eval_summary, summary_csv, lr=lr,
+                           write_header=not os.path.isfile(summary_csv))
+            if tensorboard is not None:
+                for key, value in {**{f'train/{k}': v for k, v in train_metrics.items()},
+                                   **{f'val/{k}': v for k, v in eval_metrics.items()}, 'lr': lr}.items():
+                    tensorboard.add_scalar(key, value, epoch)
+        if epoch_done:
+            position = TrainPosition(epoch + 1, 0, position.global_step)
+            scheduler.step(epoch + 1, eval_metrics['top1'])  # before saving: the checkpoint holds the stepped state
+            checkpoints.save_epoch(position, eval_metrics['top1'])
+        else:  # stopped by --max-steps mid-epoch
+            checkpoints.save_step(position)
+        if primary:
+            _logger.info(
+                f'epoch {epoch + 1}/{num_epochs}  step {position.global_step}  train_loss {train_metrics["loss"]:.4f}  '
+                f'val_top1 {eval_metrics["top1"]:.2f}  val_top5 {eval_metrics["top5"]:.2f}  '
+                f'val_loss {eval_metrics["loss"]:.4f}  lr {lr:.4g}')
+    if tensorboard is not None:
+        tensorboard.close()
+    result = dict(eval_metrics, best_top1=checkpoints.best_metric, best_epoch=checkpoints.best_epoch,
+                  run_folder=run_folder, global_step=position.global_step)
+    if primary and eval_metrics:
+        best = '' if checkpoints.best_metric is None else \
+            f' (best {checkpoints.best_metric:.2f}% after epoch {checkpoints.best_epoch + 1})'
+        _logger.info(f'validation top-1 {eval_metrics["top1"]:.2f}%{best}; checkpoints in {run_folder}')
+    return result
+
+
+if __name__ == '__main__':
+    try:
+        main()
+    except TrainingStopped as error:
+        logging.getLogger('train').error(str(error))
+        sys.exit(1)
