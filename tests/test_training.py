@@ -1,0 +1,324 @@
+"""Training, validation and visualisation scripts, and the machinery behind them (issue #4).
+
+The learning, kill/resume and multi-process tests run real training on CPU, so they use a small
+deconvolution network: resnet18_cifar_deconv with one block per stage and 16-channel whitening
+blocks, at the digits' native 8x8 resolution.
+"""
+import csv
+import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import ModuleType
+from typing import Dict, List
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from PIL import Image
+
+from deconv_zoo.data import DigitsDataset, ResumableSampler
+from deconv_zoo.distributed import SyncDelinear, SyncFastDeconv, convert_sync_deconv
+from deconv_zoo.layers import Delinear, FastDeconv
+from deconv_zoo.training import LAST, TrainingStopped, atomic_save
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL_DECONV = ['--model', 'resnet18_cifar_deconv', '--model-kwargs', 'layers=(1,1,1,1)', "deconv_cfg={'block': 16}",
+                '--img-size', '8', '--no-progress', '--workers', '0']
+
+
+def load_script(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f'script_{name}', REPO / 'scripts' / f'{name}.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(autouse=True)
+def offline_caches(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = tmp_path_factory.mktemp('cache')
+    monkeypatch.setenv('TORCH_HOME', str(cache / 'torch'))
+    monkeypatch.setenv('HF_HOME', str(cache / 'hf'))
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+
+
+def script_env() -> Dict[str, str]:
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get('PYTHONPATH', '')]))
+
+
+def summary_rows(run_folder: Path) -> List[Dict[str, str]]:
+    with open(run_folder / 'summary.csv') as f:
+        return list(csv.DictReader(f))
+
+
+def state_dicts_equal(a: Dict[str, torch.Tensor], b: Dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+def test_digits_split_is_fixed_stratified_and_resized() -> None:
+    train, val = DigitsDataset('train', input_size=(3, 16, 16)), DigitsDataset('validation', input_size=(1, 8, 8))
+    assert (len(train), len(val)) == (1437, 360)
+    assert torch.equal(DigitsDataset('validation').targets, val.targets)
+    assert torch.bincount(val.targets).tolist() == [36, 36, 35, 37, 36, 37, 36, 36, 35, 36]
+    image, label = train[0]
+    assert image.shape == (3, 16, 16) and 0 <= image.min() and image.max() <= 1 and 0 <= label < 10
+    assert val[0][0].shape == (1, 8, 8)
+
+
+def test_resumable_sampler_continues_the_epoch_order() -> None:
+    data = list(range(50))
+    full = ResumableSampler(data, seed=3)
+    full.set_epoch(2)
+    resumed = ResumableSampler(data, seed=3)
+    resumed.set_epoch(2, skip=20)
+    assert list(resumed) == list(full)[20:] and len(resumed) == 30
+    other_epoch = ResumableSampler(data, seed=3)
+    other_epoch.set_epoch(3)
+    assert list(other_epoch) != list(full)
+
+
+# --------------------------------------------------------------------------------------- learning
+
+@pytest.mark.slow
+def test_deconv_model_learns_digits(tmp_path: Path) -> None:
+    """One epoch (23 steps of 64) on the real digits reaches >= 90% validation accuracy."""
+    train = load_script('train')
+    result = train.main(SMALL_DECONV + ['--epochs', '1', '--batch-size', '64', '--seed', '0',
+                                        '--output', str(tmp_path)])
+    assert result['top1'] >= 90.0, result
+    assert (Path(result['run_folder']) / 'summary.csv').is_file()
+
+
+def test_training_options_smoke(tmp_path: Path) -> None:
+    """bf16 autocast, channels_last, mixup with label smoothing, EMA, clipping and TensorBoard
+    together, on synthetic data (speed only, no claim about learning)."""
+    train = load_script('train')
+    result = train.main(SMALL_DECONV + [
+        '--dataset', 'synthetic', '--synthetic-size', '32', '--batch-size', '16', '--max-steps', '2',
+        '--amp', '--amp-dtype', 'bfloat16', '--channels-last', '--mixup', '0.2', '--smoothing', '0.1',
+        '--model-ema', '--clip-grad', '1', '--log-tensorboard', '--output', str(tmp_path), '--experiment', 'smoke'])
+    assert result['global_step'] == 2 and result['num_images'] == 8
+    assert any((tmp_path / 'smoke' / 'tensorboard').iterdir())
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+
+def test_atomic_save_keeps_the_previous_file_on_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / LAST
+    atomic_save({'step': 1}, str(path))
+
+    def failing_save(obj, f, *args, **kwargs):
+        f.write(b'partial checkpoint bytes')
+        raise OSError('disk full')
+
+    monkeypatch.setattr(torch, 'save', failing_save)
+    with pytest.raises(OSError, match='disk full'):
+        atomic_save({'step': 2}, str(path))
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True) == {'step': 1}
+    assert os.listdir(tmp_path) == [LAST]  # no temporary file left behind
+
+
+@pytest.mark.slow
+def test_non_finite_training_stops_and_keeps_the_last_checkpoint(tmp_path: Path) -> None:
+    """A huge learning rate blows the weights up after the first step; the run stops at step 1,
+    names the checkpoint written after step 1, and that checkpoint loads."""
+    train = load_script('train')
+    args = SMALL_DECONV + ['--lr', '1e30', '--clip-grad', '1', '--checkpoint-steps', '1', '--epochs', '1',
+                           '--batch-size', '32', '--train-limit', '128', '--val-limit', '32',
+                           '--output', str(tmp_path), '--experiment', 'blowup']
+    with pytest.raises(TrainingStopped) as stopped:
+        train.main(args)
+    last = tmp_path / 'blowup' / LAST
+    message = str(stopped.value)
+    assert 'stopped at step 1' in message and str(last) in message
+    assert 'non-finite' in message or 'FloatingPointError' in message
+    checkpoint = torch.load(last, weights_only=True)
+    assert checkpoint['global_step'] == 1 and checkpoint['step_in_epoch'] == 1
+    assert all(torch.isfinite(v).all() for v in checkpoint['state_dict'].values() if v.is_floating_point())
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path: Path) -> None:
+    """Kill a run with SIGKILL inside its first epoch, resume with --resume auto: the final
+    weights, EMA and optimizer state equal those of an uninterrupted run, bit for bit.
+
+    The uninterrupted and the killed run go side by side, one thread each (the same thread count
+    for every run, so that CPU kernels reduce in the same order)."""
+    command = [sys.executable, str(REPO / 'scripts' / 'train.py')] + SMALL_DECONV + [
+        '--epochs', '2', '--batch-size', '32', '--train-limit', '64', '--val-limit', '16', '--checkpoint-steps', '1',
+        '--model-ema', '--model-ema-decay', '0.9', '--seed', '7', '--resume', 'auto', '--output', str(tmp_path)]
+    env = dict(script_env(), OMP_NUM_THREADS='1', MKL_NUM_THREADS='1')
+    straight = subprocess.Popen(command + ['--experiment', 'straight'], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    killed = subprocess.Popen(command + ['--experiment', 'killed'], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = tmp_path / 'killed' / LAST
+    deadline = time.monotonic() + 120
+    while not last.exists() and killed.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert killed.returncode == -signal.SIGKILL, 'the run ended before it could be killed'
+    interrupted_at = torch.load(last, weights_only=True)
+    assert (interrupted_at['epoch'], interrupted_at['step_in_epoch']) == (0, 1)  # mid-epoch
+
+    subprocess.run(command + ['--experiment', 'killed'], check=True, env=env, capture_output=True)
+    assert straight.wait() == 0, straight.stderr.read().decode()[-3000:]
+    straight = torch.load(tmp_path / 'straight' / LAST, weights_only=True)
+    resumed = torch.load(last, weights_only=True)
+    assert resumed['global_step'] == straight['global_step'] == 4
+    assert state_dicts_equal(straight['state_dict'], resumed['state_dict'])
+    assert state_dicts_equal(straight['state_dict_ema'], resumed['state_dict_ema'])
+    for a, b in zip(straight['optimizer']['state'].values(), resumed['optimizer']['state'].values()):
+        assert torch.equal(a['momentum_buffer'], b['momentum_buffer'])
+    # One row per epoch, none repeated; the validation columns match (the resumed epoch's
+    # train_loss covers only the steps run after the resume).
+    columns = ('epoch', 'eval_top1', 'eval_top5', 'eval_loss')
+    killed_rows, straight_rows = summary_rows(tmp_path / 'killed'), summary_rows(tmp_path / 'straight')
+    assert [[row[c] for c in columns] for row in killed_rows] == [[row[c] for c in columns] for row in straight_rows]
+    assert [row['epoch'] for row in killed_rows] == ['0', '1']
+
+
+# ------------------------------------------------------------------------------------ distributed
+
+def _sync_layers() -> torch.nn.ModuleList:
+    torch.manual_seed(0)
+    return torch.nn.ModuleList([
+        FastDeconv(8, 16, 3, padding=1, block=4),
+        FastDeconv(8, 8, 1, stride=2, block=8),  # 1x1: pixel sampling across the process boundary
+        FastDeconv(8, 8, 3, padding=1, groups=2),
+        Delinear(32, 5, block=8),
+    ]).double()
+
+
+def _run_layers(layers: torch.nn.ModuleList, x: torch.Tensor) -> List[torch.Tensor]:
+    outputs = [layer(x) for layer in layers[:3]]
+    return outputs + [layers[3](x[:, :, :2, :2].reshape(len(x), -1))]
+
+
+def _sync_worker(rank: int, world_size: int, store: str, sizes: List[int], result_file: str) -> None:
+    dist.init_process_group('gloo', init_method=f'file://{store}', rank=rank, world_size=world_size)
+    torch.manual_seed(1)
+    batch = torch.randn(sum(sizes), 8, 7, 7, dtype=torch.float64)
+    start = sum(sizes[:rank])
+    part = batch[start:start + sizes[rank]].clone().requires_grad_()
+    layers = convert_sync_deconv(_sync_layers())
+    outputs = _run_layers(layers, part)
+    sum(out.square().sum() for out in outputs).backward()
+    grads = [p.grad.clone() for p in layers.parameters()]
+    for grad in grads:  # what DistributedDataParallel does (up to its 1/world_size)
+        dist.all_reduce(grad)
+    gathered = [None] * world_size
+    dist.all_gather_object(gathered, dict(outputs=[o.detach() for o in outputs], input_grad=part.grad))
+    if rank == 0:
+        torch.save(dict(parts=gathered, grads=grads, buffers=dict(layers.named_buffers()),
+                        classes=[type(layer) for layer in layers]), result_file)
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_sync_deconv_equals_one_process_on_the_concatenated_batch(tmp_path: Path) -> None:
+    sizes = [2, 3]  # unequal shares; 2*7*7 pixels is not a multiple of the 1x1 layer's sampling step
+    result_file = str(tmp_path / 'result.pt')
+    mp.spawn(_sync_worker, args=(2, str(tmp_path / 'store'), sizes, result_file), nprocs=2)
+    result = torch.load(result_file, weights_only=False)
+    assert result['classes'][:2] == [SyncFastDeconv, SyncFastDeconv] and result['classes'][3] is SyncDelinear
+
+    torch.manual_seed(1)
+    batch = torch.randn(sum(sizes), 8, 7, 7, dtype=torch.float64, requires_grad=True)
+    reference = _sync_layers()
+    outputs = _run_layers(reference, batch)
+    sum(out.square().sum() for out in outputs).backward()
+    for i, output in enumerate(outputs):
+        synced = torch.cat([part['outputs'][i] for part in result['parts']])
+        torch.testing.assert_close(synced, output.detach(), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(torch.cat([part['input_grad'] for part in result['parts']]), batch.grad,
+                               rtol=1e-9, atol=1e-9)
+    for synced, param in zip(result['grads'], reference.parameters()):
+        torch.testing.assert_close(synced, param.grad, rtol=1e-9, atol=1e-9)
+    for name, buffer in reference.named_buffers():
+        torch.testing.assert_close(result['buffers'][name], buffer, rtol=1e-12, atol=1e-12)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_train_under_torchrun_with_two_cpu_processes(tmp_path: Path) -> None:
+    command = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_addr', '127.0.0.1',
+               '--master_port', str(_free_port()), str(REPO / 'scripts' / 'train.py')] + SMALL_DECONV + [
+        '--sync-deconv', '--max-steps', '2', '--batch-size', '16', '--train-limit', '96', '--val-limit', '32',
+        '--output', str(tmp_path), '--experiment', 'ddp']
+    done = subprocess.run(command, env=script_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    checkpoint = torch.load(tmp_path / 'ddp' / LAST, weights_only=True)
+    assert checkpoint['global_step'] == 2 and checkpoint['args']['world_size'] == 2
+    assert len(checkpoint['rng']) == 2  # both processes' RNG states, for an exact resume
+    assert 'val_top1' in done.stderr + done.stdout
+
+
+# ------------------------------------------------------------------------------ validate, filters
+
+def _image_folder(root: Path) -> None:
+    rng = np.random.default_rng(0)
+    for label in ('cat', 'dog'):
+        folder = root / 'val' / label
+        folder.mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 255, (10, 10, 3), dtype=np.uint8)).save(folder / f'{i}.png')
+    (root / 'val' / 'dog' / 'corrupt.png').write_bytes(b'\x89PNG\r\n\x1a\n not really an image')
+
+
+def test_validate_writes_results_and_skips_corrupt_images(tmp_path: Path) -> None:
+    import timm
+    from safetensors.torch import save_file
+
+    _image_folder(tmp_path)
+    weights = tmp_path / 'model.safetensors'
+    save_file(timm.create_model('resnet18_cifar', num_classes=2).state_dict(), str(weights))
+    results_file = tmp_path / 'results.json'
+    load_script('validate').main([
+        '--model', 'resnet18_cifar', '--checkpoint', str(weights), '--dataset', 'folder', '--data-dir', str(tmp_path),
+        '--img-size', '8', '--workers', '0', '--batch-size', '4', '--results-file', str(results_file)])
+    results = json.loads(results_file.read_text())
+    assert results['model'] == 'resnet18_cifar' and results['tag'] == 'cifar10'
+    assert (results['dataset'], results['split']) == ('folder', 'validation')
+    assert (results['num_images'], results['num_skipped']) == (6, 1)
+    assert 0 <= results['top1'] <= results['top5'] == 100.0  # 2 classes: the top-5 always hits
+    assert results['loss'] > 0 and results['img_per_sec'] > 0
+    assert results['checkpoint'] == str(weights)
+    assert results['sha256'] == __import__('hashlib').sha256(weights.read_bytes()).hexdigest()
+
+
+def test_validate_digits_with_a_training_checkpoint(tmp_path: Path) -> None:
+    import timm
+
+    model = timm.create_model('resnet18_cifar')
+    checkpoint = tmp_path / 'ckpt.pth.tar'
+    atomic_save(dict(state_dict=model.state_dict(), state_dict_ema=model.state_dict(), epoch=0), str(checkpoint))
+    results = load_script('validate').main([
+        '--model', 'resnet18_cifar', '--checkpoint', str(checkpoint), '--use-ema', '--img-size', '8',
+        '--limit', '40', '--tag', 'digits'])
+    assert (results['dataset'], results['tag'], results['num_images'], results['num_skipped']) == ('digits', 'digits', 40, 0)
+
+
+@pytest.mark.parametrize('kind', ['effective', 'deconv'])
+def test_visualize_filters_writes_a_png(tmp_path: Path, kind: str) -> None:
+    output = tmp_path / f'{kind}.png'
+    load_script('visualize_filters').main(['--model', 'resnet18_cifar_deconv', '--kind', kind, '--zoom', '4',
+                                           '--output', str(output)])
+    with Image.open(output) as image:
+        assert image.format == 'PNG' and image.mode == 'RGB' and min(image.size) > 12
