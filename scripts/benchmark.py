@@ -12,6 +12,7 @@ and no eval cache (their layer refolds on every call).
     python scripts/benchmark.py --threads 2 --batch-size 64 --output benchmark.json
     python scripts/benchmark.py --pair densenet121_cifar_deconv:densenet121_cifar --batch-size 32
     python scripts/benchmark.py --device cuda --dtype bf16 --batch-size 128 --profile
+    python scripts/benchmark.py --suite cpu --threads 2 --freeze-iter 100  # issue #5's CPU rows
 
 Peak memory is the high-water mark of tensor memory allocated during one training step (from
 zeroed gradients to the optimizer step) above what existed before it (parameters, buffers,
@@ -342,6 +343,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--pair', default='resnet18_cifar_deconv:resnet18_cifar',
                         help='deconv_model:bn_model (any two timm or zoo model names)')
+    parser.add_argument('--suite', choices=sorted(SUITES), default=None,
+                        help="run the rows of issue #5's target table (their pair, batch, size, device and "
+                             "dtype override the options) and print the table")
     parser.add_argument('--deconv-kwargs', type=json.loads, default={},
                         help='JSON keyword arguments for the deconv model, e.g. \'{"deconv_cfg": {"n_iter": 3}}\'')
     parser.add_argument('--device', default='cpu', help='cpu, cuda, cuda:1, ...')
@@ -386,11 +390,9 @@ def build_runners(args: argparse.Namespace, device: torch.device) -> Dict[str, R
     return {role: Runner(name, model, args, device) for role, (name, model) in models.items()}
 
 
-def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
-    args = parse_args(argv)
+def run_case(args: argparse.Namespace) -> Dict[str, Any]:
+    """Time, measure and (with --profile) profile one model pair; print its table; return its report."""
     device = torch.device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     runners = build_runners(args, device)
 
     for runner in runners.values():
@@ -447,6 +449,62 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         profiles = {role: profile_step(runners[role]) for role in ('deconv', 'literal') if role in runners}
         print_profile(profiles)
         report['profile'] = {role: dict(step_ms=wall, parts=parts) for role, (wall, parts) in profiles.items()}
+    return report
+
+
+# The rows of issue #5's target table: the case's settings and its targets (train, eval, memory).
+SUITES: Dict[str, List[Tuple[Dict[str, Any], Tuple[float, float, float]]]] = {
+    'cpu': [
+        (dict(pair='resnet18_cifar_deconv:resnet18_cifar', batch_size=64), (1.5, 1.05, 1.3)),
+        (dict(pair='densenet121_cifar_deconv:densenet121_cifar', batch_size=32), (1.6, 1.05, 1.3)),
+        (dict(pair='mobilenetv2_cifar_deconv:mobilenetv2_cifar', batch_size=32), (1.6, 1.05, 1.3)),
+    ],
+    'cuda': [
+        (dict(pair='resnet18_cifar_deconv:resnet18_cifar', batch_size=128, device='cuda', dtype='bf16'),
+         (1.3, 1.05, 1.3)),
+        (dict(pair='resnet18_deconv:resnet18', batch_size=128, img_size=224, device='cuda', dtype='bf16'),
+         (1.15, 1.05, 1.2)),
+    ],
+}
+
+
+def print_suite_table(cases: List[Tuple[Dict[str, Any], Tuple[float, float, float]]],
+                      reports: List[Dict[str, Any]]) -> None:
+    """The target table as markdown: measured ratios (deconv/BN), the literal algorithm's, targets."""
+    print('\n| case | train deconv/BN (CPU time) | eval | peak memory | literal: train (CPU time) '
+          '| freeze schedule: train (CPU time) | targets | met |')
+    print('| --- | --- | --- | --- | --- | --- | --- | --- |')
+    for (settings, targets), report in zip(cases, reports):
+        config, ratios = report['config'], report['ratios']
+        ratio = ratios['deconv/bn']
+        literal = ratios.get('literal/bn')
+        schedule = ratios.get('freeze_schedule/bn')
+        measured = (ratio['train']['median'], ratio['eval']['median'], ratio['memory'])
+        met = ', '.join(f'{name} {"yes" if value <= target else "no"}'
+                        for name, value, target in zip(('train', 'eval', 'memory'), measured, targets))
+        case = (f"`{config['pair']}` {config['device']} {config['batch_size']}x{config['img_size']}px "
+                f"{config['dtype']}, {report['machine']['threads']} threads")
+        literal_cell = f"{literal['train']['median']:.2f} ({literal['train_cpu']['median']:.2f})" if literal else '-'
+        schedule_cell = f"{schedule['train']:.2f} ({schedule['train_cpu']:.2f})" if schedule else '-'
+        print(f"| {case} | {measured[0]:.2f} ({ratio['train_cpu']['median']:.2f}) | {measured[1]:.2f} "
+              f"| {measured[2]:.2f} | {literal_cell} | {schedule_cell} "
+              f"| {targets[0]} / {targets[1]} / {targets[2]} | {met} |")
+
+
+def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not args.suite:
+        report = run_case(args)
+    else:
+        cases = SUITES[args.suite]
+        reports = []
+        for settings, _ in cases:
+            print(f"\n== {settings['pair']} ==")
+            reports.append(run_case(argparse.Namespace(**dict(vars(args), **settings))))
+        print_suite_table(cases, reports)
+        report = dict(suite=args.suite, cases=reports)
     if args.output:
         with open(args.output, 'w') as f:
             json.dump(report, f, indent=2)

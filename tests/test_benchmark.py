@@ -1,4 +1,5 @@
 """scripts/benchmark.py runs end to end and writes its report (issue #5). No timing is asserted."""
+import importlib.util
 import json
 import subprocess
 import sys
@@ -35,3 +36,20 @@ def test_benchmark_smoke(tmp_path):
         for scope in ('covariance', 'newton_schulz', 'fold'):
             assert parts[f'{scope} forward'] > 0 and parts[f'{scope} backward'] > 0
         assert parts['convolution forward'] > 0 and parts['convolution backward'] > 0
+
+
+def test_suite_table_marks_targets(capsys):
+    spec = importlib.util.spec_from_file_location('benchmark', SCRIPT)
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+
+    def ratio(value):
+        return dict(median=value, min=value, max=value)
+
+    report = dict(config=dict(pair='a:b', device='cpu', batch_size=64, img_size=32, dtype='float32'),
+                  machine=dict(threads=2),
+                  ratios={'deconv/bn': dict(train=ratio(1.4), train_cpu=ratio(1.45), eval=ratio(1.2), memory=0.9)})
+    benchmark.print_suite_table([({}, (1.5, 1.05, 1.3))], [report])
+    row = capsys.readouterr().out.strip().splitlines()[-1]
+    assert row.startswith('| `a:b` cpu 64x32px float32, 2 threads | 1.40 (1.45) | 1.20 | 0.90 | - | - |')
+    assert row.endswith('| train yes, eval no, memory yes |')
