@@ -15,11 +15,15 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 UNUSED_PARAMS = {'preact_resnet18_cifar': ('bn1.',)}
 
 
+# Deep models whose paper-size whitening (576-wide Newton-Schulz in every layer) would take
+# minutes per step on 2 cores: their training test uses 16-channel blocks, same code paths.
+CHEAP_WHITENING = dict(deconv_cfg=dict(block=16))
+HEAVY = {n for n in ALL_MODELS if n.startswith(('dpn92', 'densenet121')) or not n.endswith(('_cifar', '_cifar_deconv'))}
+
+
 def _input_size(name: str, batch: int = 2):
-    """A small input: CIFAR models at their native 32x32, ImageNet models at 64x64."""
-    cfg = timm.models.get_pretrained_cfg(name)
-    size = 32 if cfg.input_size[-1] <= 32 else 64
-    return batch, 3, size, size
+    """A small input: 32x32 (the CIFAR size; every ImageNet model still has a 1x1 map there)."""
+    return batch, 3, 32, 32
 
 
 def test_models_are_registered():
@@ -29,16 +33,16 @@ def test_models_are_registered():
     assert not any(n.startswith('test_') for n in ALL_MODELS)
 
 
-@pytest.mark.parametrize('name', ALL_MODELS)
+@pytest.mark.parametrize('name', [pytest.param(n, marks=pytest.mark.slow) if n in HEAVY else n for n in ALL_MODELS])
 def test_train_steps_then_eval(name):
     """A few SGD steps in train mode, then eval: finite everywhere; every parameter learns."""
     torch.manual_seed(0)
-    model = timm.create_model(name, num_classes=5)
+    model = timm.create_model(name, num_classes=5, **(CHEAP_WHITENING if name in HEAVY else {}))
     x = torch.randn(*_input_size(name))
     target = torch.tensor([0, 3])
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     model.train()
-    for _ in range(3):
+    for _ in range(2):
         optimizer.zero_grad()
         out = model(x)
         assert out.shape == (2, 5)
@@ -78,8 +82,12 @@ def test_timm_model_api(name):
         model.reset_classifier(7)
         assert model(x).shape == (2, 7)
         assert model.get_classifier() is model.get_submodule(cfg['classifier'])
-    for key in ('input_size', 'mean', 'std', 'crop_pct', 'license', 'paper_ids'):
+        unpooled = timm.create_model(name, num_classes=0, global_pool='').eval()
+        assert unpooled(x).dim() == 4
+    for key in ('input_size', 'mean', 'std', 'crop_pct', 'license'):
         assert cfg.get(key), key
+    # Paper-trained tags cite the paper; converted batch-norm tags say what they are instead.
+    assert cfg.get('paper_ids') or 'converted' in cfg.get('description', ''), cfg
 
 
 @pytest.mark.parametrize('name', ALL_MODELS)

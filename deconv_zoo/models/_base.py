@@ -24,7 +24,8 @@ class DeconvNet(nn.Module):
     """Base of the zoo's classification networks.
 
     Subclasses call ``_init_head`` at the end of ``__init__`` and implement ``feature_levels``
-    (one callable per entry of ``feature_info``); they may override ``forward_final``.
+    (one callable per entry of ``feature_info``) and ``group_matcher``; they may override
+    ``forward_final``. ``global_pool=''`` keeps the map unpooled (4-D), as in timm.
     """
     classifier_name: str = 'linear'
 
@@ -41,7 +42,7 @@ class DeconvNet(nn.Module):
         self.drop_rate = drop_rate
         self.grad_checkpointing = False
         self._classifier_args = dict(classifier_args or {})
-        self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
+        self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
         setattr(self, self.classifier_name, create_classifier(
             num_features * self.global_pool.feat_mult(), num_classes, **self._classifier_args))
 
@@ -52,11 +53,6 @@ class DeconvNet(nn.Module):
     def forward_final(self, x: Tensor) -> Tensor:
         """What follows the last level inside ``forward_features`` (final norm, ChannelDeconv)."""
         return x
-
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
-        stem, *stages = [info['module'] for info in self.feature_info]
-        return dict(stem=rf'^{stem}', blocks=[(rf'^{s}\.(\d+)' if not coarse else rf'^{s}', None) for s in stages])
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -70,7 +66,7 @@ class DeconvNet(nn.Module):
         """New classifier (a fresh Delinear, statistics included, when the model uses one)."""
         self.num_classes = num_classes
         if global_pool is not None:
-            self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
+            self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
         in_features = self.num_features * self.global_pool.feat_mult()
         setattr(self, self.classifier_name, create_classifier(in_features, num_classes, **self._classifier_args))
 
