@@ -211,12 +211,19 @@ class CheckpointManager:
             state[self.loss_scaler.state_dict_key] = self.loss_scaler.state_dict()
         return state
 
+    def stopped(self, position: TrainPosition, reason: str) -> TrainingStopped:
+        """The error that ends a run at ``position``, naming the last good checkpoint."""
+        last = self.last_saved or 'none written yet'
+        return TrainingStopped(
+            f'training stopped at step {position.global_step} (epoch {position.epoch}, batch '
+            f'{position.step_in_epoch}): {reason}. Last good checkpoint: {last} (saved checkpoints are untouched).')
+
     def _write(self, position: TrainPosition, metric: Optional[float]) -> Optional[Dict[str, Any]]:
         if not _params_finite(self.model):
-            raise TrainingStopped(
-                f'parameters became non-finite by step {position.global_step}; no checkpoint written')
+            raise self.stopped(position, 'parameters became non-finite; no checkpoint written')
         rng = _all_rng_states(self.distributed)
         if not self.is_primary:
+            self.last_saved = self.last_path
             return None
         state = self._state(position, metric, rng)
         atomic_save(state, self.last_path)
@@ -318,12 +325,6 @@ class Trainer:
     def reached_max_steps(self, position: TrainPosition) -> bool:
         return self.max_steps is not None and position.global_step >= self.max_steps
 
-    def _stop(self, position: TrainPosition, reason: str) -> TrainingStopped:
-        last = self.checkpoints.last_saved or 'none written yet'
-        return TrainingStopped(
-            f'training stopped at step {position.global_step} (epoch {position.epoch}, batch '
-            f'{position.step_in_epoch}): {reason}. Last good checkpoint: {last} (saved checkpoints are untouched).')
-
     def _forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> Tuple[Optional[torch.Tensor], str]:
         """Loss of one batch, or (None, reason) when it is not finite on any process."""
         reason = ''
@@ -377,7 +378,7 @@ class Trainer:
                     inputs = inputs.contiguous(memory_format=torch.channels_last)
                 loss, reason = self._forward(inputs, targets)
                 if loss is None:
-                    raise self._stop(position, reason)
+                    raise self.checkpoints.stopped(position, reason)
                 self._backward_step(loss)
                 position.step_in_epoch += 1
                 position.global_step += 1
@@ -395,14 +396,8 @@ class Trainer:
                     break
                 if self.checkpoint_steps and position.global_step % self.checkpoint_steps == 0 \
                         and position.step_in_epoch < steps_per_epoch:
-                    self._save_step(position)
+                    self.checkpoints.save_step(position)
         return dict(loss=self._mean_over_processes(loss_meter))
-
-    def _save_step(self, position: TrainPosition) -> None:
-        try:
-            self.checkpoints.save_step(position)
-        except TrainingStopped as error:
-            raise self._stop(position, str(error)) from None
 
     def _mean_over_processes(self, meter: AverageMeter) -> float:
         if not self.distributed:

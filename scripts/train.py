@@ -93,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument('--crop-pct', type=float, default=None, help='eval centre-crop fraction (default: model)')
     group.add_argument('--batch-size', '-b', type=int, help='batch size per process' + recipe_note)
     group.add_argument('--validation-batch-size', type=int, default=None, help='default: --batch-size')
-    group.add_argument('--drop-last', action='store_true', help='drop the last incomplete training batch')
+    group.add_argument('--drop-last', action='store_true',
+                       help='drop the last incomplete training batch (always with mixup/cutmix)')
 
     group = parser.add_argument_group('augmentation')
     group.add_argument('--crop-padding', type=int,
@@ -139,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument('--channels-last', action='store_true', help='channels_last memory format')
     group.add_argument('--compile', nargs='?', const='inductor', default=None, metavar='BACKEND',
                        help='torch.compile the model (default backend: inductor)')
-    group.add_argument('--model-ema', action='store_true', help='keep an EMA of the weights (timm ModelEmaV3)')
+    group.add_argument('--model-ema', action='store_true',
+                       help='keep an EMA of the weights (timm ModelEmaV3); validation and best use it')
     group.add_argument('--model-ema-decay', type=float, default=0.9998, help='EMA decay')
     group.add_argument('--model-ema-warmup', action='store_true', help='EMA decay warm-up')
     group.add_argument('--model-ema-force-cpu', action='store_true', help='keep the EMA on the CPU')
@@ -257,11 +259,12 @@ def _train(args: argparse.Namespace, device: torch.device, primary: bool) -> Dic
 
     in_memory = args.dataset in (DIGITS, SYNTHETIC)
     workers = 0 if in_memory else args.workers
+    mixup_active = args.mixup > 0 or args.cutmix > 0
+    drop_last = args.drop_last or mixup_active  # timm's Mixup needs even batches
     train_set = PerSampleSeed(train_set, args.seed)
     sampler = ResumableSampler(train_set, args.world_size, args.rank, shuffle=True, seed=args.seed,
-                               drop_last=args.drop_last)
-    train_loader = create_data_loader(train_set, args.batch_size, sampler, workers, args.pin_mem,
-                                      drop_last=args.drop_last)
+                               drop_last=drop_last)
+    train_loader = create_data_loader(train_set, args.batch_size, sampler, workers, args.pin_mem, drop_last=drop_last)
     val_loader = create_data_loader(val_set, args.validation_batch_size or args.batch_size,
                                     ShardSampler(val_set, args.world_size, args.rank), workers, args.pin_mem)
     steps_per_epoch = len(train_loader)
@@ -285,9 +288,9 @@ def _train(args: argparse.Namespace, device: torch.device, primary: bool) -> Dic
     checkpoints = CheckpointManager(
         run_folder, model, optimizer, scheduler, loss_scaler, model_ema, args=vars(args), arch=args.model,
         every_epochs=args.checkpoint_every, distributed=args.distributed, is_primary=primary)
-    criterion = create_classification_loss(smoothing=args.smoothing, soft_targets=args.mixup > 0 or args.cutmix > 0)
+    criterion = create_classification_loss(smoothing=args.smoothing, soft_targets=mixup_active)
     mixup_fn = None
-    if args.mixup > 0 or args.cutmix > 0:
+    if mixup_active:
         mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, prob=args.mixup_prob,
                          switch_prob=args.mixup_switch_prob, mode=args.mixup_mode, label_smoothing=args.smoothing,
                          num_classes=num_classes)
