@@ -46,7 +46,13 @@ def float32_statistics(x: Tensor) -> Iterator[Tensor]:
 
 def in_backward_recompute() -> bool:
     """True while autograd re-runs a forward for gradient checkpointing; the running
-    statistics must not be updated twice for one training step."""
+    statistics must not be updated twice for one training step.
+
+    False while torch.compile traces: a compiled graph recomputes checkpointed regions inside
+    its own backward and never re-runs this Python (and the query would break the graph).
+    """
+    if torch.compiler.is_compiling():
+        return False
     return torch._C._current_graph_task_id() != -1
 
 

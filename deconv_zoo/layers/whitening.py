@@ -118,8 +118,8 @@ def _one_cpu_thread() -> Iterator[None]:
     of small matrix-vector steps; with several threads each ends in a barrier, and on a busy
     machine the waits cost far more than the split saves (eigh of 576 x 576 on the 2-core VM
     under load: 2 threads 600 ms, 1 thread 80 ms)."""
-    threads = torch.get_num_threads()
-    if threads == 1 or torch.compiler.is_compiling():
+    threads = 1 if torch.compiler.is_compiling() else torch.get_num_threads()
+    if threads == 1:
         yield
         return
     torch.set_num_threads(1)
