@@ -11,6 +11,9 @@ os.environ['HF_HUB_OFFLINE'] = '1'
 os.environ.setdefault('HF_HOME', os.path.join(_CACHE_ROOT, 'hf'))
 os.environ.setdefault('TORCH_HOME', os.path.join(_CACHE_ROOT, 'torch'))
 os.environ.pop('DECONV_ZOO_HUB_ORG', None)
+# Scripts run in subprocesses import this checkout, installed or not.
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+os.environ['PYTHONPATH'] = os.pathsep.join(p for p in (_REPO, os.environ.get('PYTHONPATH')) if p)
 
 import deconv_zoo  # noqa: E402  (registers the models with timm)
 

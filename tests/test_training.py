@@ -49,10 +49,6 @@ def offline_caches(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest
     monkeypatch.setenv('HF_HUB_OFFLINE', '1')
 
 
-def script_env() -> Dict[str, str]:
-    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get('PYTHONPATH', '')]))
-
-
 def summary_rows(run_folder: Path) -> List[Dict[str, str]]:
     with open(run_folder / 'summary.csv') as f:
         return list(csv.DictReader(f))
@@ -157,7 +153,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path: Path) -> None:
     command = [sys.executable, str(REPO / 'scripts' / 'train.py')] + SMALL_DECONV + [
         '--epochs', '2', '--batch-size', '32', '--train-limit', '64', '--val-limit', '16', '--checkpoint-steps', '1',
         '--model-ema', '--model-ema-decay', '0.9', '--seed', '7', '--resume', 'auto', '--output', str(tmp_path)]
-    env = dict(script_env(), OMP_NUM_THREADS='1', MKL_NUM_THREADS='1')
+    env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1')
     straight = subprocess.Popen(command + ['--experiment', 'straight'], env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     killed = subprocess.Popen(command + ['--experiment', 'killed'], env=env,
@@ -262,7 +258,7 @@ def test_train_under_torchrun_with_two_cpu_processes(tmp_path: Path) -> None:
                '--master_port', str(_free_port()), str(REPO / 'scripts' / 'train.py')] + SMALL_DECONV + [
         '--sync-deconv', '--max-steps', '2', '--batch-size', '16', '--train-limit', '96', '--val-limit', '32',
         '--output', str(tmp_path), '--experiment', 'ddp']
-    done = subprocess.run(command, env=script_env(), capture_output=True, text=True, timeout=300)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     checkpoint = torch.load(tmp_path / 'ddp' / LAST, weights_only=True)
     assert checkpoint['global_step'] == 2 and checkpoint['args']['world_size'] == 2
