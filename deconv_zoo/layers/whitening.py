@@ -26,8 +26,7 @@ applied to the eigenvalues of ONE symmetric eigendecomposition (``newton_schulz_
 of about 36 matrix products forward and backward. The ``deconv::*`` profiler scopes name the
 parts for ``scripts/benchmark.py --profile``.
 """
-from contextlib import contextmanager
-from typing import Iterator, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -112,23 +111,6 @@ def newton_schulz_polynomial(mu: Tensor, n_iter: int) -> Tuple[Tensor, Tensor]:
     return z, dz
 
 
-@contextmanager
-def _one_cpu_thread() -> Iterator[None]:
-    """Run the enclosed CPU ops on one thread. LAPACK's reduction to tridiagonal form is a chain
-    of small matrix-vector steps; with several threads each ends in a barrier, and on a busy
-    machine the waits cost far more than the split saves (eigh of 576 x 576 on the 2-core VM
-    under load: 2 threads 600 ms, 1 thread 80 ms)."""
-    threads = 1 if torch.compiler.is_compiling() else torch.get_num_threads()
-    if threads == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 class _NewtonSchulzEigh(torch.autograd.Function):
     """newton_schulz_iteration(A, n) evaluated through A = U diag(lambda) U^T.
 
@@ -145,8 +127,7 @@ class _NewtonSchulzEigh(torch.autograd.Function):
     @staticmethod
     def forward(ctx, cov: Tensor, n_iter: int) -> Tensor:
         norm = torch.linalg.matrix_norm(cov, keepdim=True)
-        with _one_cpu_thread():
-            eigenvalues, u = torch.linalg.eigh(cov)
+        eigenvalues, u = torch.linalg.eigh(cov)
         mu = eigenvalues / norm[..., 0]
         p, divided = newton_schulz_polynomial(mu, n_iter)
         ctx.save_for_backward(u, mu, p, divided, norm)
