@@ -7,7 +7,10 @@ from typing import List
 import timm
 
 from . import layers, models
+from .loading import install_hub_error_messages
 from .weights import NoPublishedWeightsError
+
+install_hub_error_messages()  # timm's hf-hub: config.json fetch, before any zoo code runs
 
 __all__ = ['list_models', 'NoPublishedWeightsError', 'layers', 'models']
 

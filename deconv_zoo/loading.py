@@ -12,12 +12,13 @@ model and passes ``filter_pretrained_state_dict`` as timm's ``pretrained_filter_
    checkpoint that does not fit the model, listing the keys.
 """
 import dataclasses
+import functools
 import hashlib
 import logging
 import os
 import zipfile
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Set, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Set, Tuple
 
 import huggingface_hub.constants
 import torch
@@ -25,6 +26,7 @@ import torch.nn as nn
 from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 from safetensors import SafetensorError, safe_open
+from timm.models import _factory as timm_factory
 from timm.models import get_model_traits
 from timm.models._builder import resolve_pretrained_cfg
 from timm.models._hub import hf_split
@@ -38,7 +40,7 @@ from .weights import (
 
 __all__ = ['resolve_pretrained_source', 'fetch_hub_weights', 'verify_weights_file', 'file_sha256',
            'filter_pretrained_state_dict', 'StateDictMismatch', 'compare_state_dict', 'optional_state_keys',
-           'gray_whitening']
+           'gray_whitening', 'install_hub_error_messages']
 
 _logger = logging.getLogger(__name__)
 
@@ -90,6 +92,37 @@ def _listed_sha256(hf_hub_id: str) -> Optional[str]:
     return published.sha256 if published else None
 
 
+def _not_cached_message(hf_hub_id: str, files: List[str], cache_dir: Optional[str] = None) -> str:
+    repo_id, _ = hf_split(hf_hub_id)
+    cache = cache_dir or huggingface_hub.constants.HF_HUB_CACHE
+    return (f"{' or '.join(files)} of Hub repo '{hf_hub_id}' not in the local Hugging Face cache ({cache}) "
+            f"and the Hub cannot be reached (HF_HUB_OFFLINE=1 or no network). Fix: run once with network "
+            f"access (unset HF_HUB_OFFLINE), or on a connected machine run `hf download {repo_id}` and copy its "
+            f"cache here (or point HF_HUB_CACHE at it), or load a local file with "
+            f"pretrained_cfg_overlay=dict(file='/path/to/model.safetensors').")
+
+
+def _explain_config_cache_misses(load_config: Callable) -> Callable:
+    """Wrap timm's reader of a Hub repo's config.json so that an offline cache miss on an
+    ``hf-hub:`` model name names the repo and the fix (huggingface_hub's own message names neither)."""
+    @functools.wraps(load_config)
+    def load_model_config_from_hf(model_id: str, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return load_config(model_id, *args, **kwargs)
+        except WeightsNotCachedError:
+            raise
+        except LocalEntryNotFoundError as e:
+            raise WeightsNotCachedError(_not_cached_message(model_id, ['config.json'], kwargs.get('cache_dir'))) from e
+    load_model_config_from_hf.__wrapped_by_deconv_zoo__ = True
+    return load_model_config_from_hf
+
+
+def install_hub_error_messages() -> None:
+    """Make timm.create_model('hf-hub:...') report offline cache misses clearly (idempotent)."""
+    if not getattr(timm_factory.load_model_config_from_hf, '__wrapped_by_deconv_zoo__', False):
+        timm_factory.load_model_config_from_hf = _explain_config_cache_misses(timm_factory.load_model_config_from_hf)
+
+
 def fetch_hub_weights(hf_hub_id: str, filename: Optional[str] = None, cache_dir: Optional[str] = None) -> str:
     """Local path of a Hub repo's weights (``filename``, else model.safetensors, else pytorch_model.bin).
 
@@ -107,13 +140,7 @@ def fetch_hub_weights(hf_hub_id: str, filename: Optional[str] = None, cache_dir:
         except EntryNotFoundError:  # the Hub says the repo has no such file: try the next name
             continue
     if not_cached:
-        cache = cache_dir or huggingface_hub.constants.HF_HUB_CACHE
-        raise WeightsNotCachedError(
-            f"Weights of Hub repo '{hf_hub_id}' ({' or '.join(not_cached)}) are not in the local Hugging Face "
-            f"cache ({cache}) and the Hub cannot be reached (HF_HUB_OFFLINE=1 or no network). Fix: run once "
-            f"with network access (unset HF_HUB_OFFLINE), or on a connected machine run "
-            f"`hf download {repo_id}` and copy its cache here (or point HF_HUB_CACHE at it), or load a local "
-            f"file with pretrained_cfg_overlay=dict(file='/path/to/model.safetensors').")
+        raise WeightsNotCachedError(_not_cached_message(hf_hub_id, not_cached, cache_dir))
     raise CorruptWeightsError(f"Hub repo '{hf_hub_id}' has none of the weight files {list(candidates)}.")
 
 

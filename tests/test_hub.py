@@ -250,6 +250,9 @@ def test_cache_miss_offline_names_repo_and_fix(hf_cache):
     with pytest.raises(WeightsNotCachedError, match=f"'{REPO_ID}'.*HF_HUB_OFFLINE.*hf download {REPO_ID}") as info:
         timm.create_model(NAME, pretrained=True, hub_org=ORG)
     assert isinstance(info.value, LocalEntryNotFoundError)  # still caught by huggingface_hub handlers
+    # An hf-hub: name fails earlier, in timm, on the repo's config.json.
+    with pytest.raises(WeightsNotCachedError, match=f"config.json of Hub repo '{REPO_ID}'.*hf download {REPO_ID}"):
+        timm.create_model(f'hf-hub:{REPO_ID}', pretrained=True)
 
 
 def test_truncated_safetensors_is_named(cached_repo, published, tmp_path):
