@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile, record_function
 
 import deconv_zoo  # noqa: F401  (registers the zoo's models with timm)
-from deconv_zoo.layers import Delinear, FastDeconv
+from deconv_zoo.layers import Delinear, FastDeconv, set_finite_checks
 from deconv_zoo.layers._stats import FoldCache
 
 AMP_DTYPES = {'float32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
@@ -384,9 +384,7 @@ def build_runners(args: argparse.Namespace, device: torch.device) -> Dict[str, R
         models['frozen'] = (f'{deconv_name} (frozen step)', frozen_copy(deconv_model, args.freeze_iter))
     if args.no_finite_check or args.compile:
         for _, model in models.values():
-            for module in model.modules():
-                if hasattr(module, 'check_finite'):
-                    module.check_finite = False
+            set_finite_checks(model, False)
     return {role: Runner(name, model, args, device) for role, (name, model) in models.items()}
 
 

@@ -300,7 +300,9 @@ def _train(args: argparse.Namespace, device: torch.device, primary: bool) -> Dic
         train_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device] if device.type == 'cuda' else None)
     if args.compile:
-        train_model = torch.compile(train_model, backend=args.compile)
+        # Static shapes: a batch of another size recompiles instead of switching to dynamic shapes,
+        # under which inductor fails on the deconvolution's strided im2col (torch 2.14).
+        train_model = torch.compile(train_model, backend=args.compile, dynamic=False)
     trainer = Trainer(
         train_model, optimizer, criterion.to(device), device, checkpoints, scheduler=scheduler,
         loss_scaler=loss_scaler, amp_autocast=amp_autocast, model_ema=model_ema, mixup_fn=mixup_fn,

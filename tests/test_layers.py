@@ -25,13 +25,15 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
+
 # Relative error (max norm) allowed against the float64 oracle, by the layer's dtype.
 TOL = {torch.float64: 1e-8, torch.float32: 1e-4}
 
 
 def assert_rel(actual, expected, tol):
     """max |actual - expected| <= tol * max |expected|."""
-    err = (actual.double() - expected.double()).abs().max().item()
+    err = (actual.detach().cpu().double() - expected.detach().cpu().double()).abs().max().item()
     scale = expected.double().abs().max().item()
     assert err <= tol * scale, f'relative error {err / scale:.3g} exceeds {tol:g}'
 
@@ -92,9 +94,13 @@ ORACLE_CASES = {
 
 
 @pytest.mark.filterwarnings('ignore:.*(does not divide|is larger than)')
+@pytest.mark.parametrize('device', ['cpu', pytest.param('cuda', marks=requires_cuda)])
 @pytest.mark.parametrize('dtype', [torch.float64, torch.float32], ids=['f64', 'f32'])
 @pytest.mark.parametrize('case', ORACLE_CASES.values(), ids=ORACLE_CASES.keys())
-def test_layer_matches_oracle(case, dtype):
+def test_layer_matches_oracle(case, dtype, device, monkeypatch):
+    """Train steps (output, input and parameter gradients, running statistics), then eval, against
+    the float64 oracle on CPU. On CUDA the layer takes its GPU route (Newton-Schulz products)."""
+    monkeypatch.setattr(torch.backends.cudnn, 'allow_tf32', False)  # TF32 convolutions miss 1e-4
     """Two training steps (output, input and parameter gradients, running statistics), then an
     eval step, of the layer in ``dtype`` against the float64 oracle holding the same state."""
     layer_cls, kwargs, shape = case
@@ -102,18 +108,19 @@ def test_layer_matches_oracle(case, dtype):
     layer = layer_cls(**kwargs).to(dtype)
     oracle = ORACLE_OF[layer_cls](**kwargs).double()
     oracle.load_state_dict(layer.state_dict())
+    layer.to(device)
     tol = TOL[dtype]
     for step, training in enumerate((True, True, False)):
         layer.train(training)
         oracle.train(training)
         x = random_input(shape, seed=step)
-        x_layer = x.to(dtype, copy=True).requires_grad_()
+        x_layer = x.to(device, dtype, copy=True).requires_grad_()
         x_oracle = x.requires_grad_()
         out, expected = layer(x_layer), oracle(x_oracle)
         assert out.dtype == dtype
         assert_rel(out, expected, tol)
         upstream = torch.randn(expected.shape, generator=torch.Generator().manual_seed(10 + step), dtype=torch.float64)
-        (out * upstream.to(dtype)).sum().backward()
+        (out * upstream.to(device, dtype)).sum().backward()
         (expected * upstream).sum().backward()
         assert_rel(x_layer.grad, x_oracle.grad, tol)
         oracle_params = dict(oracle.named_parameters())

@@ -83,6 +83,18 @@ def _count_optimizer_step(*_) -> None:
 register_optimizer_step_post_hook(_count_optimizer_step)
 
 
+def set_finite_checks(model: torch.nn.Module, enabled: bool) -> torch.nn.Module:
+    """Turn the non-finite check of every deconvolution layer in ``model`` on or off.
+
+    The check reads a value back from the device; off, a training step has no host sync, so it can
+    be captured whole by CUDA graphs or compiled with ``fullgraph=True``. Returns ``model``.
+    """
+    for module in model.modules():
+        if hasattr(module, 'check_finite'):
+            module.check_finite = enabled
+    return model
+
+
 class FoldCache:
     """Folded (weight, bias) of an eval-mode layer, valid while its inputs are unchanged.
 

@@ -1,0 +1,109 @@
+"""Deconv models under torch.compile and on CUDA (issue #2, section 1; issue #5).
+
+CI has no GPU: the CUDA tests skip there and run wherever a device is present. The layers'
+CUDA route is also checked against the oracle in test_layers.py::test_layer_matches_oracle.
+"""
+import copy
+from typing import Dict, Tuple
+
+import pytest
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from deconv_zoo.layers import set_finite_checks
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
+
+
+def small_deconv_model() -> nn.Module:
+    """resnet18_cifar_deconv cut to one block per stage, with whitening blocks of 16 channels."""
+    torch.manual_seed(0)
+    return timm.create_model('resnet18_cifar_deconv', layers=(1, 1, 1, 1), deconv_cfg={'block': 16}, num_classes=10)
+
+
+def train_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """Loss and parameter gradients of one training step (no optimizer: the gradients are compared)."""
+    model.zero_grad(set_to_none=True)
+    loss = F.cross_entropy(model(x), target)
+    loss.backward()
+    # A compiled module names its parameters '_orig_mod.<name>'.
+    return loss.detach(), {name.removeprefix('_orig_mod.'): p.grad.clone() for name, p in model.named_parameters()}
+
+
+def assert_close_state(a: nn.Module, b: nn.Module, rtol: float, atol: float) -> None:
+    b_state = b.state_dict()
+    for key, value in a.state_dict().items():
+        torch.testing.assert_close(value, b_state[key], rtol=rtol, atol=atol, msg=lambda m: f'{key}: {m}')
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
+
+
+@pytest.mark.slow
+def test_compiled_training_step_matches_eager_on_cpu():
+    """fullgraph=True compiles a whole training step, statistics and their running update included;
+    loss, running statistics and the eval output equal eager's to float32 rounding.
+
+    Known gap: the gradients of the first two stages differ from eager by about 5e-3 relative
+    (eager float32 is within 1e-5 of float64). Traced to inductor's decompositions (the
+    aot_eager backend is exact); the bound below pins it so that it cannot grow unnoticed."""
+    eager = small_deconv_model()
+    compiled_model = set_finite_checks(copy.deepcopy(eager), False)
+    compiled = torch.compile(compiled_model, fullgraph=True, dynamic=False)
+    x = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    target = torch.arange(8) % 10
+    loss, grads = train_step(eager, x, target)
+    loss_c, grads_c = train_step(compiled, x, target)
+    torch.testing.assert_close(loss_c, loss, rtol=1e-4, atol=1e-5)
+    for name, grad in grads.items():
+        assert relative_error(grads_c[name], grad) < 2e-2, name
+    assert relative_error(grads_c['linear.weight'], grads['linear.weight']) < 1e-4
+    assert_close_state(compiled_model, eager, rtol=1e-4, atol=1e-6)
+    eager.eval()
+    compiled_model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), eager(x), rtol=1e-4, atol=1e-5)
+
+
+@requires_cuda
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16], ids=['fp16', 'bf16'])
+def test_cuda_autocast_training_keeps_statistics_in_float32(dtype):
+    """Under CUDA autocast the convolutions run in half precision while statistics and
+    Newton-Schulz stay float32: buffers are float32 and close to a float32 run, outputs finite."""
+    reference = small_deconv_model().cuda()
+    amp = copy.deepcopy(reference)
+    x = torch.randn(16, 3, 16, 16, device='cuda', generator=torch.Generator('cuda').manual_seed(1))
+    target = torch.arange(16, device='cuda') % 10
+    for _ in range(3):
+        loss, _ = train_step(reference, x, target)
+        with torch.autocast('cuda', dtype=dtype):
+            loss_amp, grads_amp = train_step(amp, x, target)
+        assert torch.isfinite(loss_amp) and all(torch.isfinite(g).all() for g in grads_amp.values())
+        torch.testing.assert_close(loss_amp, loss, rtol=5e-2, atol=5e-2)
+    reference_state = reference.state_dict()
+    for key, value in amp.state_dict().items():
+        assert value.dtype == reference_state[key].dtype, key
+        if key.endswith(('running_mean', 'running_deconv')):
+            torch.testing.assert_close(value, reference_state[key], rtol=5e-2, atol=5e-2, msg=lambda m: f'{key}: {m}')
+    amp.eval()
+    with torch.no_grad(), torch.autocast('cuda', dtype=dtype):
+        assert torch.isfinite(amp(x)).all()
+
+
+@requires_cuda
+def test_cuda_graphs_training_step_matches_eager():
+    """torch.compile(mode='reduce-overhead') replays a CUDA graph of the training step; with the
+    finite checks off nothing syncs, and repeated steps track eager's loss and statistics."""
+    eager = small_deconv_model().cuda()
+    graphed_model = set_finite_checks(copy.deepcopy(eager), False)
+    graphed = torch.compile(graphed_model, mode='reduce-overhead', fullgraph=True, dynamic=False)
+    x = torch.randn(16, 3, 16, 16, device='cuda', generator=torch.Generator('cuda').manual_seed(1))
+    target = torch.arange(16, device='cuda') % 10
+    for _ in range(3):
+        loss, _ = train_step(eager, x, target)
+        loss_g, _ = train_step(graphed, x, target)
+        torch.testing.assert_close(loss_g, loss, rtol=1e-3, atol=1e-4)
+    assert_close_state(graphed_model, eager, rtol=1e-3, atol=1e-5)
