@@ -310,6 +310,50 @@ def profile_step(runner: Runner) -> Tuple[float, Dict[str, float]]:
     return wall, dict(parts)
 
 
+def count_deconv_macs(model: nn.Module, batch_size: int, input_size: Tuple[int, int, int]) -> Dict[str, float]:
+    """Multiply-adds (GMAC) of one training batch's convolutions and of the work every FastDeconv
+    adds to them, counted from the layer shapes: the covariance product over the sampled patches
+    (full product; the layer computes part of it forward and one product of that size backward),
+    the fold of the whitening into the weight (forward; backward is twice that) and the nf^3 of one
+    whitening-matrix product, summed over layers."""
+    totals = dict(conv=0.0, covariance=0.0, fold=0.0, whitening_product=0.0)
+
+    def count(layer: FastDeconv, inputs: Tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        _, channels, height, width = inputs[0].shape
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = layer.kernel_size, layer.sampling_stride, layer.padding, layer.dilation
+        if (kh, kw) == (1, 1):
+            samples = -(-batch_size * height * width // (sh * sw))
+        else:
+            rows = (height + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+            cols = (width + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+            samples = batch_size * rows * cols
+        nf = layer.num_features
+        matrices = layer.groups if layer.groups > 1 else 1
+        samples_per_matrix = samples if layer.groups > 1 else samples * channels // layer.block
+        totals['conv'] += batch_size * output.shape[2] * output.shape[3] * layer.weight.numel()
+        totals['covariance'] += matrices * samples_per_matrix * nf * nf
+        totals['fold'] += layer.weight.numel() * nf
+        totals['whitening_product'] += matrices * nf ** 3
+
+    hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, FastDeconv)]
+    training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros((1,) + tuple(input_size), device=next(model.parameters()).device))
+    finally:
+        model.train(training)
+        for hook in hooks:
+            hook.remove()
+    return {name: value / 1e9 for name, value in totals.items()}
+
+
+def print_macs(macs: Dict[str, float]) -> None:
+    print(f"\nmultiply-adds of one training batch (GMAC, from the FastDeconv layer shapes): convolutions "
+          f"{macs['conv']:.2f} forward (a BN step is about 3x that); covariance {macs['covariance']:.2f} (full "
+          f"product); fold {macs['fold']:.2f} forward; one whitening-matrix product {macs['whitening_product']:.2f}")
+
+
 def print_profile(profiles: Dict[str, Tuple[float, Dict[str, float]]]) -> None:
     rows = [f'{scope} {phase}' for scope in SCOPES for phase in ('forward', 'backward')]
     rows += ['convolution forward', 'convolution backward', 'rest (network, loss, optimizer)']
@@ -367,6 +411,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                              'statistics refreshed on freeze_iter + 1 of every 10 * freeze_iter steps) and '
                              'report the schedule\'s mean cost')
     parser.add_argument('--profile', action='store_true', help='print where a deconv training step spends time')
+    parser.add_argument('--count-macs', action='store_true',
+                        help="print the multiply-adds of the convolutions and of the deconvolution's extra work")
     parser.add_argument('--output', default=None, help='write the results as JSON here')
     return parser.parse_args(argv)
 
@@ -443,6 +489,10 @@ def run_case(args: argparse.Namespace) -> Dict[str, Any]:
           f"{', channels_last' if args.channels_last else ''}{', compiled' if args.compile else ''}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}, {args.repeats} interleaved repeats]")
 
+    if args.count_macs:
+        deconv = runners['deconv']
+        report['macs'] = count_deconv_macs(deconv.module, args.batch_size, tuple(deconv.x.shape[1:]))
+        print_macs(report['macs'])
     if args.profile:
         profiles = {role: profile_step(runners[role]) for role in ('deconv', 'literal') if role in runners}
         print_profile(profiles)

@@ -12,13 +12,15 @@ def test_benchmark_smoke(tmp_path):
     output = tmp_path / 'benchmark.json'
     # Small whitening blocks keep the run short; the code paths are those of the paper settings.
     command = [sys.executable, str(SCRIPT), '--img-size', '16', '--batch-size', '2', '--repeats', '1',
-               '--warmup', '0', '--threads', '1', '--profile', '--freeze-iter', '10', '--output', str(output),
+               '--warmup', '0', '--threads', '1', '--profile', '--count-macs', '--freeze-iter', '10', '--output', str(output),
                '--deconv-kwargs', '{"deconv_cfg": {"block": 4}, "block_fc": 32}']
     run = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert 'deconv/bn' in run.stdout and 'newton_schulz backward' in run.stdout
 
     report = json.loads(output.read_text())
+    assert set(report['macs']) == {'conv', 'covariance', 'fold', 'whitening_product'}
+    assert all(value > 0 for value in report['macs'].values())
     assert report['config']['batch_size'] == 2 and report['machine']['threads'] == 1
     assert set(report['results']) == {'deconv', 'bn', 'literal', 'frozen'}
     for result in report['results'].values():
