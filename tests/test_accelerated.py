@@ -45,11 +45,8 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 @pytest.mark.slow
 def test_compiled_training_step_matches_eager_on_cpu():
     """fullgraph=True compiles a whole training step, statistics and their running update included;
-    loss, running statistics and the eval output equal eager's to float32 rounding.
-
-    Known gap: the gradients of the first two stages differ from eager by about 5e-3 relative
-    (eager float32 is within 1e-5 of float64). Traced to inductor's decompositions (the
-    aot_eager backend is exact); the bound below pins it so that it cannot grow unnoticed."""
+    loss, gradients, running statistics and the eval output equal eager's to float32 rounding
+    (eager float32 itself is within about 1e-5 of float64 here)."""
     eager = small_deconv_model()
     compiled_model = set_finite_checks(copy.deepcopy(eager), False)
     compiled = torch.compile(compiled_model, fullgraph=True, dynamic=False)
@@ -59,8 +56,7 @@ def test_compiled_training_step_matches_eager_on_cpu():
     loss_c, grads_c = train_step(compiled, x, target)
     torch.testing.assert_close(loss_c, loss, rtol=1e-4, atol=1e-5)
     for name, grad in grads.items():
-        assert relative_error(grads_c[name], grad) < 2e-2, name
-    assert relative_error(grads_c['linear.weight'], grads['linear.weight']) < 1e-4
+        assert relative_error(grads_c[name], grad) < 1e-4, name
     assert_close_state(compiled_model, eager, rtol=1e-4, atol=1e-6)
     eager.eval()
     compiled_model.eval()
