@@ -109,8 +109,6 @@ def _explain_config_cache_misses(load_config: Callable) -> Callable:
     def load_model_config_from_hf(model_id: str, *args: Any, **kwargs: Any) -> Any:
         try:
             return load_config(model_id, *args, **kwargs)
-        except WeightsNotCachedError:
-            raise
         except LocalEntryNotFoundError as e:
             raise WeightsNotCachedError(_not_cached_message(model_id, ['config.json'], kwargs.get('cache_dir'))) from e
     load_model_config_from_hf.__wrapped_by_deconv_zoo__ = True
