@@ -156,6 +156,36 @@ def newton_schulz_eigh(cov: Tensor, n_iter: int) -> Tensor:
     return _NewtonSchulzEigh.apply(cov, n_iter)
 
 
+Geometry = Tuple[Tuple[int, int], Tuple[int, int], Tuple[int, int], Tuple[int, int]]
+
+
+def _sampled_pixels(x_shape: torch.Size, step: int, device: torch.device) -> Tuple[Tensor, Tensor]:
+    """Image and pixel indices of every ``step``-th pixel of the flattened (N, H, W) order."""
+    n, _, h, w = x_shape
+    flat = torch.arange(0, n * h * w, step, device=device)
+    return flat.div(h * w, rounding_mode='floor'), flat.remainder(h * w)
+
+
+def _patch_view(padded: Tensor, geometry: Geometry) -> Tensor:
+    """The sampled patches of the zero-padded input as a view (C, kh, kw, N, Lh, Lw), no copy:
+    element [c, a, b, n, i, j] is padded[n, c, i * sh + a * dh, j * sw + b * dw]."""
+    (kh, kw), (dh, dw), _, (sh, sw) = geometry
+    windows = padded.unfold(2, dh * (kh - 1) + 1, sh).unfold(3, dw * (kw - 1) + 1, sw)  # (N, C, Lh, Lw, ., .)
+    return windows[..., ::dh, ::dw].permute(1, 4, 5, 0, 2, 3)
+
+
+def _sample_view(x: Tensor, geometry: Geometry) -> Tensor:
+    """The patch matrix of ``sample_patches`` before its reshape to (C*kh*kw, S): a strided view
+    (C, kh, kw, N, Lh, Lw) of ``x`` for kernels above 1x1, the gathered sampled pixels (C, S) for
+    1x1 kernels."""
+    (kh, kw), _, (ph, pw), (sh, sw) = geometry
+    if (kh, kw) == (1, 1):
+        images, pixels = _sampled_pixels(x.shape, sh * sw, x.device)
+        return x.flatten(2)[images, :, pixels].t()
+    padded = F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
+    return _patch_view(padded, geometry)
+
+
 def sample_patches(
         x: Tensor,
         kernel_size: Tuple[int, int],
@@ -169,13 +199,9 @@ def sample_patches(
     taken every ``sampling_stride`` pixels. For 1x1 kernels the reference instead keeps every
     (sh*sw)-th pixel of the flattened (N, H, W) order, which is reproduced exactly.
     """
-    n, c, h, w = x.shape
     with record_function('deconv::patches'):
-        if kernel_size == (1, 1):
-            pixels = x.transpose(0, 1).reshape(c, n * h * w)
-            return pixels[:, ::sampling_stride[0] * sampling_stride[1]]
-        cols = F.unfold(x, kernel_size, dilation=dilation, padding=padding, stride=sampling_stride)
-        return cols.transpose(0, 1).reshape(cols.shape[1], -1)
+        view = _sample_view(x, (kernel_size, dilation, padding, sampling_stride))
+        return view.reshape(x.shape[1] * kernel_size[0] * kernel_size[1], -1)
 
 
 def symmetric_gram(x: Tensor, block_rows: int = 128) -> Tensor:
@@ -206,10 +232,20 @@ def patches_adjoint(
     """The transpose of ``sample_patches``: adds a patch-matrix gradient (C*kh*kw, S) back
     onto the pixels the patches were taken from; returns a gradient of shape ``x_shape``."""
     n, c, h, w = x_shape
-    if kernel_size == (1, 1):
-        pixels = grad.new_zeros(c, n * h * w)
-        pixels[:, ::sampling_stride[0] * sampling_stride[1]] = grad
-        return pixels.reshape(c, n, h, w).transpose(0, 1)
+    (kh, kw), (dh, dw), (ph, pw), (sh, sw) = kernel_size, dilation, padding, sampling_stride
+    if (kh, kw) == (1, 1):
+        pixels = grad.new_zeros(n, c, h * w)
+        images, sampled = _sampled_pixels(x_shape, sh * sw, grad.device)
+        pixels[images, :, sampled] = grad.t()
+        return pixels.view(x_shape)
+    geometry = (kernel_size, dilation, padding, sampling_stride)
+    if sh > dh * (kh - 1) and sw > dw * (kw - 1):
+        # perf: windows that do not overlap (e.g. kernel 3, sampling stride 3) hit every pixel at
+        # most once, so the adjoint is one strided copy instead of a col2im accumulation.
+        padded = grad.new_zeros(n, c, h + 2 * ph, w + 2 * pw)
+        view = _patch_view(padded, geometry)
+        view.copy_(grad.view(view.shape))
+        return padded[:, :, ph:ph + h, pw:pw + w]
     cols = grad.reshape(grad.shape[0], n, -1).transpose(0, 1)
     return F.fold(cols, (h, w), kernel_size, dilation=dilation, padding=padding, stride=sampling_stride)
 
@@ -225,27 +261,36 @@ class PatchMoments(torch.autograd.Function):
     are the same matrix, dL/dX = (G + G^T) Xc / M + dL/dmean / M is ONE product (the centring
     term vanishes because the rows of Xc sum to zero). Only ``x`` (which the convolution keeps
     anyway) and the mean are saved: the backward rebuilds the patch matrix instead of holding
-    an activation-sized copy per layer until then.
+    an activation-sized copy per layer until then. The patches are copied once, straight out of
+    a strided view of ``x``, into the layout of the products, and centred in place.
     """
 
     @staticmethod
-    def samples(x: Tensor, geometry: Optional[tuple], shape: Tuple[int, ...]) -> Tensor:
-        return (x if geometry is None else sample_patches(x, *geometry)).reshape(shape)
+    def _centred(x: Tensor, geometry: Optional[Geometry], shape: Tuple[int, ...],
+                 mean: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        """The samples minus their mean (computed unless given), as a new contiguous (..., nf, M)
+        tensor made by one strided copy out of ``x``; and the mean."""
+        with record_function('deconv::patches'):
+            view = x.reshape(shape) if geometry is None else _sample_view(x, geometry)
+            samples = view.new_empty(view.shape).copy_(view).view(shape)
+        mean = samples.mean(dim=-1) if mean is None else mean
+        return samples.sub_(mean[..., None]), mean
 
     @staticmethod
-    def forward(ctx, x: Tensor, geometry: Optional[tuple], shape: Tuple[int, ...]) -> Tuple[Tensor, Tensor]:
-        samples = PatchMoments.samples(x, geometry, shape)
-        mean = samples.mean(dim=-1)
+    def forward(ctx, x: Tensor, geometry: Optional[Geometry], shape: Tuple[int, ...]) -> Tuple[Tensor, Tensor]:
+        centred, mean = PatchMoments._centred(x, geometry, shape)
         ctx.geometry, ctx.shape = geometry, shape
         ctx.save_for_backward(x, mean)
-        return mean, symmetric_gram(samples - mean[..., None]).div_(samples.shape[-1])
+        return mean, symmetric_gram(centred).div_(centred.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_mean: Tensor, grad_cov: Tensor) -> Tuple[Tensor, None, None]:
         x, mean = ctx.saved_tensors
-        centred = PatchMoments.samples(x, ctx.geometry, ctx.shape) - mean[..., None]
-        grad = torch.matmul(grad_cov + grad_cov.transpose(-1, -2), centred)
-        grad = grad.add_(grad_mean[..., None]).div_(centred.shape[-1])
+        centred, _ = PatchMoments._centred(x, ctx.geometry, ctx.shape, mean)
+        m = centred.shape[-1]
+        # (G + G^T) Xc / M + dL/dmean / M, with the mean term as the product's added input.
+        grad = torch.baddbmm(grad_mean[..., None] / m, (grad_cov + grad_cov.transpose(-1, -2)) / m, centred) \
+            if centred.dim() == 3 else torch.addmm(grad_mean[..., None] / m, (grad_cov + grad_cov.t()) / m, centred)
         if ctx.geometry is None:
             return grad.reshape(x.shape), None, None
         rows = x.shape[1] * ctx.geometry[0][0] * ctx.geometry[0][1]  # C*kh*kw
