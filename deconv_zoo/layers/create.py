@@ -22,7 +22,7 @@ def deconv_args(deconv: bool, deconv_cfg: Optional[Dict[str, Any]] = None) -> Op
     """FastDeconv keyword arguments for a model built with ``deconv``, or None for a BN model."""
     if not deconv:
         return None
-    unknown = set(deconv_cfg or {}) - set(PAPER_DECONV_ARGS) - {'momentum', 'freeze', 'freeze_iter'}
+    unknown = set(deconv_cfg or {}) - set(PAPER_DECONV_ARGS) - {'momentum', 'freeze', 'freeze_iter', 'refresh_every'}
     if unknown:
         raise ValueError(f'deconv_cfg: unknown FastDeconv settings {sorted(unknown)}')
     return dict(PAPER_DECONV_ARGS, **(deconv_cfg or {}))

@@ -29,6 +29,14 @@ class FastDeconv(WhitenedWeightMixin, nn.Conv2d):
 
     With ``freeze=True`` fresh statistics are used for the first ``freeze_iter + 1`` training
     calls of every ``10 * freeze_iter``, the running ones in between (the reference's schedule).
+
+    ``refresh_every=k > 1`` is an approximation offered for speed (not the paper's layer): the
+    batch statistics are computed on every k-th training call only, and the calls in between
+    reuse the last ones as constants (no gradient through them), which skips the covariance and
+    Newton-Schulz work of those steps; the running buffers still track the statistics in use
+    every step. The schedule restarts with a fresh computation after a reload or a device or
+    dtype change. Layers with ``freeze=True`` follow the freeze schedule instead, and compiled
+    graphs compute fresh statistics on every call.
     """
     def __init__(
             self,
@@ -47,6 +55,7 @@ class FastDeconv(WhitenedWeightMixin, nn.Conv2d):
             sampling_stride: int = 3,
             freeze: bool = False,
             freeze_iter: int = 100,
+            refresh_every: int = 1,
     ):
         if isinstance(padding, str):
             raise ValueError(f'FastDeconv: padding must be int or a pair of ints, got {padding!r}')
@@ -63,6 +72,12 @@ class FastDeconv(WhitenedWeightMixin, nn.Conv2d):
         self.momentum = momentum
         self.freeze = freeze
         self.freeze_iter = freeze_iter
+        if refresh_every < 1:
+            raise ValueError(f'FastDeconv: refresh_every must be >= 1, got {refresh_every}')
+        self.refresh_every = refresh_every
+        self._reused: Optional[Tuple[Tensor, Tensor]] = None  # the statistics refresh_every reuses
+        self._reuse_count = 0
+        self._refreshing = True
         self.track_running_stats = True
         # fix: the reference accepted only int kernel/stride; pairs work the same way.
         self.sampling_stride = tuple(sampling_stride * s for s in _pair(stride))
@@ -81,6 +96,7 @@ class FastDeconv(WhitenedWeightMixin, nn.Conv2d):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         state_dict.setdefault(prefix + 'counter', torch.zeros((), dtype=torch.long))
+        self._reused = None
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def batch_statistics(self, x: Tensor) -> Tuple[Tensor, Tensor]:
@@ -119,7 +135,7 @@ class FastDeconv(WhitenedWeightMixin, nn.Conv2d):
                 # statistics, as the reference did (same result as the selection below).
                 mean, deconv = self.running_mean.to(xs.dtype), self.running_deconv.to(xs.dtype)
             else:
-                mean, deconv = self.batch_statistics(xs)
+                mean, deconv = self._refreshed_statistics(xs, recompute)
                 if frozen is not None:
                     # Frozen steps reuse the running statistics. Selecting with a tensor condition
                     # keeps the step free of host syncs and torch.compile recompiles.
@@ -127,10 +143,28 @@ class FastDeconv(WhitenedWeightMixin, nn.Conv2d):
                     deconv = torch.where(frozen, self.running_deconv.to(deconv.dtype), deconv)
             # lerp(r, r, m) == r exactly, so frozen steps leave the running buffers untouched.
             self._track(mean, deconv)
+            if self._follows_refresh_schedule() and self._refreshing and not recompute:
+                self._reused = (mean.detach(), deconv.detach())  # kept once _track accepted them
             if advance and not recompute:
                 # fix: advanced after _track accepted the batch, so a non-finite one leaves it unchanged.
                 self.counter.add_(1).remainder_(10 * self.freeze_iter)
             return self._fold_in(mean, deconv)
+
+    def _follows_refresh_schedule(self) -> bool:
+        # The reference's freeze schedule, where set (most stems), takes precedence.
+        return self.refresh_every > 1 and not self.freeze and not torch.compiler.is_compiling()
+
+    def _refreshed_statistics(self, x: Tensor, recompute: bool) -> Tuple[Tensor, Tensor]:
+        """This training call's statistics under ``refresh_every``: fresh ones, or the last ones
+        again. A gradient-checkpoint recompute repeats the choice its forward made."""
+        if not self._follows_refresh_schedule():
+            return self.batch_statistics(x)
+        if not recompute:
+            reused = self._reused
+            self._refreshing = (reused is None or self._reuse_count + 1 >= self.refresh_every
+                                or reused[1].device != x.device or reused[1].dtype != x.dtype)
+            self._reuse_count = 0 if self._refreshing else self._reuse_count + 1
+        return self.batch_statistics(x) if self._refreshing else self._reused
 
     def _fold(self, weight: Tensor, bias: Optional[Tensor], mean: Tensor, deconv: Tensor) -> Tuple[Tensor, Tensor]:
         return fold_conv_whitening(weight, bias, mean, deconv, self.groups)
@@ -140,4 +174,6 @@ class FastDeconv(WhitenedWeightMixin, nn.Conv2d):
         s += f', block={self.block}, n_iter={self.n_iter}, eps={self.eps}, sampling_stride={self.sampling_stride}'
         if self.freeze:
             s += f', freeze_iter={self.freeze_iter}'
+        if self.refresh_every > 1:
+            s += f', refresh_every={self.refresh_every}'
         return s

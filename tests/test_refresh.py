@@ -1,0 +1,137 @@
+"""FastDeconv(refresh_every=k): the opt-in approximation that recomputes the whitening on every
+k-th training call only (issue #5). The default (k = 1) is the paper's layer, pinned by the
+oracle tests in test_layers.py; here the schedule itself is checked against a direct
+computation: which calls are fresh, what the others reuse, their gradients and running buffers.
+"""
+import copy
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+import deconv_zoo  # noqa: F401
+from deconv_zoo.layers import FastDeconv
+from deconv_zoo.layers.whitening import fold_conv_whitening
+from test_layers import assert_rel, random_input
+
+KWARGS = dict(in_channels=4, out_channels=3, kernel_size=3, padding=1, block=2, refresh_every=3)
+SHAPE = (2, 4, 6, 6)
+
+
+def count_statistics(monkeypatch):
+    calls = []
+    batch_statistics = FastDeconv.batch_statistics
+    monkeypatch.setattr(FastDeconv, 'batch_statistics', lambda self, x: calls.append(1) or batch_statistics(self, x))
+    return calls
+
+
+def test_statistics_are_computed_every_k_calls_and_reused_in_between(monkeypatch):
+    torch.manual_seed(0)
+    layer = FastDeconv(**KWARGS).double()
+    calls = count_statistics(monkeypatch)
+    running_mean, running_deconv = layer.running_mean.clone(), layer.running_deconv.clone()
+    fresh_calls = []
+    for call in range(7):
+        x = random_input(SHAPE, seed=call).requires_grad_()
+        fresh = call % 3 == 0
+        before = len(calls)
+        out = layer(x)
+        fresh_calls.append(len(calls) > before)
+        upstream = random_input(out.shape, seed=100 + call)
+        grad, = torch.autograd.grad((out * upstream).sum(), x)
+
+        if fresh:  # the paper's function, with the gradient through the statistics
+            xe = x.detach().requires_grad_()
+            mean, deconv = layer.batch_statistics(xe)
+            last = (mean.detach(), deconv.detach())
+        else:  # the last fresh statistics, as constants
+            xe = x.detach().requires_grad_()
+            mean, deconv = last
+        weight, bias = fold_conv_whitening(layer.weight, layer.bias, mean, deconv, 1)
+        expected = F.conv2d(xe, weight, bias, padding=1)
+        expected_grad, = torch.autograd.grad((expected * upstream).sum(), xe)
+        assert_rel(out, expected, 1e-12)
+        assert_rel(grad, expected_grad, 1e-12)
+
+        # The running buffers track the statistics in use on every call.
+        running_mean.lerp_(mean.detach(), 0.1)
+        running_deconv.lerp_(deconv.detach(), 0.1)
+        assert_rel(layer.running_mean, running_mean, 1e-14)
+        assert_rel(layer.running_deconv, running_deconv, 1e-14)
+    assert fresh_calls == [True, False, False, True, False, False, True]
+
+
+def test_reload_and_dtype_change_start_with_fresh_statistics(monkeypatch):
+    layer = FastDeconv(**KWARGS)
+    calls = count_statistics(monkeypatch)
+    layer(random_input(SHAPE, 0, torch.float32))
+    layer.load_state_dict(layer.state_dict())
+    layer(random_input(SHAPE, 1, torch.float32))
+    layer.double()
+    layer(random_input(SHAPE, 2))
+    assert len(calls) == 3
+
+
+def test_eval_uses_running_statistics_and_does_not_advance(monkeypatch):
+    layer = FastDeconv(**KWARGS).double()
+    calls = count_statistics(monkeypatch)
+    layer(random_input(SHAPE, 0))
+    layer.eval()
+    layer(random_input(SHAPE, 1))
+    layer.train()
+    layer(random_input(SHAPE, 2))  # the second training call: reused
+    assert len(calls) == 1
+
+
+def test_freeze_schedule_takes_precedence(monkeypatch):
+    layer = FastDeconv(**dict(KWARGS, freeze=True, freeze_iter=3))
+    calls = count_statistics(monkeypatch)
+    for seed in range(4):  # training calls 1..4 of the freeze schedule are all fresh
+        layer(random_input(SHAPE, seed, torch.float32))
+    assert len(calls) == 4
+
+
+def test_checkpoint_recompute_repeats_the_forward_choice():
+    plain = FastDeconv(**KWARGS).double()
+    ckpt = copy.deepcopy(plain)
+    for step in range(7):
+        x = random_input(SHAPE, step)
+        x_plain, x_ckpt = x.clone().requires_grad_(), x.clone().requires_grad_()
+        out_plain = plain(x_plain)
+        out_ckpt = checkpoint(ckpt, x_ckpt, use_reentrant=False)
+        upstream = random_input(out_plain.shape, 100 + step)
+        (out_plain * upstream).sum().backward()
+        (out_ckpt * upstream).sum().backward()
+        assert_rel(x_ckpt.grad, x_plain.grad, 1e-12)
+        assert_rel(ckpt.weight.grad, plain.weight.grad, 1e-12)
+        for key, value in ckpt.state_dict().items():
+            assert torch.equal(value, plain.state_dict()[key]), key
+
+
+def test_non_finite_refresh_keeps_the_last_good_statistics():
+    layer = FastDeconv(**dict(KWARGS, refresh_every=2)).double()
+    layer(random_input(SHAPE, 0))
+    good = [t.clone() for t in layer._reused]
+    layer(random_input(SHAPE, 1))  # reused
+    bad = random_input(SHAPE, 2)
+    bad[0, 0, 0, 0] = float('nan')
+    with pytest.raises(FloatingPointError):
+        layer(bad)
+    for kept, expected in zip(layer._reused, good):
+        assert torch.equal(kept, expected)
+
+
+def test_invalid_refresh_every_raises():
+    with pytest.raises(ValueError, match='refresh_every'):
+        FastDeconv(**dict(KWARGS, refresh_every=0))
+
+
+def test_deconv_cfg_reaches_the_layers_and_stems_keep_their_freeze_schedule():
+    model = timm.create_model('preact_resnet18_cifar_deconv', deconv_cfg={'refresh_every': 4})
+    layers = [m for m in model.modules() if isinstance(m, FastDeconv)]
+    assert all(m.refresh_every == 4 for m in layers)
+    assert model.conv1.freeze and not model.conv1._follows_refresh_schedule()
+    assert sum(m._follows_refresh_schedule() for m in layers) == len(layers) - 1
+    assert 'refresh_every=4' in repr(model.layer1)
