@@ -437,12 +437,18 @@ def test_channel_deconv_without_whitened_channels_warns(monkeypatch):
         ChannelDeconv(4)(torch.randn(2, 3, 5, 5))
 
 
-@pytest.mark.parametrize('name', SMALL)
+# refresh_every (an opt-in approximation): the recompute must repeat its forward's choice of
+# fresh or reused statistics.
+CHECKPOINTED = dict(SMALL, fast_deconv_refresh=(
+    FastDeconv, dict(FREEZE_KWARGS, freeze=False, refresh_every=3), SMALL['fast_deconv'][2]))
+
+
+@pytest.mark.parametrize('name', CHECKPOINTED)
 def test_checkpoint_tracks_statistics_once(name):
     """Inside torch.utils.checkpoint the forward is recomputed during backward; the running
     statistics and the freeze counter must advance once per step and the gradients must equal
     those of a plain run, including across the freeze schedule's boundaries."""
-    layer_cls, kwargs, shape = SMALL[name]
+    layer_cls, kwargs, shape = CHECKPOINTED[name]
     plain = layer_cls(**kwargs).double()
     ckpt = copy.deepcopy(plain)
     for step in range(32):  # FastDeconv, freeze_iter=3: fresh on calls 1..4 and 31..32
