@@ -12,7 +12,7 @@ def test_benchmark_smoke(tmp_path):
     output = tmp_path / 'benchmark.json'
     # Small whitening blocks keep the run short; the code paths are those of the paper settings.
     command = [sys.executable, str(SCRIPT), '--img-size', '16', '--batch-size', '2', '--repeats', '1',
-               '--warmup', '0', '--threads', '1', '--profile', '--count-macs', '--freeze-iter', '10', '--output', str(output),
+               '--warmup', '0', '--threads', '1', '--profile', '--count-macs', '--freeze-iter', '10', '--refresh-every', '3', '--output', str(output),
                '--deconv-kwargs', '{"deconv_cfg": {"block": 4}, "block_fc": 32}']
     run = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
@@ -22,13 +22,17 @@ def test_benchmark_smoke(tmp_path):
     assert set(report['macs']) == {'conv', 'covariance', 'fold', 'whitening_product'}
     assert all(value > 0 for value in report['macs'].values())
     assert report['config']['batch_size'] == 2 and report['machine']['threads'] == 1
-    assert set(report['results']) == {'deconv', 'bn', 'literal', 'frozen'}
+    assert set(report['results']) == {'deconv', 'bn', 'literal', 'frozen', 'reusing'}
     for result in report['results'].values():
         for phase in ('train_ms', 'eval_ms', 'train_cpu_ms', 'eval_cpu_ms'):
             assert len(result[phase]['samples']) == 1 and result[phase]['median'] > 0
         assert result['peak_step_mb'] > 0 and result['state_mb'] > 0
-    assert set(report['ratios']) == {'deconv/bn', 'literal/bn', 'frozen/bn', 'freeze_schedule/bn'}
-    assert report['ratios'].pop('freeze_schedule/bn')['train_cpu'] > 0
+    assert set(report['ratios']) == {'deconv/bn', 'literal/bn', 'frozen/bn', 'freeze_schedule/bn', 'reusing/bn',
+                                     'refresh_schedule/bn'}
+    for schedule in ('freeze_schedule/bn', 'refresh_schedule/bn'):
+        assert report['ratios'].pop(schedule)['train_cpu'] > 0
+    # The reusing copy skips the statistics: no covariance work in its timed steps.
+    assert report['results']['reusing']['peak_step_mb'] < report['results']['deconv']['peak_step_mb']
     for ratio in report['ratios'].values():
         for phase in ('train', 'eval', 'train_cpu', 'eval_cpu'):
             assert ratio[phase]['median'] > 0
@@ -53,5 +57,10 @@ def test_suite_table_marks_targets(capsys):
                   ratios={'deconv/bn': dict(train=ratio(1.4), train_cpu=ratio(1.45), eval=ratio(1.2), memory=0.9)})
     benchmark.print_suite_table([({}, (1.5, 1.05, 1.3))], [report])
     row = capsys.readouterr().out.strip().splitlines()[-1]
-    assert row.startswith('| `a:b` cpu 64x32px float32, 2 threads | 1.40 (1.45) | 1.20 | 0.90 | - | - |')
+    assert row.startswith('| `a:b` cpu 64x32px float32, 2 threads | 1.40 (1.45) | 1.20 | 0.90 | - | - | - |')
     assert row.endswith('| train yes, eval no, memory yes |')
+
+    report['ratios']['refresh_schedule/bn'] = dict(train=1.6, train_cpu=1.55)
+    benchmark.print_suite_table([({}, (1.5, 1.05, 1.3))], [report])
+    row = capsys.readouterr().out.strip().splitlines()[-1]
+    assert '| - | 1.60 (1.55) |' in row and row.endswith('| train yes, eval no, memory yes, refresh schedule train no |')
