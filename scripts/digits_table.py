@@ -3,12 +3,16 @@
 
     python scripts/digits_table.py                      # resnet18, vgg16, preact_resnet18, mobilenetv2
     python scripts/digits_table.py --archs resnet18 senet18 --epochs 1 5 --img-size 32
+    python scripts/digits_table.py --archs resnet18 --deconv-cfg '{"refresh_every": 4}'
 
 For every CIFAR architecture it trains ``<arch>_cifar_deconv`` and ``<arch>_cifar`` with
 scripts/train.py (digits recipe: SGD momentum 0.9, lr 0.1, weight decay 1e-3, batch 64, cosine
 per step, same seed), once per epoch budget (each a complete schedule, as the paper's 1- and
 20-epoch runs), and reports the final validation top-1 on the 360 held-out digits. The table is
 printed and, with --markdown-file, written; the raw numbers go to <output>/results.json.
+``--deconv-cfg`` adds a third model per architecture, the deconv model with those FastDeconv
+settings (e.g. an approximation offered for speed), so that its effect on learning is measured
+beside the paper's layer and batch norm in the same table.
 """
 import argparse
 import csv
@@ -17,25 +21,40 @@ import os
 import subprocess
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 TRAIN_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py')
 DEFAULT_ARCHS = ('resnet18', 'vgg16', 'preact_resnet18', 'mobilenetv2')
 
 
-def train_run(model: str, epochs: int, args: argparse.Namespace) -> Dict[str, Optional[float]]:
+def cfg_label(deconv_cfg: Dict[str, Any]) -> str:
+    return ', '.join(f'{key}={value}' for key, value in deconv_cfg.items())
+
+
+def run_folder(log: str, default: str) -> str:
+    """The run folder train.py reports in its log: a fresh one (name-1, ...) when ``default``
+    already holds a run, which must not be read in its place."""
+    reported = [line.split('run folder: ', 1)[1].strip() for line in log.splitlines() if 'run folder: ' in line]
+    return reported[-1] if reported else default
+
+
+def train_run(model: str, epochs: int, args: argparse.Namespace,
+              deconv_cfg: Optional[Dict[str, Any]] = None) -> Dict[str, Optional[float]]:
     """Train one model for ``epochs`` epochs; its final validation top-1 and the wall time."""
-    experiment = f'{model}-e{epochs}'
+    experiment = f'{model}-e{epochs}' + (f"-{cfg_label(deconv_cfg).replace(', ', '-')}" if deconv_cfg else '')
     command = [sys.executable, TRAIN_SCRIPT, '--model', model, '--dataset', 'digits', '--recipe', 'digits',
                '--epochs', str(epochs), '--img-size', str(args.img_size), '--seed', str(args.seed),
                '--output', args.output, '--experiment', experiment, '--no-progress']
+    if deconv_cfg:
+        command += ['--model-kwargs', f'deconv_cfg={deconv_cfg!r}']
     start = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True)
     seconds = time.perf_counter() - start
     if done.returncode != 0:
         print(f'{experiment} failed:\n{done.stderr[-2000:]}', file=sys.stderr)
         return dict(top1=None, seconds=seconds)
-    with open(os.path.join(args.output, experiment, 'summary.csv')) as f:
+    with open(os.path.join(run_folder(done.stdout + done.stderr, os.path.join(args.output, experiment)),
+                           'summary.csv')) as f:
         rows = list(csv.DictReader(f))
     top1 = float(rows[-1]['eval_top1'])
     print(f'{experiment}: top-1 {top1:.2f}% in {seconds:.0f} s', file=sys.stderr, flush=True)
@@ -48,15 +67,18 @@ def markdown_table(results: Dict[str, Dict[str, Dict[int, Dict[str, Optional[flo
     def cell(value: Optional[float], fmt: str) -> str:
         return 'failed' if value is None else format(value, fmt)
 
-    header = ['architecture'] + [f'{kind} {e} ep' for e in epochs for kind in ('deconv', 'BN')] + \
-        [f'time deconv / BN ({epochs[-1]} ep)']
+    kinds = {'deconv': 'deconv', 'bn': 'BN'}
+    if args.deconv_cfg:
+        kinds = {'deconv': 'deconv', 'variant': f'deconv ({cfg_label(args.deconv_cfg)})', 'bn': 'BN'}
+    header = ['architecture'] + [f'{label} {e} ep' for e in epochs for label in kinds.values()] + \
+        [f"time {' / '.join(kinds.values())} ({epochs[-1]} ep)"]
     lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
     for arch, runs in results.items():
         row = [f'`{arch}_cifar`']
         for e in epochs:
-            row += [cell(runs['deconv'][e]['top1'], '.2f'), cell(runs['bn'][e]['top1'], '.2f')]
+            row += [cell(runs[kind][e]['top1'], '.2f') for kind in kinds]
         last = epochs[-1]
-        row.append(f"{runs['deconv'][last]['seconds']:.0f} s / {runs['bn'][last]['seconds']:.0f} s")
+        row.append(' / '.join(f"{runs[kind][last]['seconds']:.0f} s" for kind in kinds))
         lines.append('| ' + ' | '.join(row) + ' |')
     lines.append('')
     lines.append(f'Validation top-1 (%) on the 360 held-out digits, {args.img_size}x{args.img_size} input, '
@@ -73,12 +95,16 @@ def main(argv: Optional[List[str]] = None) -> str:
     parser.add_argument('--seed', type=int, default=0, help='seed of every run')
     parser.add_argument('--output', default='output/digits_table', help='folder of the runs')
     parser.add_argument('--markdown-file', default='', help='also write the table here')
+    parser.add_argument('--deconv-cfg', type=json.loads, default=None,
+                        help='JSON FastDeconv settings of a third model per architecture, e.g. \'{"refresh_every": 4}\'')
     args = parser.parse_args(argv)
 
     results: Dict[str, Dict[str, Dict[int, Dict[str, Optional[float]]]]] = {}
     for arch in args.archs:
-        results[arch] = {kind: {e: train_run(model, e, args) for e in args.epochs}
-                         for kind, model in (('deconv', f'{arch}_cifar_deconv'), ('bn', f'{arch}_cifar'))}
+        models = [('deconv', f'{arch}_cifar_deconv', None), ('bn', f'{arch}_cifar', None)]
+        if args.deconv_cfg:
+            models.insert(1, ('variant', f'{arch}_cifar_deconv', args.deconv_cfg))
+        results[arch] = {kind: {e: train_run(model, e, args, cfg) for e in args.epochs} for kind, model, cfg in models}
     os.makedirs(args.output, exist_ok=True)
     with open(os.path.join(args.output, 'results.json'), 'w') as f:
         json.dump(results, f, indent=2)

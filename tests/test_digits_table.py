@@ -1,0 +1,41 @@
+"""scripts/digits_table.py's table (issue #4; the --deconv-cfg column for approximations, issue #5).
+The training runs themselves are covered by test_training.py; here only the table is built."""
+import argparse
+import importlib.util
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parent.parent / 'scripts' / 'digits_table.py'
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location('digits_table', SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def runs(*top1s):
+    return {epochs: dict(top1=top1, seconds=10.0 * epochs) for epochs, top1 in zip((1, 5), top1s)}
+
+
+def test_table_has_a_column_per_model_and_epoch_budget():
+    table = load_script().markdown_table(
+        {'resnet18': dict(deconv=runs(73.1, 98.9), bn=runs(10.0, None))}, [1, 5],
+        argparse.Namespace(img_size=16, seed=0, deconv_cfg=None)).splitlines()
+    assert table[0] == '| architecture | deconv 1 ep | BN 1 ep | deconv 5 ep | BN 5 ep | time deconv / BN (5 ep) |'
+    assert table[2] == '| `resnet18_cifar` | 73.10 | 10.00 | 98.90 | failed | 50 s / 50 s |'
+
+
+def test_deconv_cfg_adds_the_variant_beside_the_paper_layer():
+    table = load_script().markdown_table(
+        {'resnet18': dict(deconv=runs(73.1, 98.9), variant=runs(60.0, 99.4), bn=runs(10.0, 76.4))}, [1, 5],
+        argparse.Namespace(img_size=16, seed=0, deconv_cfg={'refresh_every': 4})).splitlines()
+    assert table[0].startswith('| architecture | deconv 1 ep | deconv (refresh_every=4) 1 ep | BN 1 ep | deconv 5 ep |')
+    assert table[2] == '| `resnet18_cifar` | 73.10 | 60.00 | 10.00 | 98.90 | 99.40 | 76.40 | 50 s / 50 s / 50 s |'
+
+
+def test_results_are_read_from_the_folder_the_run_reports():
+    module = load_script()
+    log = 'resnet18_cifar_deconv: 11.17M parameters\nrun folder: out/resnet18-e5-1\nvalidation top-1 99.44%\n'
+    assert module.run_folder(log, 'out/resnet18-e5') == 'out/resnet18-e5-1'  # the name already held a run
+    assert module.run_folder('no such line', 'out/resnet18-e5') == 'out/resnet18-e5'
