@@ -439,8 +439,9 @@ def test_channel_deconv_without_whitened_channels_warns(monkeypatch):
 
 # refresh_every (an opt-in approximation): the recompute must repeat its forward's choice of
 # fresh or reused statistics.
-CHECKPOINTED = dict(SMALL, fast_deconv_refresh=(
-    FastDeconv, dict(FREEZE_KWARGS, freeze=False, refresh_every=3), SMALL['fast_deconv'][2]))
+CHECKPOINTED = dict(SMALL, fast_deconv_refresh=(  # 144 patch features: large enough to follow it
+    FastDeconv, dict(in_channels=16, out_channels=3, kernel_size=3, padding=1, block=16, refresh_every=3),
+    (2, 16, 6, 6)))
 
 
 @pytest.mark.parametrize('name', CHECKPOINTED)
