@@ -130,21 +130,6 @@ def test_patch_moments_equal_autograd_covariance(shape):
         assert_rel(actual.detach(), expected.detach(), 1e-12)
 
 
-@pytest.mark.parametrize('geometry', [None, ((3, 3), (1, 1), (1, 1), (3, 3)), ((1, 1), (1, 1), (0, 0), (2, 2))],
-                         ids=['matrix', 'k3_s3', 'k1_s2'])
-def test_patch_moments_diagonal_is_the_covariance_diagonal(geometry):
-    """The variances (refresh_every's re-standardisation) equal the full moment's diagonal, with
-    gradients to match."""
-    g = torch.Generator().manual_seed(7)
-    x = torch.randn((2, 3, 10) if geometry is None else (2, 4, 7, 7), generator=g, dtype=torch.float64) + 0.4
-    shape = (2, 3, -1) if geometry is None else (4 * geometry[0][0] * geometry[0][1] // 2, -1)
-    assert gradcheck(lambda x: PatchMoments.apply(x, geometry, shape, True), (x.clone().requires_grad_(),))
-    mean, var = PatchMoments.apply(x, geometry, shape, True)
-    full_mean, cov = PatchMoments.apply(x, geometry, shape)
-    assert_rel(mean, full_mean, 1e-14)
-    assert_rel(var, cov.diagonal(dim1=-2, dim2=-1), 1e-14)
-
-
 GEOMETRIES = {
     'k3_s3': ((3, 3), (1, 1), (1, 1), (3, 3)),
     'k3_s6_dilation2': ((3, 3), (2, 2), (2, 2), (6, 6)),

@@ -11,16 +11,16 @@ from torch import Tensor
 from torch.nn.modules.utils import _pair
 
 from ._stats import WhitenedWeightMixin, float32_statistics, in_backward_recompute, resolve_block
-from .whitening import conv_patch_variances, conv_whitening_statistics, fold_conv_whitening, restandardise
+from .whitening import conv_whitening_statistics, fold_conv_whitening
 
 __all__ = ['FastDeconv']
 
 _size_2_t = Union[int, Tuple[int, int]]
 
-# refresh_every skips the Newton-Schulz work of large whitening matrices only. Small ones (SE
-# gates, 1x1 convolutions with blocks of 64, depthwise convolutions, stems) cost little, and their
-# few samples per batch made the kept whitening too far off: SENet-18 on digits fell from 98 to
-# 81% top-1 with its SE gates on the schedule, and reached 99% without them.
+# refresh_every reuses the statistics of large whitening matrices only. Small ones (SE gates,
+# 1x1 convolutions with blocks of 64, depthwise convolutions, stems) cost little, and with their
+# few samples per batch a reused whitening is far off the next batch's: on digits, SENet-18 did
+# not learn with its SE gates on the schedule (10% top-1) and reached 97.5% without them.
 REFRESH_MIN_FEATURES = 128
 
 
@@ -36,16 +36,13 @@ class FastDeconv(WhitenedWeightMixin, nn.Conv2d):
     With ``freeze=True`` fresh statistics are used for the first ``freeze_iter + 1`` training
     calls of every ``10 * freeze_iter``, the running ones in between (the reference's schedule).
 
-    ``refresh_every=k > 1`` is an approximation offered for speed (not the paper's layer): the
-    whitening matrix of a layer with at least ``REFRESH_MIN_FEATURES`` patch features is
-    computed on every k-th training call only. The calls in between keep its
-    correlation structure and re-standardise it with their own batch's patch means and variances
-    (``restandardise``; cheap reductions, differentiated like batch norm's), which skips the
-    covariance product and Newton-Schulz of those steps; the running buffers track the statistics
-    in use every step. The schedule restarts with a fresh computation after a reload or a device
-    or dtype change. Layers with ``freeze=True`` follow the freeze schedule instead, compiled
-    graphs compute fresh statistics on every call, and under ``convert_sync_deconv`` the means
-    and variances of the calls in between are those of the local batch.
+    ``refresh_every=k > 1`` is an approximation offered for speed (not the paper's layer): a layer
+    with at least ``REFRESH_MIN_FEATURES`` patch features computes its batch statistics on every
+    k-th training call only, and the calls in between reuse the last ones as constants (no
+    gradient through them), which skips the covariance and Newton-Schulz work of those steps;
+    the running buffers still track the statistics in use every step. The schedule restarts with
+    a fresh computation after a reload or a device or dtype change. Layers with ``freeze=True``
+    follow the freeze schedule instead, and compiled graphs compute fresh statistics every call.
     """
     def __init__(
             self,
@@ -84,9 +81,7 @@ class FastDeconv(WhitenedWeightMixin, nn.Conv2d):
         if refresh_every < 1:
             raise ValueError(f'FastDeconv: refresh_every must be >= 1, got {refresh_every}')
         self.refresh_every = refresh_every
-        # refresh_every: the last whitening matrix and the patch variances it was computed for.
-        self._reused: Optional[Tuple[Tensor, Tensor]] = None
-        self._candidate: Optional[Tuple[Tensor, Tensor]] = None
+        self._reused: Optional[Tuple[Tensor, Tensor]] = None  # the statistics refresh_every reuses
         self._reuse_count = 0
         self._refreshing = True
         self.track_running_stats = True
@@ -155,7 +150,7 @@ class FastDeconv(WhitenedWeightMixin, nn.Conv2d):
             # lerp(r, r, m) == r exactly, so frozen steps leave the running buffers untouched.
             self._track(mean, deconv)
             if self._follows_refresh_schedule() and self._refreshing and not recompute:
-                self._reused = self._candidate  # kept once _track accepted the batch
+                self._reused = (mean.detach(), deconv.detach())  # kept once _track accepted them
             if advance and not recompute:
                 # fix: advanced after _track accepted the batch, so a non-finite one leaves it unchanged.
                 self.counter.add_(1).remainder_(10 * self.freeze_iter)
@@ -166,30 +161,17 @@ class FastDeconv(WhitenedWeightMixin, nn.Conv2d):
         return (self.refresh_every > 1 and self.num_features >= REFRESH_MIN_FEATURES and not self.freeze
                 and not torch.compiler.is_compiling())
 
-    def batch_variances(self, x: Tensor) -> Tuple[Tensor, Tensor]:
-        """Patch means and variances of one batch (the covariance's diagonal, differentiable)."""
-        return conv_patch_variances(x, self.kernel_size, self.dilation, self.padding, self.sampling_stride,
-                                    self.groups, self.num_features)
-
     def _refreshed_statistics(self, x: Tensor, recompute: bool) -> Tuple[Tensor, Tensor]:
-        """This training call's statistics under ``refresh_every``: fresh ones, or the last
-        whitening matrix re-standardised to this batch. A gradient-checkpoint recompute repeats
-        the choice its forward made."""
+        """This training call's statistics under ``refresh_every``: fresh ones, or the last ones
+        again. A gradient-checkpoint recompute repeats the choice its forward made."""
         if not self._follows_refresh_schedule():
             return self.batch_statistics(x)
         if not recompute:
             reused = self._reused
             self._refreshing = (reused is None or self._reuse_count + 1 >= self.refresh_every
-                                or reused[0].device != x.device or reused[0].dtype != x.dtype)
+                                or reused[1].device != x.device or reused[1].dtype != x.dtype)
             self._reuse_count = 0 if self._refreshing else self._reuse_count + 1
-        if self._refreshing:
-            mean, deconv = self.batch_statistics(x)
-            with torch.no_grad():
-                self._candidate = (deconv.detach(), self.batch_variances(x)[1])
-            return mean, deconv
-        deconv, var = self._reused
-        mean, new_var = self.batch_variances(x)
-        return mean, restandardise(deconv, var, new_var, self.eps)
+        return self.batch_statistics(x) if self._refreshing else self._reused
 
     def _fold(self, weight: Tensor, bias: Optional[Tensor], mean: Tensor, deconv: Tensor) -> Tuple[Tensor, Tensor]:
         return fold_conv_whitening(weight, bias, mean, deconv, self.groups)

@@ -36,8 +36,7 @@ from torch.profiler import record_function
 __all__ = [
     'isqrt_newton_schulz', 'newton_schulz_iteration', 'newton_schulz_eigh', 'newton_schulz_polynomial',
     'PatchMoments', 'symmetric_gram', 'sample_patches', 'patches_adjoint', 'whitening_statistics',
-    'conv_whitening_statistics', 'conv_patch_variances', 'restandardise', 'fold_conv_whitening',
-    'fold_linear_whitening',
+    'conv_whitening_statistics', 'fold_conv_whitening', 'fold_linear_whitening',
 ]
 
 # From this matrix size on, the eigendecomposition route is the faster one on CPU (forward +
@@ -256,8 +255,7 @@ class PatchMoments(torch.autograd.Function):
 
     ``samples = sample_patches(x, *geometry).reshape(shape)`` (or ``x.reshape(shape)`` when
     ``geometry`` is None and ``x`` already is the patch matrix) has shape (..., nf, M); returns
-    mean (..., nf) and Xc Xc^T / M (..., nf, nf) with Xc = samples - mean, or with ``diagonal``
-    only the variances, the diagonal of that matrix (..., nf).
+    mean (..., nf) and Xc Xc^T / M (..., nf, nf) with Xc = samples - mean.
 
     Autograd would differentiate Xc Xc^T with two products (one per factor); as both factors
     are the same matrix, dL/dX = (G + G^T) Xc / M + dL/dmean / M is ONE product (the centring
@@ -279,30 +277,24 @@ class PatchMoments(torch.autograd.Function):
         return samples.sub_(mean[..., None]), mean
 
     @staticmethod
-    def forward(ctx, x: Tensor, geometry: Optional[Geometry], shape: Tuple[int, ...],
-                diagonal: bool = False) -> Tuple[Tensor, Tensor]:
+    def forward(ctx, x: Tensor, geometry: Optional[Geometry], shape: Tuple[int, ...]) -> Tuple[Tensor, Tensor]:
         centred, mean = PatchMoments._centred(x, geometry, shape)
-        ctx.geometry, ctx.shape, ctx.diagonal = geometry, shape, diagonal
+        ctx.geometry, ctx.shape = geometry, shape
         ctx.save_for_backward(x, mean)
-        moment = torch.linalg.vecdot(centred, centred) if diagonal else symmetric_gram(centred)
-        return mean, moment.div_(centred.shape[-1])
+        return mean, symmetric_gram(centred).div_(centred.shape[-1])
 
     @staticmethod
-    def backward(ctx, grad_mean: Tensor, grad_moment: Tensor) -> Tuple[Tensor, None, None, None]:
+    def backward(ctx, grad_mean: Tensor, grad_cov: Tensor) -> Tuple[Tensor, None, None]:
         x, mean = ctx.saved_tensors
         centred, _ = PatchMoments._centred(x, ctx.geometry, ctx.shape, mean)
         m = centred.shape[-1]
-        if ctx.diagonal:  # G = diag(dL/dvar): (G + G^T) Xc is a row scaling
-            grad = centred.mul_(grad_moment[..., None] * (2 / m)).add_(grad_mean[..., None] / m)
-        elif centred.dim() == 3:
-            # (G + G^T) Xc / M + dL/dmean / M, with the mean term as the product's added input.
-            grad = torch.baddbmm(grad_mean[..., None] / m, (grad_moment + grad_moment.transpose(-1, -2)) / m, centred)
-        else:
-            grad = torch.addmm(grad_mean[..., None] / m, (grad_moment + grad_moment.t()) / m, centred)
+        # (G + G^T) Xc / M + dL/dmean / M, with the mean term as the product's added input.
+        grad = torch.baddbmm(grad_mean[..., None] / m, (grad_cov + grad_cov.transpose(-1, -2)) / m, centred) \
+            if centred.dim() == 3 else torch.addmm(grad_mean[..., None] / m, (grad_cov + grad_cov.t()) / m, centred)
         if ctx.geometry is None:
-            return grad.reshape(x.shape), None, None, None
+            return grad.reshape(x.shape), None, None
         rows = x.shape[1] * ctx.geometry[0][0] * ctx.geometry[0][1]  # C*kh*kw
-        return patches_adjoint(grad.reshape(rows, -1), x.shape, *ctx.geometry), None, None, None
+        return patches_adjoint(grad.reshape(rows, -1), x.shape, *ctx.geometry), None, None
 
 
 def whitening_statistics(patches: Tensor, groups: int, nf: int, eps: float, n_iter: int) -> Tuple[Tensor, Tensor]:
@@ -333,44 +325,14 @@ def conv_whitening_statistics(
     return _whitening(x, (kernel_size, dilation, padding, sampling_stride), groups, nf, eps, n_iter)
 
 
-def _block_shape(groups: int, nf: int) -> Tuple[int, ...]:
-    # groups == 1: (nf, G*S), the block index is the fast axis; else (groups, nf, S).
-    return (nf, -1) if groups == 1 else (groups, nf, -1)
-
-
 def _whitening(x: Tensor, geometry: Optional[tuple], groups: int, nf: int, eps: float,
                n_iter: int) -> Tuple[Tensor, Tensor]:
+    # groups == 1: (nf, G*S), the block index is the fast axis; else (groups, nf, S).
+    shape = (nf, -1) if groups == 1 else (groups, nf, -1)
     with record_function('deconv::covariance'):
-        mean, cov = PatchMoments.apply(x, geometry, _block_shape(groups, nf))
+        mean, cov = PatchMoments.apply(x, geometry, shape)
         cov = cov + eps * torch.eye(nf, dtype=cov.dtype, device=cov.device)
     return mean.reshape(-1), isqrt_newton_schulz(cov, n_iter)
-
-
-def conv_patch_variances(
-        x: Tensor,
-        kernel_size: Tuple[int, int],
-        dilation: Tuple[int, int],
-        padding: Tuple[int, int],
-        sampling_stride: Tuple[int, int],
-        groups: int,
-        nf: int,
-) -> Tuple[Tensor, Tensor]:
-    """Mean and variance of every patch feature, the same samples and blocks as
-    ``conv_whitening_statistics`` (the diagonal of its covariance, before eps): (mean, var), both
-    flat, (nf,) for groups == 1 and (groups*nf,) otherwise. Differentiable; no matrix product."""
-    with record_function('deconv::covariance'):
-        mean, var = PatchMoments.apply(x, (kernel_size, dilation, padding, sampling_stride),
-                                       _block_shape(groups, nf), True)
-    return mean.reshape(-1), var.reshape(-1)
-
-
-def restandardise(deconv: Tensor, var: Tensor, new_var: Tensor, eps: float) -> Tensor:
-    """A whitening matrix D computed for features of variance ``var`` (the covariance diagonal,
-    before eps), rescaled to features of variance ``new_var``: D diag(sqrt((var + eps) / (new_var
-    + eps))). It whitens the rescaled features exactly when only their scales changed (and their
-    correlations did not); ``refresh_every`` uses it between two Newton-Schulz evaluations."""
-    scale = ((var + eps) / (new_var + eps)).sqrt()
-    return deconv * scale.reshape(deconv.shape[:-2] + (1, -1))
 
 
 def fold_conv_whitening(
