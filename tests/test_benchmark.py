@@ -31,8 +31,6 @@ def test_benchmark_smoke(tmp_path):
                                      'refresh_schedule/bn'}
     for schedule in ('freeze_schedule/bn', 'refresh_schedule/bn'):
         assert report['ratios'].pop(schedule)['train_cpu'] > 0
-    # The reusing copy skips the statistics: no covariance work in its timed steps.
-    assert report['results']['reusing']['peak_step_mb'] < report['results']['deconv']['peak_step_mb']
     for ratio in report['ratios'].values():
         for phase in ('train', 'eval', 'train_cpu', 'eval_cpu'):
             assert ratio[phase]['median'] > 0
