@@ -480,13 +480,15 @@ def run_case(args: argparse.Namespace) -> Dict[str, Any]:
                                         train_cpu=paired_ratio(train_cpu[role], train_cpu['bn']),
                                         eval_cpu=paired_ratio(evaluation_cpu[role], evaluation_cpu['bn']),
                                         memory=results[role]['peak_step_mb'] / results['bn']['peak_step_mb'])
-    schedules = {'freeze_schedule/bn': ('frozen', (args.freeze_iter + 1) / (10 * args.freeze_iter or 1)),
-                 'refresh_schedule/bn': ('reusing', 1 / args.refresh_every)}
+    schedules = {}  # name: (role of its non-fresh steps, share of fresh steps)
+    if 'frozen' in runners:
+        schedules['freeze_schedule/bn'] = ('frozen', (args.freeze_iter + 1) / (10 * args.freeze_iter))
+    if 'reusing' in runners:
+        schedules['refresh_schedule/bn'] = ('reusing', 1 / args.refresh_every)
     for name, (role, fresh_share) in schedules.items():
-        if role in runners:
-            ratios[name] = dict(
-                train=schedule_ratio(train['deconv'], train[role], train['bn'], fresh_share),
-                train_cpu=schedule_ratio(train_cpu['deconv'], train_cpu[role], train_cpu['bn'], fresh_share))
+        ratios[name] = dict(
+            train=schedule_ratio(train['deconv'], train[role], train['bn'], fresh_share),
+            train_cpu=schedule_ratio(train_cpu['deconv'], train_cpu[role], train_cpu['bn'], fresh_share))
     report = dict(config=vars(args), machine=machine(device), results=results, ratios=ratios)
 
     print(f"{'role':8s} {'model':36s} {'train ms (median, min-max)':>30s} {'eval ms (median, min-max)':>30s}"

@@ -67,9 +67,10 @@ def markdown_table(results: Dict[str, Dict[str, Dict[int, Dict[str, Optional[flo
     def cell(value: Optional[float], fmt: str) -> str:
         return 'failed' if value is None else format(value, fmt)
 
-    kinds = {'deconv': 'deconv', 'bn': 'BN'}
+    kinds = {'deconv': 'deconv'}
     if args.deconv_cfg:
-        kinds = {'deconv': 'deconv', 'variant': f'deconv ({cfg_label(args.deconv_cfg)})', 'bn': 'BN'}
+        kinds['variant'] = f'deconv ({cfg_label(args.deconv_cfg)})'
+    kinds['bn'] = 'BN'
     header = ['architecture'] + [f'{label} {e} ep' for e in epochs for label in kinds.values()] + \
         [f"time {' / '.join(kinds.values())} ({epochs[-1]} ep)"]
     lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]

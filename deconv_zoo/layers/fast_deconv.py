@@ -130,7 +130,7 @@ class FastDeconv(WhitenedWeightMixin, nn.Conv2d):
         with float32_statistics(x) as xs:
             recompute = in_backward_recompute()
             advance = self.freeze and self.track_running_stats
-            frozen = None
+            frozen, keep = None, False
             if self.freeze:
                 # fix: a checkpoint recompute runs after its forward advanced the counter; it must
                 # decide on the value that forward saw, or the step's gradients are wrong.
@@ -141,7 +141,7 @@ class FastDeconv(WhitenedWeightMixin, nn.Conv2d):
                 # statistics, as the reference did (same result as the selection below).
                 mean, deconv = self.running_mean.to(xs.dtype), self.running_deconv.to(xs.dtype)
             else:
-                mean, deconv = self._refreshed_statistics(xs, recompute)
+                mean, deconv, keep = self._refreshed_statistics(xs, recompute)
                 if frozen is not None:
                     # Frozen steps reuse the running statistics. Selecting with a tensor condition
                     # keeps the step free of host syncs and torch.compile recompiles.
@@ -149,7 +149,7 @@ class FastDeconv(WhitenedWeightMixin, nn.Conv2d):
                     deconv = torch.where(frozen, self.running_deconv.to(deconv.dtype), deconv)
             # lerp(r, r, m) == r exactly, so frozen steps leave the running buffers untouched.
             self._track(mean, deconv)
-            if self._follows_refresh_schedule() and self._refreshing and not recompute:
+            if keep:
                 self._reused = (mean.detach(), deconv.detach())  # kept once _track accepted them
             if advance and not recompute:
                 # fix: advanced after _track accepted the batch, so a non-finite one leaves it unchanged.
@@ -161,17 +161,20 @@ class FastDeconv(WhitenedWeightMixin, nn.Conv2d):
         return (self.refresh_every > 1 and self.num_features >= REFRESH_MIN_FEATURES and not self.freeze
                 and not torch.compiler.is_compiling())
 
-    def _refreshed_statistics(self, x: Tensor, recompute: bool) -> Tuple[Tensor, Tensor]:
+    def _refreshed_statistics(self, x: Tensor, recompute: bool) -> Tuple[Tensor, Tensor, bool]:
         """This training call's statistics under ``refresh_every``: fresh ones, or the last ones
-        again. A gradient-checkpoint recompute repeats the choice its forward made."""
+        again; and whether they are fresh ones for the schedule to keep (not in a recompute, which
+        repeats the choice its forward made)."""
         if not self._follows_refresh_schedule():
-            return self.batch_statistics(x)
+            return self.batch_statistics(x) + (False,)
         if not recompute:
             reused = self._reused
             self._refreshing = (reused is None or self._reuse_count + 1 >= self.refresh_every
                                 or reused[1].device != x.device or reused[1].dtype != x.dtype)
             self._reuse_count = 0 if self._refreshing else self._reuse_count + 1
-        return self.batch_statistics(x) if self._refreshing else self._reused
+        if not self._refreshing:
+            return self._reused + (False,)
+        return self.batch_statistics(x) + (not recompute,)
 
     def _fold(self, weight: Tensor, bias: Optional[Tensor], mean: Tensor, deconv: Tensor) -> Tuple[Tensor, Tensor]:
         return fold_conv_whitening(weight, bias, mean, deconv, self.groups)
