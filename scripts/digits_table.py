@@ -4,6 +4,7 @@
     python scripts/digits_table.py                      # resnet18, vgg16, preact_resnet18, mobilenetv2
     python scripts/digits_table.py --archs resnet18 senet18 --epochs 1 5 --img-size 32
     python scripts/digits_table.py --archs resnet18 --deconv-cfg '{"refresh_every": 4}'
+    python scripts/digits_table.py --archs resnet18 --seeds 0 1 2   # mean (min-max) over seeds
 
 For every CIFAR architecture it trains ``<arch>_cifar_deconv`` and ``<arch>_cifar`` with
 scripts/train.py (digits recipe: SGD momentum 0.9, lr 0.1, weight decay 1e-3, batch 64, cosine
@@ -12,7 +13,9 @@ per step, same seed), once per epoch budget (each a complete schedule, as the pa
 printed and, with --markdown-file, written; the raw numbers go to <output>/results.json.
 ``--deconv-cfg`` adds a third model per architecture, the deconv model with those FastDeconv
 settings (e.g. an approximation offered for speed), so that its effect on learning is measured
-beside the paper's layer and batch norm in the same table.
+beside the paper's layer and batch norm in the same table. With several ``--seeds`` every run is
+repeated per seed (initialisation, data order and augmentation; the held-out split stays fixed)
+and each cell gives the mean top-1 and the range over the seeds.
 """
 import argparse
 import csv
@@ -21,7 +24,7 @@ import os
 import subprocess
 import sys
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 TRAIN_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py')
 DEFAULT_ARCHS = ('resnet18', 'vgg16', 'preact_resnet18', 'mobilenetv2')
@@ -38,12 +41,12 @@ def run_folder(log: str, default: str) -> str:
     return reported[-1] if reported else default
 
 
-def train_run(model: str, epochs: int, args: argparse.Namespace,
+def train_run(model: str, epochs: int, seed: int, args: argparse.Namespace,
               deconv_cfg: Optional[Dict[str, Any]] = None) -> Dict[str, Optional[float]]:
-    """Train one model for ``epochs`` epochs; its final validation top-1 and the wall time."""
-    experiment = f'{model}-e{epochs}' + (f"-{cfg_label(deconv_cfg).replace(', ', '-')}" if deconv_cfg else '')
+    """Train one model for ``epochs`` epochs with ``seed``; its final validation top-1 and the wall time."""
+    experiment = f'{model}-e{epochs}-s{seed}' + (f"-{cfg_label(deconv_cfg).replace(', ', '-')}" if deconv_cfg else '')
     command = [sys.executable, TRAIN_SCRIPT, '--model', model, '--dataset', 'digits', '--recipe', 'digits',
-               '--epochs', str(epochs), '--img-size', str(args.img_size), '--seed', str(args.seed),
+               '--epochs', str(epochs), '--img-size', str(args.img_size), '--seed', str(seed),
                '--output', args.output, '--experiment', experiment, '--no-progress']
     if deconv_cfg:
         command += ['--model-kwargs', f'deconv_cfg={deconv_cfg!r}']
@@ -61,12 +64,28 @@ def train_run(model: str, epochs: int, args: argparse.Namespace,
     return dict(top1=top1, seconds=seconds)
 
 
-def markdown_table(results: Dict[str, Dict[str, Dict[int, Dict[str, Optional[float]]]]], epochs: List[int],
-                   args: argparse.Namespace) -> str:
-    """Rows: architectures; columns: deconv and BN top-1 per epoch budget, then training times."""
-    def cell(value: Optional[float], fmt: str) -> str:
-        return 'failed' if value is None else format(value, fmt)
+Runs = List[Dict[str, Optional[float]]]  # one per seed
 
+
+def top1_cell(runs: Runs) -> str:
+    """One seed's top-1, or the mean and range over seeds; 'failed' if any run failed."""
+    top1s = [run['top1'] for run in runs]
+    if any(top1 is None for top1 in top1s):
+        return 'failed'
+    if len(top1s) == 1:
+        return f'{top1s[0]:.2f}'
+    return f'{sum(top1s) / len(top1s):.2f} ({min(top1s):.2f}–{max(top1s):.2f})'
+
+
+def seeds_label(seeds: Sequence[int]) -> str:
+    if len(seeds) == 1:
+        return f'seed {seeds[0]}'
+    return f"mean (min–max) over seeds {', '.join(map(str, seeds))}"
+
+
+def markdown_table(results: Dict[str, Dict[str, Dict[int, Runs]]], epochs: List[int],
+                   args: argparse.Namespace) -> str:
+    """Rows: architectures; columns: deconv and BN top-1 per epoch budget, then mean training times."""
     kinds = {'deconv': 'deconv'}
     if args.deconv_cfg:
         kinds['variant'] = f'deconv ({cfg_label(args.deconv_cfg)})'
@@ -77,13 +96,14 @@ def markdown_table(results: Dict[str, Dict[str, Dict[int, Dict[str, Optional[flo
     for arch, runs in results.items():
         row = [f'`{arch}_cifar`']
         for e in epochs:
-            row += [cell(runs[kind][e]['top1'], '.2f') for kind in kinds]
+            row += [top1_cell(runs[kind][e]) for kind in kinds]
         last = epochs[-1]
-        row.append(' / '.join(f"{runs[kind][last]['seconds']:.0f} s" for kind in kinds))
+        row.append(' / '.join(f"{sum(run['seconds'] for run in runs[kind][last]) / len(runs[kind][last]):.0f} s"
+                              for kind in kinds))
         lines.append('| ' + ' | '.join(row) + ' |')
     lines.append('')
     lines.append(f'Validation top-1 (%) on the 360 held-out digits, {args.img_size}x{args.img_size} input, '
-                 f'seed {args.seed}; each column is a complete run of that many epochs.')
+                 f'{seeds_label(args.seeds)}; each column is a complete run of that many epochs.')
     return '\n'.join(lines)
 
 
@@ -93,19 +113,21 @@ def main(argv: Optional[List[str]] = None) -> str:
                         help='CIFAR architectures (the part before _cifar), e.g. resnet18 vgg16')
     parser.add_argument('--epochs', type=int, nargs='+', default=[1, 5], help='epoch budgets, one run each')
     parser.add_argument('--img-size', type=int, default=32, help='input size the digits are resized to')
-    parser.add_argument('--seed', type=int, default=0, help='seed of every run')
+    parser.add_argument('--seeds', '--seed', type=int, nargs='+', default=[0],
+                        help='seeds; every run is repeated once per seed')
     parser.add_argument('--output', default='output/digits_table', help='folder of the runs')
     parser.add_argument('--markdown-file', default='', help='also write the table here')
     parser.add_argument('--deconv-cfg', type=json.loads, default=None,
                         help='JSON FastDeconv settings of a third model per architecture, e.g. \'{"refresh_every": 4}\'')
     args = parser.parse_args(argv)
 
-    results: Dict[str, Dict[str, Dict[int, Dict[str, Optional[float]]]]] = {}
+    results: Dict[str, Dict[str, Dict[int, Runs]]] = {}
     for arch in args.archs:
         models = [('deconv', f'{arch}_cifar_deconv', None), ('bn', f'{arch}_cifar', None)]
         if args.deconv_cfg:
             models.insert(1, ('variant', f'{arch}_cifar_deconv', args.deconv_cfg))
-        results[arch] = {kind: {e: train_run(model, e, args, cfg) for e in args.epochs} for kind, model, cfg in models}
+        results[arch] = {kind: {e: [train_run(model, e, seed, args, cfg) for seed in args.seeds] for e in args.epochs}
+                         for kind, model, cfg in models}
     os.makedirs(args.output, exist_ok=True)
     with open(os.path.join(args.output, 'results.json'), 'w') as f:
         json.dump(results, f, indent=2)

@@ -15,13 +15,14 @@ def load_script():
 
 
 def runs(*top1s):
-    return {epochs: dict(top1=top1, seconds=10.0 * epochs) for epochs, top1 in zip((1, 5), top1s)}
+    """One seed's runs: top-1 of the 1- and 5-epoch schedules."""
+    return {epochs: [dict(top1=top1, seconds=10.0 * epochs)] for epochs, top1 in zip((1, 5), top1s)}
 
 
 def test_table_has_a_column_per_model_and_epoch_budget():
     table = load_script().markdown_table(
         {'resnet18': dict(deconv=runs(73.1, 98.9), bn=runs(10.0, None))}, [1, 5],
-        argparse.Namespace(img_size=16, seed=0, deconv_cfg=None)).splitlines()
+        argparse.Namespace(img_size=16, seeds=[0], deconv_cfg=None)).splitlines()
     assert table[0] == '| architecture | deconv 1 ep | BN 1 ep | deconv 5 ep | BN 5 ep | time deconv / BN (5 ep) |'
     assert table[2] == '| `resnet18_cifar` | 73.10 | 10.00 | 98.90 | failed | 50 s / 50 s |'
 
@@ -29,9 +30,18 @@ def test_table_has_a_column_per_model_and_epoch_budget():
 def test_deconv_cfg_adds_the_variant_beside_the_paper_layer():
     table = load_script().markdown_table(
         {'resnet18': dict(deconv=runs(73.1, 98.9), variant=runs(60.0, 99.4), bn=runs(10.0, 76.4))}, [1, 5],
-        argparse.Namespace(img_size=16, seed=0, deconv_cfg={'refresh_every': 4})).splitlines()
+        argparse.Namespace(img_size=16, seeds=[0], deconv_cfg={'refresh_every': 4})).splitlines()
     assert table[0].startswith('| architecture | deconv 1 ep | deconv (refresh_every=4) 1 ep | BN 1 ep | deconv 5 ep |')
     assert table[2] == '| `resnet18_cifar` | 73.10 | 60.00 | 10.00 | 98.90 | 99.40 | 76.40 | 50 s / 50 s / 50 s |'
+
+
+def test_several_seeds_give_mean_and_range():
+    seeds = [dict(top1=top1, seconds=seconds) for top1, seconds in ((99.44, 170.0), (98.61, 180.0), (99.17, 175.0))]
+    table = load_script().markdown_table(
+        {'resnet18': dict(deconv={5: seeds}, bn={5: seeds[:2] + [dict(top1=None, seconds=60.0)]})}, [5],
+        argparse.Namespace(img_size=16, seeds=[0, 1, 2], deconv_cfg=None)).splitlines()
+    assert table[2] == '| `resnet18_cifar` | 99.07 (98.61–99.44) | failed | 175 s / 137 s |'
+    assert table[-1].endswith('mean (min–max) over seeds 0, 1, 2; each column is a complete run of that many epochs.')
 
 
 def test_results_are_read_from_the_folder_the_run_reports():
