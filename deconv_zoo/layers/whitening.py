@@ -346,7 +346,10 @@ def fold_conv_whitening(
     out_ch, nf = weight.shape[0], deconv.shape[-1]
     with record_function('deconv::fold'):
         if groups == 1:
-            w = weight.reshape(out_ch, nf, -1).transpose(1, 2) @ deconv  # (O, G, nf)
+            # One (O*G, nf) @ (nf, nf) product. Left to matmul, the transposed 3-D operand is
+            # not folded when D needs no gradient (reused or running statistics): it broadcasts D
+            # into O small products, 1.5 to 7 times slower on CPU.
+            w = (weight.reshape(out_ch, nf, -1).transpose(1, 2).reshape(-1, nf) @ deconv).view(out_ch, -1, nf)
             # Summing the blocks before the product leaves autograd an (O, nf) tensor to keep
             # instead of a second weight-sized one.
             shift = w.sum(dim=1) @ mean
