@@ -6,6 +6,7 @@ covariance: values and gradients in float64, plus gradcheck; frozen steps that s
 against the selection they replace.
 """
 import copy
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -132,10 +133,27 @@ def test_patch_moments_equal_autograd_covariance(shape):
 
 GEOMETRIES = {
     'k3_s3': ((3, 3), (1, 1), (1, 1), (3, 3)),
+    'k3_s3_unpadded': ((3, 3), (1, 1), (0, 0), (3, 3)),  # pixels past the last window on both axes
+    'k2_s2': ((2, 2), (1, 1), (0, 0), (2, 2)),
     'k3_s6_dilation2': ((3, 3), (2, 2), (2, 2), (6, 6)),
     'k7_s2': ((7, 7), (1, 1), (3, 3), (2, 2)),
     'k1_s3': ((1, 1), (1, 1), (0, 0), (3, 3)),
 }
+
+
+@contextmanager
+def nan_filled_empty():
+    """torch.empty returns NaN-filled memory inside (deterministic mode's fill)."""
+    enabled, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        assert torch.isnan(torch.empty(4)).all()
+        yield
+    finally:
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+        torch.utils.deterministic.fill_uninitialized_memory = fill
 
 
 @pytest.mark.parametrize('geometry', GEOMETRIES.values(), ids=GEOMETRIES.keys())
@@ -144,7 +162,11 @@ def test_patches_adjoint_is_the_transpose_of_sampling(geometry):
     patches = whitening.sample_patches(x, *geometry)
     grad = torch.randn(patches.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     patches.backward(grad)
-    assert_rel(whitening.patches_adjoint(grad, x.shape, *geometry), x.grad, 1e-14)
+    # Deterministic mode fills uninitialised memory with NaN, so a pixel that the adjoint leaves
+    # unwritten cannot pass for zero.
+    with nan_filled_empty():
+        adjoint = whitening.patches_adjoint(grad, x.shape, *geometry)
+    assert_rel(adjoint, x.grad, 1e-14)
 
 
 def test_symmetric_gram_equals_full_product():

@@ -242,9 +242,15 @@ def patches_adjoint(
     if sh > dh * (kh - 1) and sw > dw * (kw - 1):
         # perf: windows that do not overlap (e.g. kernel 3, sampling stride 3) hit every pixel at
         # most once, so the adjoint is one strided copy instead of a col2im accumulation.
-        padded = grad.new_zeros(n, c, h + 2 * ph, w + 2 * pw)
+        tiled = (dh, dw) == (1, 1) and (sh, sw) == (kh, kw)
+        # When the windows tile the image, only the strips past the last window need zeros:
+        # zero-filling the whole image cost as much as the copy (MobileNet-v2's expanded layers).
+        padded = (grad.new_empty if tiled else grad.new_zeros)(n, c, h + 2 * ph, w + 2 * pw)
         view = _patch_view(padded, geometry)
         view.copy_(grad.view(view.shape))
+        if tiled:
+            padded[:, :, view.shape[4] * kh:].zero_()
+            padded[:, :, :, view.shape[5] * kw:].zero_()
         return padded[:, :, ph:ph + h, pw:pw + w]
     cols = grad.reshape(grad.shape[0], n, -1).transpose(0, 1)
     return F.fold(cols, (h, w), kernel_size, dilation=dilation, padding=padding, stride=sampling_stride)
