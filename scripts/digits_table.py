@@ -21,6 +21,7 @@ import argparse
 import csv
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -74,7 +75,7 @@ def top1_cell(runs: Runs) -> str:
         return 'failed'
     if len(top1s) == 1:
         return f'{top1s[0]:.2f}'
-    return f'{sum(top1s) / len(top1s):.2f} ({min(top1s):.2f}–{max(top1s):.2f})'
+    return f'{statistics.mean(top1s):.2f} ({min(top1s):.2f}–{max(top1s):.2f})'
 
 
 def seeds_label(seeds: Sequence[int]) -> str:
@@ -98,8 +99,7 @@ def markdown_table(results: Dict[str, Dict[str, Dict[int, Runs]]], epochs: List[
         for e in epochs:
             row += [top1_cell(runs[kind][e]) for kind in kinds]
         last = epochs[-1]
-        row.append(' / '.join(f"{sum(run['seconds'] for run in runs[kind][last]) / len(runs[kind][last]):.0f} s"
-                              for kind in kinds))
+        row.append(' / '.join(f"{statistics.mean(run['seconds'] for run in runs[kind][last]):.0f} s" for kind in kinds))
         lines.append('| ' + ' | '.join(row) + ' |')
     lines.append('')
     lines.append(f'Validation top-1 (%) on the 360 held-out digits, {args.img_size}x{args.img_size} input, '
