@@ -1,8 +1,8 @@
 """The fast evaluations in whitening.py compute exactly what the plain formulations compute (issue #5).
 
 newton_schulz_eigh (one eigendecomposition) against newton_schulz_iteration (the paper's matrix
-iteration, differentiated by autograd), PatchMoments (one-product backward) against the autograd
-covariance: values and gradients in float64, plus gradcheck; frozen steps that skip the statistics
+iteration, differentiated by autograd), PatchMoments (one-product backward, patches rebuilt or
+kept) against the autograd covariance: values and gradients in float64, plus gradcheck; frozen steps that skip the statistics
 against the selection they replace.
 """
 import copy
@@ -167,6 +167,37 @@ def test_patches_adjoint_is_the_transpose_of_sampling(geometry):
     with nan_filled_empty():
         adjoint = whitening.patches_adjoint(grad, x.shape, *geometry)
     assert_rel(adjoint, x.grad, 1e-14)
+
+
+@pytest.mark.parametrize('rebuild', [True, False], ids=['rebuilt', 'kept'])
+@pytest.mark.parametrize('groups', [1, 3])
+@pytest.mark.parametrize('geometry', [GEOMETRIES['k3_s3'], GEOMETRIES['k2_s2'], GEOMETRIES['k1_s3']],
+                         ids=['k3_s3', 'k2_s2', 'k1_s3'])
+def test_conv_patch_moments_equal_autograd_over_sampled_patches(geometry, groups, rebuild, monkeypatch):
+    """Both backward routes (patch matrix rebuilt from x, or kept from the forward pass) give the
+    gradient that autograd takes through sample_patches and the plain covariance."""
+    monkeypatch.setattr(whitening, 'REBUILD_MIN_FEATURES', 1 if rebuild else 10 ** 6)
+    x0 = torch.randn(2, 6, 11, 10, generator=torch.Generator().manual_seed(7), dtype=torch.float64) + 0.4
+    nf = 6 // groups * geometry[0][0] * geometry[0][1] if groups > 1 else 2 * geometry[0][0] * geometry[0][1]
+    shape = (nf, -1) if groups == 1 else (groups, nf, -1)
+
+    def plain(x):
+        samples = whitening.sample_patches(x, *geometry).reshape(shape)
+        mean = samples.mean(dim=-1)
+        centred = samples - mean[..., None]
+        return mean, centred @ centred.transpose(-1, -2) / samples.shape[-1]
+
+    results = []
+    for fn in (plain, lambda x: PatchMoments.apply(x, geometry, shape)):
+        x = x0.clone().requires_grad_()
+        mean, cov = fn(x)
+        g = torch.Generator().manual_seed(8)
+        upstream_mean = torch.randn(mean.shape, generator=g, dtype=torch.float64)
+        upstream_cov = torch.randn(cov.shape, generator=g, dtype=torch.float64)
+        ((mean * upstream_mean).sum() + (cov * upstream_cov).sum()).backward()
+        results.append((mean, cov, x.grad))
+    for actual, expected in zip(results[1], results[0]):
+        assert_rel(actual.detach(), expected.detach(), 1e-12)
 
 
 def test_symmetric_gram_equals_full_product():

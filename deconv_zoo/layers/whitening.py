@@ -20,8 +20,8 @@ Everything here is differentiable: the paper back-propagates through the statist
 
 Cost (issue #5): the covariance and Newton-Schulz dominate a training step's extra work. Both
 keep the paper's function and are only evaluated more cheaply: the covariance computes half of
-its symmetric product and differentiates it with one product, rebuilding the patch matrix in the
-backward pass instead of keeping it (``PatchMoments``); on CPU the Newton-Schulz polynomial is
+its symmetric product and differentiates it with one product, rebuilding large patch matrices in
+the backward pass instead of keeping them (``PatchMoments``); on CPU the Newton-Schulz polynomial is
 applied to the eigenvalues of ONE symmetric eigendecomposition (``newton_schulz_eigh``) instead
 of about 36 matrix products forward and backward. The ``deconv::*`` profiler scopes name the
 parts for ``scripts/benchmark.py --profile``.
@@ -43,6 +43,13 @@ __all__ = [
 # backward on a 2-core VM: even at nf = 147, about 2x at 288, 3x at 576). On GPUs the matrix
 # products are cheap and torch.linalg.eigh synchronises with the host, so the iteration stays.
 EIGH_MIN_SIZE = 128
+
+# From this many patch features on, the covariance's backward pass rebuilds the centred patch
+# matrix from x instead of keeping it: there the products dominate (MACs grow with the features,
+# the rebuild does not) and the matrix, as large as x for tiled 3x3 windows, would double what a
+# layer holds. Below it (depthwise 3x3: 9 features; 1x1 with blocks of 64; stems) the strided
+# copy and centring were half of the covariance's backward, and keeping costs little memory.
+REBUILD_MIN_FEATURES = 128
 
 
 def isqrt_newton_schulz(cov: Tensor, n_iter: int) -> Tensor:
@@ -265,10 +272,11 @@ class PatchMoments(torch.autograd.Function):
 
     Autograd would differentiate Xc Xc^T with two products (one per factor); as both factors
     are the same matrix, dL/dX = (G + G^T) Xc / M + dL/dmean / M is ONE product (the centring
-    term vanishes because the rows of Xc sum to zero). Only ``x`` (which the convolution keeps
-    anyway) and the mean are saved: the backward rebuilds the patch matrix instead of holding
-    an activation-sized copy per layer until then. The patches are copied once, straight out of
-    a strided view of ``x``, into the layout of the products, and centred in place.
+    term vanishes because the rows of Xc sum to zero). With ``REBUILD_MIN_FEATURES`` or more
+    features only ``x`` (which the convolution keeps anyway) and the mean are saved, and the
+    backward rebuilds the patch matrix instead of holding an activation-sized copy per layer until
+    then; smaller whitenings keep Xc. The patches are copied once, straight out of a strided view
+    of ``x``, into the layout of the products, and centred in place.
     """
 
     @staticmethod
@@ -285,22 +293,24 @@ class PatchMoments(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, geometry: Optional[Geometry], shape: Tuple[int, ...]) -> Tuple[Tensor, Tensor]:
         centred, mean = PatchMoments._centred(x, geometry, shape)
-        ctx.geometry, ctx.shape = geometry, shape
-        ctx.save_for_backward(x, mean)
+        ctx.geometry, ctx.shape, ctx.x_shape = geometry, shape, x.shape
+        ctx.rebuild = centred.shape[-2] >= REBUILD_MIN_FEATURES
+        ctx.save_for_backward(x if ctx.rebuild else centred, mean)
         return mean, symmetric_gram(centred).div_(centred.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_mean: Tensor, grad_cov: Tensor) -> Tuple[Tensor, None, None]:
-        x, mean = ctx.saved_tensors
-        centred, _ = PatchMoments._centred(x, ctx.geometry, ctx.shape, mean)
+        saved, mean = ctx.saved_tensors
+        centred = PatchMoments._centred(saved, ctx.geometry, ctx.shape, mean)[0] if ctx.rebuild else saved
+        x_shape = ctx.x_shape
         m = centred.shape[-1]
         # (G + G^T) Xc / M + dL/dmean / M, with the mean term as the product's added input.
         grad = torch.baddbmm(grad_mean[..., None] / m, (grad_cov + grad_cov.transpose(-1, -2)) / m, centred) \
             if centred.dim() == 3 else torch.addmm(grad_mean[..., None] / m, (grad_cov + grad_cov.t()) / m, centred)
         if ctx.geometry is None:
-            return grad.reshape(x.shape), None, None
-        rows = x.shape[1] * ctx.geometry[0][0] * ctx.geometry[0][1]  # C*kh*kw
-        return patches_adjoint(grad.reshape(rows, -1), x.shape, *ctx.geometry), None, None
+            return grad.reshape(x_shape), None, None
+        rows = x_shape[1] * ctx.geometry[0][0] * ctx.geometry[0][1]  # C*kh*kw
+        return patches_adjoint(grad.reshape(rows, -1), x_shape, *ctx.geometry), None, None
 
 
 def whitening_statistics(patches: Tensor, groups: int, nf: int, eps: float, n_iter: int) -> Tuple[Tensor, Tensor]:
