@@ -17,6 +17,7 @@ from torch import Tensor
 
 from .layers import ChannelDeconv, Delinear, FastDeconv, isqrt_newton_schulz, sample_patches
 from .layers._stats import warn_once
+from .layers.whitening import pixel_samples
 
 __all__ = ['SyncFastDeconv', 'SyncDelinear', 'convert_sync_deconv', 'global_whitening_statistics', 'average_buffers']
 
@@ -99,7 +100,7 @@ class SyncFastDeconv(FastDeconv):
         n, c, h, w = x.shape
         step = self.sampling_stride[0] * self.sampling_stride[1]
         start = -_global_offset(n * h * w, x.device, self.process_group) % step
-        return x.transpose(0, 1).reshape(c, n * h * w)[:, start::step]
+        return pixel_samples(x, step, start)
 
 
 class SyncDelinear(Delinear):

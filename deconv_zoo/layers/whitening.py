@@ -166,11 +166,10 @@ def newton_schulz_eigh(cov: Tensor, n_iter: int) -> Tensor:
 Geometry = Tuple[Tuple[int, int], Tuple[int, int], Tuple[int, int], Tuple[int, int]]
 
 
-def _sampled_pixels(x_shape: torch.Size, step: int, device: torch.device) -> Tuple[Tensor, Tensor]:
-    """Image and pixel indices of every ``step``-th pixel of the flattened (N, H, W) order."""
-    n, _, h, w = x_shape
-    flat = torch.arange(0, n * h * w, step, device=device)
-    return flat.div(h * w, rounding_mode='floor'), flat.remainder(h * w)
+def pixel_samples(x: Tensor, step: int, start: int = 0) -> Tensor:
+    """Every ``step``-th pixel of the flattened (N, H, W) order, from ``start``, as (C, S): the
+    samples of a 1x1 kernel. A strided view of the channel-major copy of ``x``."""
+    return x.transpose(0, 1).reshape(x.shape[1], -1)[:, start::step]
 
 
 def _patch_view(padded: Tensor, geometry: Geometry) -> Tensor:
@@ -187,8 +186,7 @@ def _sample_view(x: Tensor, geometry: Geometry) -> Tensor:
     1x1 kernels."""
     (kh, kw), _, (ph, pw), (sh, sw) = geometry
     if (kh, kw) == (1, 1):
-        images, pixels = _sampled_pixels(x.shape, sh * sw, x.device)
-        return x.flatten(2)[images, :, pixels].t()
+        return pixel_samples(x, sh * sw)
     padded = F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
     return _patch_view(padded, geometry)
 
@@ -241,10 +239,11 @@ def patches_adjoint(
     n, c, h, w = x_shape
     (kh, kw), (dh, dw), (ph, pw), (sh, sw) = kernel_size, dilation, padding, sampling_stride
     if (kh, kw) == (1, 1):
-        pixels = grad.new_zeros(n, c, h * w)
-        images, sampled = _sampled_pixels(x_shape, sh * sw, grad.device)
-        pixels[images, :, sampled] = grad.t()
-        return pixels.view(x_shape)
+        # Written channel-major, where the samples are one strided slice (an index_put into the
+        # (N, C, H*W) layout took four times as long); handed back in x's layout.
+        pixels = grad.new_zeros(c, n * h * w)
+        pixels[:, ::sh * sw] = grad
+        return pixels.view(c, n, h, w).transpose(0, 1)
     geometry = (kernel_size, dilation, padding, sampling_stride)
     if sh > dh * (kh - 1) and sw > dw * (kw - 1):
         # perf: windows that do not overlap (e.g. kernel 3, sampling stride 3) hit every pixel at
