@@ -182,7 +182,7 @@ def _patch_view(padded: Tensor, geometry: Geometry) -> Tensor:
 
 def _sample_view(x: Tensor, geometry: Geometry) -> Tensor:
     """The patch matrix of ``sample_patches`` before its reshape to (C*kh*kw, S): a strided view
-    (C, kh, kw, N, Lh, Lw) of ``x`` for kernels above 1x1, the gathered sampled pixels (C, S) for
+    (C, kh, kw, N, Lh, Lw) of ``x`` for kernels above 1x1, the sampled pixels (C, S) for
     1x1 kernels."""
     (kh, kw), _, (ph, pw), (sh, sw) = geometry
     if (kh, kw) == (1, 1):
