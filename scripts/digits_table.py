@@ -5,6 +5,7 @@
     python scripts/digits_table.py --archs resnet18 senet18 --epochs 1 5 --img-size 32
     python scripts/digits_table.py --archs resnet18 --deconv-cfg '{"refresh_every": 4}'
     python scripts/digits_table.py --archs resnet18 --seeds 0 1 2   # mean (min-max) over seeds
+    python scripts/digits_table.py --archs resnet18 --deconv-cfg '{"refresh_every": 4}' --models variant
 
 For every CIFAR architecture it trains ``<arch>_cifar_deconv`` and ``<arch>_cifar`` with
 scripts/train.py (digits recipe: SGD momentum 0.9, lr 0.1, weight decay 1e-3, batch 64, cosine
@@ -91,6 +92,8 @@ def markdown_table(results: Dict[str, Dict[str, Dict[int, Runs]]], epochs: List[
     if args.deconv_cfg:
         kinds['variant'] = f'deconv ({cfg_label(args.deconv_cfg)})'
     kinds['bn'] = 'BN'
+    measured = next(iter(results.values()))
+    kinds = {kind: label for kind, label in kinds.items() if kind in measured}  # those --models ran
     header = ['architecture'] + [f'{label} {e} ep' for e in epochs for label in kinds.values()] + \
         [f"time {' / '.join(kinds.values())} ({epochs[-1]} ep)"]
     lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
@@ -119,13 +122,19 @@ def main(argv: Optional[List[str]] = None) -> str:
     parser.add_argument('--markdown-file', default='', help='also write the table here')
     parser.add_argument('--deconv-cfg', type=json.loads, default=None,
                         help='JSON FastDeconv settings of a third model per architecture, e.g. \'{"refresh_every": 4}\'')
+    parser.add_argument('--models', nargs='+', choices=('deconv', 'variant', 'bn'), default=None,
+                        help='train only these of the models (variant: the --deconv-cfg one), e.g. to re-measure '
+                             'a changed approximation alone; default: all')
     args = parser.parse_args(argv)
+    if args.models and 'variant' in args.models and not args.deconv_cfg:
+        parser.error('--models variant needs --deconv-cfg')
 
     results: Dict[str, Dict[str, Dict[int, Runs]]] = {}
     for arch in args.archs:
         models = [('deconv', f'{arch}_cifar_deconv', None), ('bn', f'{arch}_cifar', None)]
         if args.deconv_cfg:
             models.insert(1, ('variant', f'{arch}_cifar_deconv', args.deconv_cfg))
+        models = [m for m in models if not args.models or m[0] in args.models]
         results[arch] = {kind: {e: [train_run(model, e, seed, args, cfg) for seed in args.seeds] for e in args.epochs}
                          for kind, model, cfg in models}
     os.makedirs(args.output, exist_ok=True)

@@ -49,3 +49,19 @@ def test_results_are_read_from_the_folder_the_run_reports():
     log = 'resnet18_cifar_deconv: 11.17M parameters\nrun folder: out/resnet18-e5-1\nvalidation top-1 99.44%\n'
     assert module.run_folder(log, 'out/resnet18-e5') == 'out/resnet18-e5-1'  # the name already held a run
     assert module.run_folder('no such line', 'out/resnet18-e5') == 'out/resnet18-e5'
+
+
+def test_models_option_trains_and_tabulates_only_those(monkeypatch, tmp_path):
+    module = load_script()
+    trained = []
+
+    def fake_run(model, epochs, seed, args, deconv_cfg=None):
+        trained.append((model, deconv_cfg))
+        return dict(top1=90.0, seconds=1.0)
+
+    monkeypatch.setattr(module, 'train_run', fake_run)
+    table = module.main(['--archs', 'resnet18', '--epochs', '5', '--output', str(tmp_path),
+                         '--deconv-cfg', '{"refresh_every": 4}', '--models', 'variant']).splitlines()
+    assert trained == [('resnet18_cifar_deconv', {'refresh_every': 4})]
+    assert table[0] == '| architecture | deconv (refresh_every=4) 5 ep | time deconv (refresh_every=4) (5 ep) |'
+    assert table[2] == '| `resnet18_cifar` | 90.00 | 1 s |'

@@ -1,8 +1,8 @@
-"""FastDeconv(refresh_every=k): the opt-in approximation that computes the statistics of large
-whitening matrices on every k-th training call only and reuses them in between (issue #5). The
-default (k = 1) is the paper's layer, pinned by the oracle tests in test_layers.py; here the
-schedule itself is checked against a direct computation: which calls are fresh, what the others
-reuse, their gradients and running buffers (gradient checkpointing:
+"""FastDeconv(refresh_every=k): the opt-in approximation that computes the whitening matrix of
+large layers on every k-th training call only and reuses it in between, with the patch mean of
+every call (issue #5). The default (k = 1) is the paper's layer, pinned by the oracle tests in
+test_layers.py; here the schedule itself is checked against a direct computation: which calls are
+fresh, what the others reuse, their gradients and running buffers (gradient checkpointing:
 test_layers.py::test_checkpoint_tracks_statistics_once).
 """
 import pytest
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import deconv_zoo  # noqa: F401
 from deconv_zoo.layers import FastDeconv, fast_deconv
-from deconv_zoo.layers.whitening import fold_conv_whitening
+from deconv_zoo.layers.whitening import conv_patch_mean, fold_conv_whitening
 from test_layers import assert_rel, random_input
 
 KWARGS = dict(in_channels=4, out_channels=3, kernel_size=3, padding=1, block=2, refresh_every=3)
@@ -27,6 +27,29 @@ def small_layers_follow_the_schedule(request, monkeypatch):
         monkeypatch.setattr(fast_deconv, 'REFRESH_MIN_FEATURES', 1)
 
 
+MEAN_CASES = {
+    'k3_pooled_blocks': dict(in_channels=8, out_channels=3, kernel_size=3, padding=1, block=4),
+    'k3_stride2': dict(in_channels=4, out_channels=3, kernel_size=3, stride=2, padding=1, block=2),
+    'k3_depthwise': dict(in_channels=6, out_channels=6, kernel_size=3, padding=1, groups=6),
+    'k1_pooled_blocks': dict(in_channels=8, out_channels=3, kernel_size=1, block=2),
+}
+
+
+@pytest.mark.parametrize('kwargs', MEAN_CASES.values(), ids=MEAN_CASES.keys())
+def test_patch_mean_equals_the_mean_of_the_batch_statistics(kwargs):
+    """What a reusing call recomputes: the patch mean, value and gradient, from the strided view."""
+    layer = FastDeconv(**kwargs).double()
+    x = random_input((3, kwargs['in_channels'], 8, 7), seed=1).requires_grad_()
+    expected = layer.batch_statistics(x)[0]
+    geometry = (layer.kernel_size, layer.dilation, layer.padding, layer.sampling_stride)
+    actual = conv_patch_mean(x, geometry, layer.groups, layer.num_features)
+    upstream = torch.randn(expected.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    expected_grad, = torch.autograd.grad((expected * upstream).sum(), x)
+    actual_grad, = torch.autograd.grad((actual * upstream).sum(), x)
+    assert_rel(actual, expected, 1e-13)
+    assert_rel(actual_grad, expected_grad, 1e-13)
+
+
 def count_statistics(monkeypatch):
     calls = []
     batch_statistics = FastDeconv.batch_statistics
@@ -34,7 +57,7 @@ def count_statistics(monkeypatch):
     return calls
 
 
-def test_statistics_are_computed_every_k_calls_and_reused_in_between(monkeypatch):
+def test_whitening_is_computed_every_k_calls_and_reused_in_between(monkeypatch):
     torch.manual_seed(0)
     layer = FastDeconv(**KWARGS).double()
     calls = count_statistics(monkeypatch)
@@ -49,11 +72,11 @@ def test_statistics_are_computed_every_k_calls_and_reused_in_between(monkeypatch
         grad, = torch.autograd.grad((out * upstream).sum(), x)
 
         xe = x.detach().requires_grad_()
-        if call % 3 == 0:  # the paper's function, with the gradient through the statistics
-            mean, deconv = layer.batch_statistics(xe)
-            last = (mean.detach(), deconv.detach())
-        else:  # the last fresh statistics, as constants
-            mean, deconv = last
+        mean, deconv = layer.batch_statistics(xe)  # the paper's, with gradients through both
+        if call % 3 == 0:
+            last_deconv = deconv.detach()
+        else:  # this call's mean, the last fresh whitening matrix as a constant
+            deconv = last_deconv
         weight, bias = fold_conv_whitening(layer.weight, layer.bias, mean, deconv, 1)
         expected = F.conv2d(xe, weight, bias, padding=1)
         expected_grad, = torch.autograd.grad((expected * upstream).sum(), xe)
@@ -101,14 +124,13 @@ def test_freeze_schedule_takes_precedence(monkeypatch):
 def test_non_finite_refresh_keeps_the_last_good_statistics():
     layer = FastDeconv(**dict(KWARGS, refresh_every=2)).double()
     layer(random_input(SHAPE, 0))
-    good = [t.clone() for t in layer._reused]
+    good = layer._reused_deconv.clone()
     layer(random_input(SHAPE, 1))  # reused
     bad = random_input(SHAPE, 2)
     bad[0, 0, 0, 0] = float('nan')
     with pytest.raises(FloatingPointError):
         layer(bad)
-    for kept, expected in zip(layer._reused, good):
-        assert torch.equal(kept, expected)
+    assert torch.equal(layer._reused_deconv, good)
 
 
 def test_invalid_refresh_every_raises():

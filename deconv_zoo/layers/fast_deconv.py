@@ -11,7 +11,7 @@ from torch import Tensor
 from torch.nn.modules.utils import _pair
 
 from ._stats import WhitenedWeightMixin, float32_statistics, in_backward_recompute, resolve_block
-from .whitening import conv_whitening_statistics, fold_conv_whitening
+from .whitening import conv_patch_mean, conv_whitening_statistics, fold_conv_whitening
 
 __all__ = ['FastDeconv']
 
@@ -37,10 +37,12 @@ class FastDeconv(WhitenedWeightMixin, nn.Conv2d):
     calls of every ``10 * freeze_iter``, the running ones in between (the reference's schedule).
 
     ``refresh_every=k > 1`` is an approximation offered for speed (not the paper's layer): a layer
-    with at least ``REFRESH_MIN_FEATURES`` patch features computes its batch statistics on every
-    k-th training call only, and the calls in between reuse the last ones as constants (no
-    gradient through them), which skips the covariance and Newton-Schulz work of those steps;
-    the running buffers still track the statistics in use every step. The schedule restarts with
+    with at least ``REFRESH_MIN_FEATURES`` patch features computes its whitening matrix on every
+    k-th training call only, and the calls in between reuse the last one as a constant (no
+    gradient through it), which skips the covariance and Newton-Schulz work of those steps. The
+    patch mean is computed on every call, with its gradient (a reduction, without copying the
+    patches): reusing it too cost SENet-18 3 points on digits. The running buffers still track
+    the statistics in use every step. The schedule restarts with
     a fresh computation after a reload or a device or dtype change. Layers with ``freeze=True``
     follow the freeze schedule instead, and compiled graphs compute fresh statistics every call.
     """
@@ -81,7 +83,7 @@ class FastDeconv(WhitenedWeightMixin, nn.Conv2d):
         if refresh_every < 1:
             raise ValueError(f'FastDeconv: refresh_every must be >= 1, got {refresh_every}')
         self.refresh_every = refresh_every
-        self._reused: Optional[Tuple[Tensor, Tensor]] = None  # the statistics refresh_every reuses
+        self._reused_deconv: Optional[Tensor] = None  # the whitening matrix refresh_every reuses
         self._reuse_count = 0
         self._refreshing = True
         self.track_running_stats = True
@@ -102,7 +104,7 @@ class FastDeconv(WhitenedWeightMixin, nn.Conv2d):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         state_dict.setdefault(prefix + 'counter', torch.zeros((), dtype=torch.long))
-        self._reused = None
+        self._reused_deconv = None
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def batch_statistics(self, x: Tensor) -> Tuple[Tensor, Tensor]:
@@ -150,7 +152,7 @@ class FastDeconv(WhitenedWeightMixin, nn.Conv2d):
             # lerp(r, r, m) == r exactly, so frozen steps leave the running buffers untouched.
             self._track(mean, deconv)
             if keep:
-                self._reused = (mean.detach(), deconv.detach())  # kept once _track accepted them
+                self._reused_deconv = deconv.detach()  # kept once _track accepted it
             if advance and not recompute:
                 # fix: advanced after _track accepted the batch, so a non-finite one leaves it unchanged.
                 self.counter.add_(1).remainder_(10 * self.freeze_iter)
@@ -162,18 +164,19 @@ class FastDeconv(WhitenedWeightMixin, nn.Conv2d):
                 and not torch.compiler.is_compiling())
 
     def _refreshed_statistics(self, x: Tensor, recompute: bool) -> Tuple[Tensor, Tensor, bool]:
-        """This training call's statistics under ``refresh_every``: fresh ones, or the last ones
-        again; and whether they are fresh ones for the schedule to keep (not in a recompute, which
-        repeats the choice its forward made)."""
+        """This training call's statistics under ``refresh_every``: fresh ones, or this call's mean
+        with the last whitening matrix; and whether they are fresh ones for the schedule to keep
+        (not in a recompute, which repeats the choice its forward made)."""
         if not self._follows_refresh_schedule():
             return self.batch_statistics(x) + (False,)
         if not recompute:
-            reused = self._reused
+            reused = self._reused_deconv
             self._refreshing = (reused is None or self._reuse_count + 1 >= self.refresh_every
-                                or reused[1].device != x.device or reused[1].dtype != x.dtype)
+                                or reused.device != x.device or reused.dtype != x.dtype)
             self._reuse_count = 0 if self._refreshing else self._reuse_count + 1
         if not self._refreshing:
-            return self._reused + (False,)
+            geometry = (self.kernel_size, self.dilation, self.padding, self.sampling_stride)
+            return conv_patch_mean(x, geometry, self.groups, self.num_features), self._reused_deconv, False
         return self.batch_statistics(x) + (not recompute,)
 
     def _fold(self, weight: Tensor, bias: Optional[Tensor], mean: Tensor, deconv: Tensor) -> Tuple[Tensor, Tensor]:

@@ -36,7 +36,7 @@ from torch.profiler import record_function
 __all__ = [
     'isqrt_newton_schulz', 'newton_schulz_iteration', 'newton_schulz_eigh', 'newton_schulz_polynomial',
     'PatchMoments', 'symmetric_gram', 'sample_patches', 'patches_adjoint', 'whitening_statistics',
-    'conv_whitening_statistics', 'fold_conv_whitening', 'fold_linear_whitening',
+    'conv_whitening_statistics', 'conv_patch_mean', 'fold_conv_whitening', 'fold_linear_whitening',
 ]
 
 # From this matrix size on, the eigendecomposition route is the faster one on CPU (forward +
@@ -209,6 +209,21 @@ def sample_patches(
         return view.reshape(x.shape[1] * kernel_size[0] * kernel_size[1], -1)
 
 
+def conv_patch_mean(x: Tensor, geometry: Geometry, groups: int, nf: int) -> Tensor:
+    """The mean of ``conv_whitening_statistics`` alone, for ``geometry`` = (kernel_size, dilation,
+    padding, sampling_stride); differentiable, reduced straight from the strided view of the
+    patches (no copy): what ``refresh_every`` recomputes on the calls that reuse the whitening."""
+    if geometry[0] == (1, 1):
+        rows = _sample_view(x, geometry).mean(dim=-1)
+    else:
+        # Every image is sampled at the same pixels: summing the batch first (one contiguous
+        # pass) leaves a strided reduction over one image, 1/N of the work.
+        view = _sample_view(x.sum(dim=0, keepdim=True), geometry)  # (C, kh, kw, 1, Lh, Lw)
+        rows = view.mean(dim=(-3, -2, -1)).reshape(-1) / x.shape[0]  # one per im2col row
+    # groups == 1: the interleaved channel blocks share one mean (see whitening_statistics).
+    return rows.view(nf, -1).mean(dim=-1) if groups == 1 else rows
+
+
 def symmetric_gram(x: Tensor, block_rows: int = 128) -> Tensor:
     """x x^T for x (..., n, M), computing only the lower block triangle (a BLAS syrk, which
     torch lacks): with n split into k row blocks of at least ``block_rows``, (k + 1) / 2k of
@@ -336,7 +351,7 @@ def conv_whitening_statistics(
         n_iter: int,
 ) -> Tuple[Tensor, Tensor]:
     """``whitening_statistics(sample_patches(x, ...), groups, nf, eps, n_iter)``, computed
-    without keeping the patch matrix alive for the backward pass (it is rebuilt from ``x``)."""
+    without keeping large patch matrices alive for the backward pass (see ``PatchMoments``)."""
     return _whitening(x, (kernel_size, dilation, padding, sampling_stride), groups, nf, eps, n_iter)
 
 
