@@ -2,8 +2,8 @@
 
 newton_schulz_eigh (one eigendecomposition) against newton_schulz_iteration (the paper's matrix
 iteration, differentiated by autograd), PatchMoments (one-product backward, patches rebuilt or
-kept) against the autograd covariance: values and gradients in float64, plus gradcheck; frozen steps that skip the statistics
-against the selection they replace.
+kept) against the autograd covariance: values and gradients in float64, plus gradcheck; frozen
+steps that skip the statistics against the selection they replace.
 """
 import copy
 from contextlib import contextmanager
@@ -108,27 +108,33 @@ def test_polynomial_divided_differences():
     assert_rel(divided, divided.t(), 1e-13)
 
 
+def centred_moments(samples):
+    """The plain formulation: mean and centred covariance, differentiated by autograd."""
+    mean = samples.mean(dim=-1)
+    centred = samples - mean[..., None]
+    return mean, centred @ centred.transpose(-1, -2) / samples.shape[-1]
+
+
+def assert_moments_match(fast, plain, x0, seed):
+    """Mean, covariance and the input gradient under random upstreams agree (float64)."""
+    results = []
+    for fn in (plain, fast):
+        x = x0.clone().requires_grad_()
+        mean, cov = fn(x)
+        g = torch.Generator().manual_seed(seed)
+        upstream_mean = torch.randn(mean.shape, generator=g, dtype=torch.float64)
+        upstream_cov = torch.randn(cov.shape, generator=g, dtype=torch.float64)
+        ((mean * upstream_mean).sum() + (cov * upstream_cov).sum()).backward()
+        results.append((mean, cov, x.grad))
+    for actual, expected in zip(results[1], results[0]):
+        assert_rel(actual.detach(), expected.detach(), 1e-12)
+
+
 @pytest.mark.parametrize('shape', [(4, 12), (2, 3, 10)], ids=['pooled', 'grouped'])
 def test_patch_moments_equal_autograd_covariance(shape):
     samples = torch.randn(shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64) + 0.7
     assert gradcheck(lambda x: PatchMoments.apply(x, None, shape), (samples.clone().requires_grad_(),))
-
-    def plain(x):
-        mean = x.mean(dim=-1)
-        centred = x - mean[..., None]
-        return mean, centred @ centred.transpose(-1, -2) / x.shape[-1]
-
-    g = torch.Generator().manual_seed(4)
-    grad_mean = torch.randn(shape[:-1], generator=g, dtype=torch.float64)
-    grad_cov = torch.randn(shape[:-1] + shape[-2:-1], generator=g, dtype=torch.float64)
-    results = []
-    for fn in (plain, lambda x: PatchMoments.apply(x, None, shape)):
-        x = samples.clone().requires_grad_()
-        mean, cov = fn(x)
-        ((mean * grad_mean).sum() + (cov * grad_cov).sum()).backward()
-        results.append((mean, cov, x.grad))
-    for actual, expected in zip(results[1], results[0]):
-        assert_rel(actual.detach(), expected.detach(), 1e-12)
+    assert_moments_match(lambda x: PatchMoments.apply(x, None, shape), centred_moments, samples, seed=4)
 
 
 GEOMETRIES = {
@@ -181,23 +187,8 @@ def test_conv_patch_moments_equal_autograd_over_sampled_patches(geometry, groups
     nf = 6 // groups * geometry[0][0] * geometry[0][1] if groups > 1 else 2 * geometry[0][0] * geometry[0][1]
     shape = (nf, -1) if groups == 1 else (groups, nf, -1)
 
-    def plain(x):
-        samples = whitening.sample_patches(x, *geometry).reshape(shape)
-        mean = samples.mean(dim=-1)
-        centred = samples - mean[..., None]
-        return mean, centred @ centred.transpose(-1, -2) / samples.shape[-1]
-
-    results = []
-    for fn in (plain, lambda x: PatchMoments.apply(x, geometry, shape)):
-        x = x0.clone().requires_grad_()
-        mean, cov = fn(x)
-        g = torch.Generator().manual_seed(8)
-        upstream_mean = torch.randn(mean.shape, generator=g, dtype=torch.float64)
-        upstream_cov = torch.randn(cov.shape, generator=g, dtype=torch.float64)
-        ((mean * upstream_mean).sum() + (cov * upstream_cov).sum()).backward()
-        results.append((mean, cov, x.grad))
-    for actual, expected in zip(results[1], results[0]):
-        assert_rel(actual.detach(), expected.detach(), 1e-12)
+    assert_moments_match(lambda x: PatchMoments.apply(x, geometry, shape),
+                         lambda x: centred_moments(whitening.sample_patches(x, *geometry).reshape(shape)), x0, seed=8)
 
 
 def test_symmetric_gram_equals_full_product():

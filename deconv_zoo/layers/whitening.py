@@ -20,10 +20,10 @@ Everything here is differentiable: the paper back-propagates through the statist
 
 Cost (issue #5): the covariance and Newton-Schulz dominate a training step's extra work. Both
 keep the paper's function and are only evaluated more cheaply: the covariance computes half of
-its symmetric product and differentiates it with one product, rebuilding large patch matrices in
-the backward pass instead of keeping them (``PatchMoments``); on CPU the Newton-Schulz polynomial is
-applied to the eigenvalues of ONE symmetric eigendecomposition (``newton_schulz_eigh``) instead
-of about 36 matrix products forward and backward. The ``deconv::*`` profiler scopes name the
+its symmetric product and differentiates it with one product, rebuilding large patch matrices
+in the backward pass instead of keeping them (``PatchMoments``); on CPU the Newton-Schulz
+polynomial is applied to the eigenvalues of ONE symmetric eigendecomposition
+(``newton_schulz_eigh``) instead of about 36 matrix products forward and backward. The ``deconv::*`` profiler scopes name the
 parts for ``scripts/benchmark.py --profile``.
 """
 from typing import Optional, Tuple
@@ -316,15 +316,14 @@ class PatchMoments(torch.autograd.Function):
     def backward(ctx, grad_mean: Tensor, grad_cov: Tensor) -> Tuple[Tensor, None, None]:
         saved, mean = ctx.saved_tensors
         centred = PatchMoments._centred(saved, ctx.geometry, ctx.shape, mean)[0] if ctx.rebuild else saved
-        x_shape = ctx.x_shape
         m = centred.shape[-1]
         # (G + G^T) Xc / M + dL/dmean / M, with the mean term as the product's added input.
         grad = torch.baddbmm(grad_mean[..., None] / m, (grad_cov + grad_cov.transpose(-1, -2)) / m, centred) \
             if centred.dim() == 3 else torch.addmm(grad_mean[..., None] / m, (grad_cov + grad_cov.t()) / m, centred)
         if ctx.geometry is None:
-            return grad.reshape(x_shape), None, None
-        rows = x_shape[1] * ctx.geometry[0][0] * ctx.geometry[0][1]  # C*kh*kw
-        return patches_adjoint(grad.reshape(rows, -1), x_shape, *ctx.geometry), None, None
+            return grad.reshape(ctx.x_shape), None, None
+        rows = ctx.x_shape[1] * ctx.geometry[0][0] * ctx.geometry[0][1]  # C*kh*kw
+        return patches_adjoint(grad.reshape(rows, -1), ctx.x_shape, *ctx.geometry), None, None
 
 
 def whitening_statistics(patches: Tensor, groups: int, nf: int, eps: float, n_iter: int) -> Tuple[Tensor, Tensor]:
