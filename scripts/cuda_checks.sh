@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The checks that need a CUDA GPU, as one run for a machine that has one (CI has none):
-# issue #5's CUDA benchmark rows, with and without the layers' non-finite check (a host sync per
-# layer), and the CUDA tests (AMP, torch.compile, CUDA graphs, the layers against the oracle).
+# issue #5's CUDA benchmark rows, the CUDA tests (AMP, CUDA graphs, the layers against the oracle),
+# the rows again without the layers' non-finite check (a host sync per layer), and the ImageNet row
+# compiled (torch.compile, same numerics).
 #
 #   bash scripts/cuda_checks.sh [OUTDIR]        # from the repository root; OUTDIR defaults to cuda-checks
 #
@@ -9,7 +10,7 @@
 # newer timm, `pip download --no-deps timm -d .whl`) are unpacked first into /tmp/site, for machines
 # that cannot reach a package index. Every step writes its log and JSON into OUTDIR and runs under
 # its own time limit (560 s in all, inside a lent machine's 10-minute call), so one that hangs does not
-# cost the others.
+# cost the others; the exit status is 1 if any failed.
 set -uo pipefail
 out=${1:-cuda-checks}
 mkdir -p "$out"
@@ -29,10 +30,16 @@ EOF
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv >> "$out/machine.log" 2>&1
 
 status=0
-timeout 200 python3 scripts/benchmark.py --suite cuda --profile --output "$out/cuda_suite.json" 2>&1 \
-    | tee "$out/cuda_suite.log" || status=1
-timeout 120 python3 scripts/benchmark.py --suite cuda --no-literal --no-finite-check \
-    --output "$out/cuda_suite_no_finite_check.json" 2>&1 | tee "$out/cuda_suite_no_finite_check.log" || status=1
-timeout 240 python3 -m pytest tests/test_accelerated.py tests/test_layers.py -q -ra -p no:cacheprovider 2>&1 \
-    | tee "$out/cuda_tests.log" || status=1
+step() {  # step NAME SECONDS COMMAND...: run COMMAND under a time limit, its output in OUTDIR/NAME.log
+    local name=$1 limit=$2
+    shift 2
+    timeout "$limit" "$@" 2>&1 | tee "$out/$name.log" || { echo "cuda_checks: $name failed or timed out" >&2; status=1; }
+}
+# In order of importance, 560 s in all.
+step cuda_suite 180 python3 scripts/benchmark.py --suite cuda --profile --output "$out/cuda_suite.json"
+step cuda_tests 140 python3 -m pytest tests/test_accelerated.py tests/test_layers.py -k cuda -q -ra -p no:cacheprovider
+step cuda_suite_no_finite_check 90 python3 scripts/benchmark.py --suite cuda --no-literal --no-finite-check \
+    --output "$out/cuda_suite_no_finite_check.json"
+step imagenet_compiled 150 python3 scripts/benchmark.py --pair resnet18_deconv:resnet18 --device cuda --dtype bf16 \
+    --batch-size 128 --img-size 224 --compile --no-literal --output "$out/imagenet_compiled.json"
 exit $status
