@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The checks that need a CUDA GPU, as one run for a machine that has one (CI has none):
 # issue #5's CUDA benchmark rows, the CUDA tests (AMP, CUDA graphs, the layers against the oracle),
-# the rows again without the layers' non-finite check (a host sync per layer), and the ImageNet row
-# compiled (torch.compile, same numerics).
+# the rows again without the layers' non-finite check (a host sync per layer), the CIFAR row replayed
+# as CUDA graphs and the ImageNet row compiled (torch.compile, same numerics).
 #
 #   bash scripts/cuda_checks.sh [OUTDIR]        # from the repository root; OUTDIR defaults to cuda-checks
 #
@@ -36,10 +36,14 @@ step() {  # step NAME SECONDS COMMAND...: run COMMAND under a time limit, its ou
     timeout "$limit" "$@" 2>&1 | tee "$out/$name.log" || { echo "cuda_checks: $name failed or timed out" >&2; status=1; }
 }
 # In order of importance, 560 s in all.
-step cuda_suite 180 python3 scripts/benchmark.py --suite cuda --profile --output "$out/cuda_suite.json"
-step cuda_tests 140 python3 -m pytest tests/test_accelerated.py tests/test_layers.py -k cuda -q -ra -p no:cacheprovider
-step cuda_suite_no_finite_check 90 python3 scripts/benchmark.py --suite cuda --no-literal --no-finite-check \
+step cuda_suite 170 python3 scripts/benchmark.py --suite cuda --profile --output "$out/cuda_suite.json"
+step cuda_tests 120 python3 -m pytest tests/test_accelerated.py tests/test_layers.py -k cuda -q -ra -p no:cacheprovider
+step cuda_suite_no_finite_check 70 python3 scripts/benchmark.py --suite cuda --no-literal --no-finite-check \
     --output "$out/cuda_suite_no_finite_check.json"
-step imagenet_compiled 150 python3 scripts/benchmark.py --pair resnet18_deconv:resnet18 --device cuda --dtype bf16 \
+# The CIFAR row is small enough to be bound by kernel launches: replayed as CUDA graphs.
+step cifar_cuda_graphs 100 python3 scripts/benchmark.py --pair resnet18_cifar_deconv:resnet18_cifar --device cuda \
+    --dtype bf16 --batch-size 128 --compile --compile-mode reduce-overhead --no-literal \
+    --output "$out/cifar_cuda_graphs.json"
+step imagenet_compiled 100 python3 scripts/benchmark.py --pair resnet18_deconv:resnet18 --device cuda --dtype bf16 \
     --batch-size 128 --img-size 224 --compile --no-literal --output "$out/imagenet_compiled.json"
 exit $status
