@@ -1,7 +1,7 @@
 """The fast evaluations in whitening.py compute exactly what the plain formulations compute (issue #5).
 
 newton_schulz_eigh (one eigendecomposition) against newton_schulz_iteration (the paper's matrix
-iteration, differentiated by autograd), PatchMoments (one-product backward, patches rebuilt or
+iteration, with a written-out backward that test_layers.py checks against autograd's), PatchMoments (one-product backward, patches rebuilt or
 kept) against the autograd covariance: values and gradients in float64, plus gradcheck; frozen
 steps that skip the statistics against the selection they replace.
 """
@@ -10,7 +10,7 @@ from contextlib import contextmanager
 
 import pytest
 import torch
-from torch.autograd import gradcheck
+from torch.autograd import gradcheck, gradgradcheck
 
 from deconv_zoo.layers import FastDeconv, whitening
 from deconv_zoo.layers.whitening import (
@@ -67,6 +67,20 @@ def test_eigh_newton_schulz_gradcheck(batch):
         return newton_schulz_eigh((b + b.transpose(-1, -2)) / 2, 5)
 
     assert gradcheck(symmetric_input, (cov.clone().requires_grad_(),))
+
+
+@pytest.mark.parametrize('n_iter', [1, 2, 5])
+@pytest.mark.parametrize('batch', [(), (2,)], ids=['single', 'batched'])
+def test_iteration_backward_gradcheck(batch, n_iter):
+    """The iteration's written-out reverse sweep, and its second derivatives (create_graph)."""
+    cov = covariance(*batch, d=6, eps=1e-2).requires_grad_()
+    assert gradcheck(lambda a: newton_schulz_iteration(a, n_iter), (cov,))
+    assert gradgradcheck(lambda a: newton_schulz_iteration(a, n_iter), (cov,))
+
+
+def test_eigh_newton_schulz_second_derivatives():
+    cov = covariance(2, d=6, eps=1e-2)
+    assert gradgradcheck(lambda b: newton_schulz_eigh((b + b.transpose(-1, -2)) / 2, 5), (cov.requires_grad_(),))
 
 
 def test_dispatch_uses_eigh_from_threshold_on_cpu(monkeypatch):
