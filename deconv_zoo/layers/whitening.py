@@ -57,14 +57,12 @@ def isqrt_newton_schulz(cov: Tensor, n_iter: int) -> Tensor:
     """The paper's Newton-Schulz approximation of cov^(-1/2), for one (d, d) or a batch (b, d, d).
 
     ``cov`` must be symmetric (a covariance). Both evaluations below compute the same
-    polynomial of ``cov``; the choice only affects speed and rounding. Compiled graphs take the
-    iteration: with the eigendecomposition route, inductor-compiled ResNets got gradients 5e-3
-    (relative) off eager in their first stages (torch 2.14); the iteration compiles exactly.
+    polynomial of ``cov``; the choice only affects speed and rounding, eager or compiled.
     """
     if n_iter < 1:
         raise ValueError(f'n_iter must be >= 1, got {n_iter}')
     with record_function('deconv::newton_schulz'):
-        if cov.device.type == 'cpu' and cov.shape[-1] >= EIGH_MIN_SIZE and not torch.compiler.is_compiling():
+        if cov.device.type == 'cpu' and cov.shape[-1] >= EIGH_MIN_SIZE:
             return newton_schulz_eigh(cov, n_iter)
         return newton_schulz_iteration(cov, n_iter)
 
