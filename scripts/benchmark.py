@@ -24,6 +24,9 @@ the layers' ``deconv::*`` profiler scopes (patches, covariance, newton_schulz, f
 their autograd nodes backward (matched to the scope that created them), convolutions, and the
 rest of the network. The zoo's covariance backward rebuilds the patch matrix and scatters its
 gradient itself, so its "patches backward" is part of "covariance backward".
+
+``--count-ops`` counts the ATen operators one eager training step dispatches (views apart): on a
+GPU each is roughly a kernel launch, the cost that small whitening matrices cannot hide.
 """
 import argparse
 import contextlib
@@ -43,6 +46,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile, record_function
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import deconv_zoo  # noqa: F401  (registers the zoo's models with timm)
 from deconv_zoo.layers import Delinear, FastDeconv, set_finite_checks
@@ -359,6 +363,33 @@ def count_deconv_macs(model: nn.Module, batch_size: int, input_size: Tuple[int, 
     return {name: value / 1e9 for name, value in totals.items()}
 
 
+class OperatorCount(TorchDispatchMode):
+    """Counts the ATen operators dispatched while active: views (no data touched) apart from
+    the rest, which on a GPU is roughly one kernel launch each."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts = dict(operators=0, views=0)
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: Optional[dict] = None) -> Any:
+        if func.namespace == 'aten':
+            self.counts['views' if func.is_view else 'operators'] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_step_operators(runner: 'Runner') -> Dict[str, int]:
+    """ATen operators of one eager training step of ``runner``'s model (uncompiled, so that each
+    one is dispatched from Python: what a GPU step launches when it is not captured)."""
+    compiled, runner.model = runner.model, runner.module
+    try:
+        runner.train_step()  # settle lazily created state (optimizer buffers)
+        with OperatorCount() as counter:
+            runner.train_step()
+    finally:
+        runner.model = compiled
+    return counter.counts
+
+
 def print_macs(macs: Dict[str, float]) -> None:
     print(f"\nmultiply-adds of one training batch (GMAC, from the FastDeconv layer shapes): convolutions "
           f"{macs['conv']:.2f} forward (a BN step is about 3x that); covariance {macs['covariance']:.2f} (full "
@@ -428,6 +459,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument('--profile', action='store_true', help='print where a deconv training step spends time')
     parser.add_argument('--count-macs', action='store_true',
                         help="print the multiply-adds of the convolutions and of the deconvolution's extra work")
+    parser.add_argument('--count-ops', action='store_true',
+                        help='print the ATen operators (not views) and views one eager training step dispatches')
     parser.add_argument('--output', default=None, help='write the results as JSON here')
     return parser.parse_args(argv)
 
@@ -515,6 +548,10 @@ def run_case(args: argparse.Namespace) -> Dict[str, Any]:
         deconv = runners['deconv']
         report['macs'] = count_deconv_macs(deconv.module, args.batch_size, tuple(deconv.x.shape[1:]))
         print_macs(report['macs'])
+    if args.count_ops:
+        report['operators'] = {role: count_step_operators(runner) for role, runner in runners.items()}
+        print('\nATen operators of one eager training step (views apart; on a GPU about one kernel launch each): '
+              + ', '.join(f"{role} {c['operators']} (+{c['views']} views)" for role, c in report['operators'].items()))
     if args.profile:
         profiles = {role: profile_step(runners[role]) for role in ('deconv', 'literal') if role in runners}
         print_profile(profiles)

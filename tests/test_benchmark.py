@@ -12,7 +12,7 @@ def test_benchmark_smoke(tmp_path):
     output = tmp_path / 'benchmark.json'
     # Small whitening blocks keep the run short; the code paths are those of the paper settings.
     command = [sys.executable, str(SCRIPT), '--img-size', '16', '--batch-size', '2', '--repeats', '1',
-               '--warmup', '0', '--threads', '1', '--profile', '--count-macs', '--freeze-iter', '10', '--refresh-every', '3', '--output', str(output),
+               '--warmup', '0', '--threads', '1', '--profile', '--count-macs', '--count-ops', '--freeze-iter', '10', '--refresh-every', '3', '--output', str(output),
                '--deconv-kwargs', '{"deconv_cfg": {"block": 4}, "block_fc": 32}']
     run = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
@@ -21,6 +21,8 @@ def test_benchmark_smoke(tmp_path):
     report = json.loads(output.read_text())
     assert set(report['macs']) == {'conv', 'covariance', 'fold', 'whitening_product'}
     assert all(value > 0 for value in report['macs'].values())
+    assert set(report['operators']) == {'deconv', 'bn', 'literal', 'frozen', 'reusing'}
+    assert report['operators']['deconv']['operators'] > report['operators']['bn']['operators'] > 0
     assert report['config']['batch_size'] == 2 and report['machine']['threads'] == 1
     assert set(report['results']) == {'deconv', 'bn', 'literal', 'frozen', 'reusing'}
     for result in report['results'].values():
