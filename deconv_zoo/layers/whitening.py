@@ -87,13 +87,11 @@ def _iterates(a: Tensor, n_iter: int) -> Tuple[Tensor, List[Tensor], List[Tensor
 
 
 def _differentiable_gradient(a: Tensor, n_iter: int, grad: Tensor) -> Tensor:
-    """The iteration's gradient for (..., d, d) by autograd, as a differentiable function of ``a``
-    and ``grad``: what both hand-written backward passes return under ``create_graph=True``, as
-    their saved intermediates would be constants to a second differentiation."""
-    d = a.shape[-1]
-    norm, _, _, zs = _iterates(a.reshape(-1, d, d), n_iter)
-    out = (zs[-1] * norm.rsqrt()).view(a.shape)
-    return torch.autograd.grad(out, a, grad, create_graph=True)[0]
+    """The iteration's gradient for (b, d, d) by autograd, as a differentiable function of ``a`` and
+    ``grad``: what the written-out backward returns under ``create_graph=True``, as its saved
+    intermediates would be constants to a second differentiation."""
+    norm, _, _, zs = _iterates(a, n_iter)
+    return torch.autograd.grad(zs[-1] * norm.rsqrt(), a, grad, create_graph=True)[0]
 
 
 class _NewtonSchulzIteration(torch.autograd.Function):
@@ -196,8 +194,10 @@ class _NewtonSchulzEigh(torch.autograd.Function):
         dL/dA = U (K o H - c diag(mu)) U^T / s,   c = sum_i (K o H)_ii mu_i + 0.5 H_ii p_i.
     Four matrix products backward and one eigendecomposition plus one product forward, instead of
     about 12 products forward and 24 backward. The polynomial formula holds for any direction dA,
-    so the gradient equals the iteration's autograd gradient also for non-symmetric G. Under
-    ``create_graph=True`` the gradient is the iteration's, differentiable again.
+    so the gradient equals the iteration's autograd gradient also for non-symmetric G. It has no
+    second derivatives (they would need the covariance kept for every layer: 7% more peak memory
+    in a ResNet-18 step), so ``create_graph=True`` raises instead of returning a gradient whose
+    saved eigenvectors would be constants to the next differentiation.
     """
 
     @staticmethod
@@ -206,15 +206,17 @@ class _NewtonSchulzEigh(torch.autograd.Function):
         eigenvalues, u = torch.linalg.eigh(cov)
         mu = eigenvalues / norm[..., 0]
         p, divided = newton_schulz_polynomial(mu, n_iter)
-        ctx.n_iter = n_iter
-        ctx.save_for_backward(cov, u, mu, p, divided, norm)
+        ctx.save_for_backward(u, mu, p, divided, norm)
         return (u * (p[..., None, :] * norm.rsqrt())) @ u.transpose(-1, -2)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tuple[Optional[Tensor], None]:
-        cov, u, mu, p, divided, norm = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph=True
-            return _differentiable_gradient(cov, ctx.n_iter, grad), None
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                'newton_schulz_eigh (the CPU route for whitenings of EIGH_MIN_SIZE or more features) has no second '
+                'derivatives (create_graph=True); the matrix iteration has them: set '
+                'deconv_zoo.layers.whitening.EIGH_MIN_SIZE above the whitening size to take it.')
+        u, mu, p, divided, norm = ctx.saved_tensors
         h = u.transpose(-1, -2) @ (grad * norm.rsqrt()) @ u
         inner = divided * h
         c = (inner.diagonal(dim1=-2, dim2=-1) * mu + 0.5 * h.diagonal(dim1=-2, dim2=-1) * p).sum(-1, keepdim=True)
