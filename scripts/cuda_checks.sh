@@ -36,7 +36,7 @@ step() {  # step NAME SECONDS COMMAND...: run COMMAND under a time limit, its ou
     timeout "$limit" "$@" 2>&1 | tee "$out/$name.log" || { echo "cuda_checks: $name failed or timed out" >&2; status=1; }
 }
 # In order of importance, 560 s in all.
-step cuda_suite 170 python3 scripts/benchmark.py --suite cuda --profile --output "$out/cuda_suite.json"
+step cuda_suite 170 python3 scripts/benchmark.py --suite cuda --profile --count-ops --output "$out/cuda_suite.json"
 step cuda_tests 120 python3 -m pytest tests/test_accelerated.py tests/test_layers.py -k cuda -q -ra -p no:cacheprovider
 step cuda_suite_no_finite_check 70 python3 scripts/benchmark.py --suite cuda --no-literal --no-finite-check \
     --output "$out/cuda_suite_no_finite_check.json"
