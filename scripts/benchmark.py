@@ -379,10 +379,10 @@ class OperatorCount(TorchDispatchMode):
 
 def count_step_operators(runner: 'Runner') -> Dict[str, int]:
     """ATen operators of one eager training step of ``runner``'s model (uncompiled, so that each
-    one is dispatched from Python: what a GPU step launches when it is not captured)."""
+    one is dispatched from Python: what a GPU step launches when it is not captured). Runs after
+    the timed steps, so lazily created state (optimizer buffers) already exists."""
     compiled, runner.model = runner.model, runner.module
     try:
-        runner.train_step()  # settle lazily created state (optimizer buffers)
         with OperatorCount() as counter:
             runner.train_step()
     finally:

@@ -1,9 +1,10 @@
 """The fast evaluations in whitening.py compute exactly what the plain formulations compute (issue #5).
 
 newton_schulz_eigh (one eigendecomposition) against newton_schulz_iteration (the paper's matrix
-iteration, with a written-out backward that test_layers.py checks against autograd's), PatchMoments (one-product backward, patches rebuilt or
-kept) against the autograd covariance: values and gradients in float64, plus gradcheck; frozen
-steps that skip the statistics against the selection they replace.
+iteration, with a written-out backward that test_layers.py checks against autograd's),
+PatchMoments (one-product backward, patches rebuilt or kept) against the autograd covariance:
+values and gradients in float64, plus gradcheck; frozen steps that skip the statistics against
+the selection they replace.
 """
 import copy
 from contextlib import contextmanager
