@@ -50,7 +50,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import deconv_zoo  # noqa: F401  (registers the zoo's models with timm)
 from deconv_zoo.layers import Delinear, FastDeconv, set_finite_checks
-from deconv_zoo.layers._stats import FoldCache
+from deconv_zoo.layers._stats import FoldCache, statistics_dtype
 
 AMP_DTYPES = {'float32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 SCOPES = ('patches', 'covariance', 'newton_schulz', 'fold')
@@ -83,7 +83,7 @@ def load_oracle() -> Optional[Any]:
 class _NoFoldCache(FoldCache):
     """The authors' layers refold the running statistics on every eval call."""
 
-    def put(self, key: Optional[tuple], value: Tuple[torch.Tensor, torch.Tensor]) -> None:
+    def put(self, key: Optional[tuple], value: Tuple[torch.Tensor, torch.Tensor], *sources: torch.Tensor) -> None:
         pass
 
 
@@ -95,8 +95,8 @@ def literal_layer_classes(oracle: Any) -> Dict[type, type]:
 
         def batch_statistics(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
             return oracle.oracle_fast_deconv_statistics(
-                x, kernel_size=self.kernel_size[0], stride=self.stride[0], padding=self.padding[0],
-                dilation=self.dilation[0], groups=self.groups, block=self.block, eps=self.eps,
+                x.to(statistics_dtype(x)), kernel_size=self.kernel_size[0], stride=self.stride[0],
+                padding=self.padding[0], dilation=self.dilation[0], groups=self.groups, block=self.block, eps=self.eps,
                 n_iter=self.n_iter, sampling_stride=self.sampling_stride[0] // self.stride[0])
 
     class LiteralDelinear(Delinear):

@@ -311,6 +311,9 @@ INVALIDATIONS = {
     'running_mean_inplace': _edit('running_mean', lambda t: t.add_(0.5)),
     'running_deconv_inplace': _edit('running_deconv', lambda t: t.mul_(0.5)),
     'back_to_train': lambda layer: layer.train().eval(),
+    # .data aliases have a version counter of their own: documented to need an eval() call.
+    'data_edit_then_eval': lambda layer: (layer.weight.data.mul_(-2.0), layer.eval()),
+    'replaced_weight': lambda layer: setattr(layer, 'weight', torch.nn.Parameter(layer.weight.detach() * -2.0)),
 }
 
 
@@ -327,6 +330,119 @@ def test_eval_cache_is_invalidated(name, mutate, monkeypatch):
         cached = layer(x)
     assert len(calls) == 2
     assert torch.equal(cached, layer(x))  # equal to a fold of the current state
+
+
+def test_fold_cache_hits_only_its_own_sources():
+    """A view shares storage, version counter, dtype and device, so its key is the source's;
+    only the tensor it was computed from may hit (freed memory can return at the same address)."""
+    cache, source = _stats.FoldCache(), torch.randn(3, 3)
+    alias = source.view_as(source)
+    cache.put(_stats.FoldCache.key(source), (source, source), source)
+    assert _stats.FoldCache.key(alias) == _stats.FoldCache.key(source)
+    assert cache.get(_stats.FoldCache.key(source), source) is not None
+    assert cache.get(_stats.FoldCache.key(alias), alias) is None
+
+
+@pytest.mark.parametrize('name', FOLDING)
+def test_copies_of_a_cached_eval_layer_pickle_and_agree(name):
+    import pickle
+    layer, x = trained_small(name)
+    layer.eval()
+    with torch.no_grad():
+        expected = layer(x)  # fills the cache
+    for twin in (pickle.loads(pickle.dumps(layer)), copy.deepcopy(layer)):
+        with torch.no_grad():
+            twin.weight.mul_(-1.0)
+            assert torch.equal(layer(x), expected)  # the original is unaffected
+            assert not torch.equal(twin(x), expected)
+
+
+def test_eval_model_ensemble_under_vmap():
+    """torch.func ensembling (stacked states, functional_call under vmap) in eval mode: tensors
+    without storage are folded afresh, never cached."""
+    from torch.func import functional_call, stack_module_state, vmap
+    members = [trained_small('fast_deconv')[0].eval() for _ in range(3)]
+    for i, member in enumerate(members):
+        with torch.no_grad():
+            member.weight.mul_(i + 1.0)
+    params, buffers = stack_module_state(members)
+    base = copy.deepcopy(members[0]).to('meta')
+    x = random_input((2, 4, 6, 6), 3, torch.float32)
+    out = vmap(lambda p, b: functional_call(base, (p, b), (x,)))(params, buffers)
+    with torch.no_grad():
+        for i, member in enumerate(members):
+            assert_rel(out[i], member(x), 1e-6)
+
+
+SECOND_ORDER = {  # layers whose backward keeps the patch matrix (fewer than 128 features)
+    'fast_k3': fast((2, 4, 6, 6), 4, 3, 3, padding=1, block=2),
+    'fast_k1': fast((2, 8, 5, 5), 8, 3, 1, block=4),
+    'fast_k3_depthwise': fast((2, 4, 6, 6), 4, 4, 3, padding=1, groups=4),
+    'fast_k3_rebuilt': fast((2, 16, 6, 6), 16, 3, 3, padding=1, block=16),  # 144 features
+    'delinear': linear((6, 8), 8, 3, block=4),
+}
+
+
+@pytest.mark.parametrize('case', SECOND_ORDER.values(), ids=SECOND_ORDER.keys())
+def test_second_derivatives_match_oracle(case, monkeypatch):
+    """Gradient penalties (create_graph=True) on the input: the kept patch matrix is a constant
+    to autograd, so the backward rebuilds it from x there. The iteration route (the eigh route has
+    no second derivatives and says so: test_whitening_perf.py)."""
+    monkeypatch.setattr('deconv_zoo.layers.whitening.EIGH_MIN_SIZE', 10 ** 6)
+    layer_cls, kwargs, shape = case
+    torch.manual_seed(0)
+    layer = layer_cls(**kwargs).double()
+    oracle = ORACLE_OF[layer_cls](**kwargs).double()
+    oracle.load_state_dict(layer.state_dict())
+    x0, results = random_input(shape, 0), []
+    for module in (layer, oracle):
+        x = x0.clone().requires_grad_()
+        out = module(x)
+        grad, = torch.autograd.grad((out * random_input(out.shape, 5)).sum(), x, create_graph=True)
+        results.append(torch.autograd.grad(grad.square().sum(), [x, module.weight]))
+    for actual, expected in zip(*results):
+        assert_rel(actual, expected, 1e-10)
+
+
+@pytest.mark.parametrize('case', SMALL.values(), ids=SMALL.keys())
+def test_empty_training_batch_gives_empty_output_and_keeps_state(case):
+    """As BatchNorm: no statistics from no samples, an empty output, nothing recorded."""
+    layer_cls, kwargs, shape = case
+    layer = layer_cls(**kwargs)
+    before = copy.deepcopy(layer.state_dict())
+    x = torch.randn((0,) + shape[1:], requires_grad=True)
+    out = layer(x)
+    assert out.shape[0] == 0 and out.shape[1:] == layer.eval()(random_input(shape, 0, torch.float32)).shape[1:]
+    out.sum().backward()
+    for key, value in layer.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_channel_deconv_needs_two_values_for_the_leftover_variance():
+    with pytest.raises(ValueError, match='more than one value per training batch'):
+        ChannelDeconv(4)(torch.randn(1, 5))
+    ChannelDeconv(4).eval()(torch.randn(1, 5))  # eval uses the running variance
+
+
+@pytest.mark.parametrize('training', [True, False], ids=['train', 'eval'])
+def test_input_smaller_than_the_kernel_raises(training):
+    layer = FastDeconv(4, 3, 3, dilation=2, padding=1, block=2).train(training)
+    with pytest.raises(ValueError, match=r'2x6 pixels \(4x8 padded\) is smaller than the 5x5 window'):
+        layer(torch.randn(2, 4, 2, 6))
+
+
+def test_autocast_keeps_no_float32_copy_of_the_input():
+    """Under autocast the statistics are read from the half-precision input itself: the backward
+    pass keeps that input (the convolution needs it anyway), not a float32 copy of it."""
+    layer = FastDeconv(16, 8, 3, padding=1, block=16)  # 144 features: the patches are rebuilt
+    x = random_input((2, 16, 9, 9), 0, torch.bfloat16).requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            out = layer(x)
+    assert not [t for t in saved if t.shape == x.shape and t.dtype != x.dtype]
+    out.float().sum().backward()
+    assert x.grad.dtype == torch.bfloat16 and torch.isfinite(x.grad).all()
 
 
 @pytest.mark.parametrize('input_dtype', [torch.float32, torch.bfloat16], ids=['f32_input', 'bf16_input'])

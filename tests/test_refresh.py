@@ -121,8 +121,9 @@ def test_freeze_schedule_takes_precedence(monkeypatch):
     assert len(calls) == 4
 
 
-def test_non_finite_refresh_keeps_the_last_good_statistics():
-    layer = FastDeconv(**dict(KWARGS, refresh_every=2)).double()
+def fail_a_refresh(layer: FastDeconv) -> torch.Tensor:
+    """refresh_every=2: a fresh call, a reusing one, then a due refresh on a non-finite batch,
+    which must raise; returns the matrix of the fresh call."""
     layer(random_input(SHAPE, 0))
     good = layer._reused_deconv.clone()
     layer(random_input(SHAPE, 1))  # reused
@@ -130,7 +131,28 @@ def test_non_finite_refresh_keeps_the_last_good_statistics():
     bad[0, 0, 0, 0] = float('nan')
     with pytest.raises(FloatingPointError):
         layer(bad)
+    return good
+
+
+@pytest.mark.parametrize('tracking', [True, False], ids=['tracked', 'untracked'])
+def test_non_finite_refresh_keeps_the_last_good_statistics(tracking):
+    """Also without running statistics: the matrix kept for later calls is checked all the same."""
+    layer = FastDeconv(**dict(KWARGS, refresh_every=2)).double()
+    layer.track_running_stats = tracking
+    good = fail_a_refresh(layer)
     assert torch.equal(layer._reused_deconv, good)
+
+
+def test_a_failed_refresh_leaves_the_schedule_where_it_was(monkeypatch):
+    """The call after a refresh that raised refreshes again (not: reuses the older matrix)."""
+    calls = []
+    batch_statistics = FastDeconv.batch_statistics
+    monkeypatch.setattr(FastDeconv, 'batch_statistics', lambda self, x: calls.append(1) or batch_statistics(self, x))
+    layer = FastDeconv(**dict(KWARGS, refresh_every=2)).double()
+    fail_a_refresh(layer)
+    layer(random_input(SHAPE, 3))
+    assert len(calls) == 3
+    assert torch.equal(layer._reused_deconv, layer.batch_statistics(random_input(SHAPE, 3))[1].detach())
 
 
 def test_invalid_refresh_every_raises():

@@ -5,6 +5,7 @@ guard, the gradient-checkpoint recompute guard, and the eval-mode cache of folde
 """
 import math
 import warnings
+import weakref
 from contextlib import contextmanager
 from typing import Iterator, Optional, Set, Tuple
 
@@ -36,12 +37,17 @@ def resolve_block(layer: str, channels: int, block: int) -> int:
     return block
 
 
+def statistics_dtype(x: Tensor) -> torch.dtype:
+    """float32, or ``x``'s dtype if wider: covariance and Newton-Schulz never run in half
+    precision (they overflow and lose positive-definiteness there)."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 @contextmanager
 def float32_statistics(x: Tensor) -> Iterator[Tensor]:
-    """Yield ``x`` in at least float32 with autocast off, so that covariance and Newton-Schulz
-    never run in half precision (they overflow and lose positive-definiteness there)."""
+    """Yield ``x`` in ``statistics_dtype`` with autocast off."""
     with torch.autocast(device_type=x.device.type, enabled=False):
-        yield x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        yield x.to(statistics_dtype(x))
 
 
 def in_backward_recompute() -> bool:
@@ -98,13 +104,15 @@ def set_finite_checks(model: torch.nn.Module, enabled: bool) -> torch.nn.Module:
 class FoldCache:
     """Folded (weight, bias) of an eval-mode layer, valid while its inputs are unchanged.
 
-    Validity is keyed on each source tensor's storage and in-place version counter, so an
-    optimizer step, ``load_state_dict``, ``.to()`` or a manual in-place edit all invalidate it.
+    Validity is keyed on each source tensor's identity, storage and in-place version counter,
+    so an optimizer step, ``load_state_dict``, ``.to()``, a replaced parameter or an in-place
+    edit all invalidate it. Edits through ``.data`` do not: PyTorch gives that alias a version
+    counter of its own. ``train()`` / ``eval()`` clear the cache, so calling ``model.eval()``
+    after such an edit is enough. Copies and pickles of a layer start with an empty cache.
     """
 
     def __init__(self) -> None:
-        self._key: Optional[tuple] = None
-        self._value: Optional[Tuple[Tensor, Tensor]] = None
+        self.clear()
 
     @staticmethod
     def key(*tensors: Optional[Tensor]) -> Optional[tuple]:
@@ -115,18 +123,38 @@ class FoldCache:
                 continue
             if t.is_inference():
                 return None  # inference tensors carry no version counter; do not cache
-            parts.append((t.data_ptr(), t._version, t.dtype, t.device))
+            try:
+                pointer = t.data_ptr()
+            except RuntimeError:
+                return None  # no storage (torch.func transforms, meta tensors): nothing to key on
+            parts.append((pointer, t._version, t.dtype, t.device))
         return tuple(parts)
 
-    def get(self, key: Optional[tuple]) -> Optional[Tuple[Tensor, Tensor]]:
-        return self._value if key is not None and key == self._key else None
+    def get(self, key: Optional[tuple], *tensors: Optional[Tensor]) -> Optional[Tuple[Tensor, Tensor]]:
+        """The cached value if ``key`` is the stored one and ``tensors`` are the very tensors it
+        was computed from (a freed tensor's memory can come back with the same key)."""
+        if key is None or key != self._key:
+            return None
+        if any((ref is None) != (t is None) or (ref is not None and ref() is not t)
+               for ref, t in zip(self._sources, tensors)):
+            return None
+        return self._value
 
-    def put(self, key: Optional[tuple], value: Tuple[Tensor, Tensor]) -> None:
+    def put(self, key: Optional[tuple], value: Tuple[Tensor, Tensor], *tensors: Optional[Tensor]) -> None:
         if key is not None:
             self._key, self._value = key, value
+            self._sources = tuple(None if t is None else weakref.ref(t) for t in tensors)
 
     def clear(self) -> None:
-        self._key = self._value = None
+        self._key: Optional[tuple] = None
+        self._value: Optional[Tuple[Tensor, Tensor]] = None
+        self._sources: tuple = ()
+
+    def __getstate__(self) -> dict:
+        return {}  # weak references do not pickle, and a copy's sources are other tensors
+
+    def __setstate__(self, state: dict) -> None:
+        self.clear()
 
 
 def use_fold_cache(weight: Tensor) -> bool:
@@ -156,13 +184,13 @@ class WhitenedWeightMixin:
     def _fold(self, weight: Tensor, bias: Optional[Tensor], mean: Tensor, deconv: Tensor) -> Tuple[Tensor, Tensor]:
         raise NotImplementedError
 
-    def _track(self, mean: Tensor, deconv: Tensor) -> None:
-        """Validate one batch's statistics and fold them into the running buffers."""
-        if not self.track_running_stats:
-            return
-        if self.check_finite:
+    def _track(self, mean: Tensor, deconv: Tensor, kept: bool = False) -> None:
+        """Validate one batch's statistics and fold them into the running buffers. ``kept``: the
+        caller keeps them for later calls too (``refresh_every``), so they are validated even
+        without running statistics."""
+        if self.check_finite and (self.track_running_stats or kept):
             ensure_finite(type(self).__name__, mean, deconv)
-        if not in_backward_recompute():
+        if self.track_running_stats and not in_backward_recompute():
             update_running(self.running_mean, mean, self.momentum)
             update_running(self.running_deconv, deconv, self.momentum)
 
@@ -175,8 +203,9 @@ class WhitenedWeightMixin:
 
     def _eval_fold(self) -> Tuple[Tensor, Tensor]:
         cacheable = use_fold_cache(self.weight)
-        key = FoldCache.key(self.weight, self.bias, self.running_mean, self.running_deconv) if cacheable else None
-        cached = self._fold_cache.get(key)
+        sources = (self.weight, self.bias, self.running_mean, self.running_deconv)
+        key = FoldCache.key(*sources) if cacheable else None
+        cached = self._fold_cache.get(key, *sources)
         if cached is not None:
             return cached
         dtype = torch.promote_types(self.weight.dtype, torch.float32)
@@ -184,5 +213,5 @@ class WhitenedWeightMixin:
             weight, bias = self._fold_in(self.running_mean.to(dtype), self.running_deconv.to(dtype))
         if cacheable:
             weight, bias = weight.detach(), bias.detach()
-            self._fold_cache.put(key, (weight, bias))
+            self._fold_cache.put(key, (weight, bias), *sources)
         return weight, bias

@@ -66,7 +66,9 @@ class ChannelDeconv(nn.Module):
             warn_once('ChannelDeconv.block_too_large',
                       f'ChannelDeconv: block {self.block} is larger than the {channels} channels; '
                       f'only a scalar standardisation is applied.')
-        training = self.training
+        # An empty batch has no statistics: as BatchNorm does, it gives an empty output and leaves
+        # the state as it was (here by taking the eval path).
+        training = self.training and x.numel() > 0
         first = training and int(self.num_batches_tracked) == 0
         record = training and not in_backward_recompute()
         parts, tracked = [], []
@@ -96,6 +98,10 @@ class ChannelDeconv(nn.Module):
                 x2 = xs[:, c:]
                 if training:
                     x2_s = self._subsample(x2.reshape(n, -1), h, w)
+                    if x2_s.numel() < 2:
+                        raise ValueError(
+                            f'ChannelDeconv: the {channels - c} channel(s) beyond the whitened blocks need more than '
+                            f'one value per training batch for their variance, got input shape {tuple(x.shape)}')
                     mean2, var = x2_s.mean().reshape(1, 1), x2_s.var().reshape(1, 1)
                     if self.check_finite:
                         ensure_finite('ChannelDeconv', mean2, var)

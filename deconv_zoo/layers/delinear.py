@@ -51,11 +51,14 @@ class Delinear(WhitenedWeightMixin, nn.Linear):
         if x.dim() < 1 or x.shape[-1] != self.in_features:
             raise ValueError(
                 f'{type(self).__name__}: expected input (..., {self.in_features}), got shape {tuple(x.shape)}')
-        if self.training:  # fix: without track_running_stats, batch statistics unrecorded (as BatchNorm)
+        # fix: without track_running_stats, batch statistics are used but not recorded (as BatchNorm).
+        if self.training and x.numel() > 0:
             with float32_statistics(x) as xs:
                 mean, deconv = self.batch_statistics(xs)
                 self._track(mean, deconv)
                 weight, bias = self._fold_in(mean, deconv)
+        elif self.training:  # an empty batch: an empty output, the state left as it was (as BatchNorm)
+            weight, bias = self.weight, self.bias
         else:
             weight, bias = self._eval_fold()
         return nn.functional.linear(x, weight, bias)

@@ -10,7 +10,7 @@ import torch.nn as nn
 from torch import Tensor
 from torch.nn.modules.utils import _pair
 
-from ._stats import WhitenedWeightMixin, float32_statistics, in_backward_recompute, resolve_block
+from ._stats import WhitenedWeightMixin, in_backward_recompute, resolve_block, statistics_dtype
 from .whitening import conv_patch_mean, conv_whitening_statistics, fold_conv_whitening
 
 __all__ = ['FastDeconv']
@@ -108,51 +108,67 @@ class FastDeconv(WhitenedWeightMixin, nn.Conv2d):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def batch_statistics(self, x: Tensor) -> Tuple[Tensor, Tensor]:
-        """Patch mean and whitening matrix of one batch (float32 or better, differentiable)."""
+        """Patch mean and whitening matrix of one batch (differentiable), in ``statistics_dtype``
+        (float32 or better) whatever the dtype of ``x``; call with autocast off."""
         return conv_whitening_statistics(x, self.kernel_size, self.dilation, self.padding, self.sampling_stride,
                                          self.groups, self.num_features, self.eps, self.n_iter)
 
     def _check_input(self, x: Tensor) -> None:
+        name = type(self).__name__
         if x.dim() != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(
-                f'{type(self).__name__}: expected input (N, {self.in_channels}, H, W), '
-                f'got shape {tuple(x.shape)}')
+            raise ValueError(f'{name}: expected input (N, {self.in_channels}, H, W), got shape {tuple(x.shape)}')
+        padded = [size + 2 * pad for size, pad in zip(x.shape[2:], self.padding)]
+        window = [d * (k - 1) + 1 for k, d in zip(self.kernel_size, self.dilation)]
+        if padded[0] < window[0] or padded[1] < window[1]:
+            raise ValueError(f'{name}: input of {x.shape[2]}x{x.shape[3]} pixels ({padded[0]}x{padded[1]} padded) '
+                             f'is smaller than the {window[0]}x{window[1]} window of the (dilated) kernel')
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
         # fix: with track_running_stats off, training still uses the batch statistics (as the
         # reference and BatchNorm do); only their recording stops.
-        if self.training:
+        if self.training and x.shape[0] > 0:
             weight, bias = self._train_fold(x)
+        elif self.training:
+            # An empty batch has no statistics: as BatchNorm does, it gives an empty output and
+            # leaves the layer's state as it was.
+            weight, bias = self.weight, self.bias
         else:
             weight, bias = self._eval_fold()
         return self._conv_forward(x, weight, bias)
 
     def _train_fold(self, x: Tensor) -> Tuple[Tensor, Tensor]:
-        with float32_statistics(x) as xs:
+        # Statistics in float32 at least, read straight from x (a float32 copy of a half-precision
+        # x would be kept for the backward pass); only the convolution runs under autocast.
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            dtype = statistics_dtype(x)
             recompute = in_backward_recompute()
             advance = self.freeze and self.track_running_stats
-            frozen, keep = None, False
+            frozen, schedule = None, None
             if self.freeze:
                 # fix: a checkpoint recompute runs after its forward advanced the counter; it must
                 # decide on the value that forward saw, or the step's gradients are wrong.
                 counter = (self.counter - 1).remainder(10 * self.freeze_iter) if recompute and advance else self.counter
                 frozen = counter > self.freeze_iter
-            if frozen is not None and xs.device.type == 'cpu' and not torch.compiler.is_compiling() and bool(frozen):
+            if frozen is not None and x.device.type == 'cpu' and not torch.compiler.is_compiling() and bool(frozen):
                 # perf: on CPU the schedule costs nothing to read, so frozen steps skip the batch
                 # statistics, as the reference did (same result as the selection below).
-                mean, deconv = self.running_mean.to(xs.dtype), self.running_deconv.to(xs.dtype)
+                mean, deconv = self.running_mean.to(dtype), self.running_deconv.to(dtype)
             else:
-                mean, deconv, keep = self._refreshed_statistics(xs, recompute)
+                mean, deconv, schedule = self._refreshed_statistics(x, recompute)
                 if frozen is not None:
                     # Frozen steps reuse the running statistics. Selecting with a tensor condition
                     # keeps the step free of host syncs and torch.compile recompiles.
                     mean = torch.where(frozen, self.running_mean.to(mean.dtype), mean)
                     deconv = torch.where(frozen, self.running_deconv.to(deconv.dtype), deconv)
             # lerp(r, r, m) == r exactly, so frozen steps leave the running buffers untouched.
-            self._track(mean, deconv)
-            if keep:
-                self._reused_deconv = deconv.detach()  # kept once _track accepted it
+            fresh = schedule is not None and schedule[0]
+            self._track(mean, deconv, kept=fresh)
+            if schedule is not None:
+                # Advanced once _track accepted the batch: a failed call leaves the schedule as it was.
+                self._refreshing, self._reuse_count = schedule
+                if fresh:
+                    self._reused_deconv = deconv.detach()
             if advance and not recompute:
                 # fix: advanced after _track accepted the batch, so a non-finite one leaves it unchanged.
                 self.counter.add_(1).remainder_(10 * self.freeze_iter)
@@ -163,21 +179,23 @@ class FastDeconv(WhitenedWeightMixin, nn.Conv2d):
         return (self.refresh_every > 1 and self.num_features >= REFRESH_MIN_FEATURES and not self.freeze
                 and not torch.compiler.is_compiling())
 
-    def _refreshed_statistics(self, x: Tensor, recompute: bool) -> Tuple[Tensor, Tensor, bool]:
+    def _refreshed_statistics(self, x: Tensor, recompute: bool) -> Tuple[Tensor, Tensor, Optional[Tuple[bool, int]]]:
         """This training call's statistics under ``refresh_every``: fresh ones, or this call's mean
-        with the last whitening matrix; and whether they are fresh ones for the schedule to keep
-        (not in a recompute, which repeats the choice its forward made)."""
+        with the last whitening matrix; and the schedule's next state (whether these are fresh,
+        the count of reusing calls), None outside the schedule and in a recompute, which repeats
+        the choice its forward made."""
         if not self._follows_refresh_schedule():
-            return self.batch_statistics(x) + (False,)
+            return self.batch_statistics(x) + (None,)
+        refreshing, schedule = self._refreshing, None
         if not recompute:
             reused = self._reused_deconv
-            self._refreshing = (reused is None or self._reuse_count + 1 >= self.refresh_every
-                                or reused.device != x.device or reused.dtype != x.dtype)
-            self._reuse_count = 0 if self._refreshing else self._reuse_count + 1
-        if not self._refreshing:
+            refreshing = (reused is None or self._reuse_count + 1 >= self.refresh_every
+                          or reused.device != x.device or reused.dtype != statistics_dtype(x))
+            schedule = (refreshing, 0 if refreshing else self._reuse_count + 1)
+        if not refreshing:
             geometry = (self.kernel_size, self.dilation, self.padding, self.sampling_stride)
-            return conv_patch_mean(x, geometry, self.groups, self.num_features), self._reused_deconv, False
-        return self.batch_statistics(x) + (not recompute,)
+            return conv_patch_mean(x, geometry, self.groups, self.num_features), self._reused_deconv, schedule
+        return self.batch_statistics(x) + (schedule,)
 
     def _fold(self, weight: Tensor, bias: Optional[Tensor], mean: Tensor, deconv: Tensor) -> Tuple[Tensor, Tensor]:
         return fold_conv_whitening(weight, bias, mean, deconv, self.groups)

@@ -34,6 +34,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.profiler import record_function
 
+from ._stats import statistics_dtype
+
 __all__ = [
     'isqrt_newton_schulz', 'newton_schulz_iteration', 'newton_schulz_eigh', 'newton_schulz_polynomial',
     'PatchMoments', 'symmetric_gram', 'sample_patches', 'patches_adjoint', 'whitening_statistics',
@@ -285,12 +287,13 @@ def conv_patch_mean(x: Tensor, geometry: Geometry, groups: int, nf: int) -> Tens
     """The mean of ``conv_whitening_statistics`` alone, for ``geometry`` = (kernel_size, dilation,
     padding, sampling_stride); differentiable, reduced straight from the strided view of the
     patches (no copy): what ``refresh_every`` recomputes on the calls that reuse the whitening."""
+    dtype = statistics_dtype(x)
     if geometry[0] == (1, 1):
-        rows = _sample_view(x, geometry).mean(dim=-1)
+        rows = _sample_view(x, geometry).mean(dim=-1, dtype=dtype)
     else:
         # Every image is sampled at the same pixels: summing the batch first (one contiguous
         # pass) leaves a strided reduction over one image, 1/N of the work.
-        view = _sample_view(x.sum(dim=0, keepdim=True), geometry)  # (C, kh, kw, 1, Lh, Lw)
+        view = _sample_view(x.sum(dim=0, keepdim=True, dtype=dtype), geometry)  # (C, kh, kw, 1, Lh, Lw)
         rows = view.mean(dim=(-3, -2, -1)).reshape(-1) / x.shape[0]  # one per im2col row
     # groups == 1: the interleaved channel blocks share one mean (see whitening_statistics).
     return rows.view(nf, -1).mean(dim=-1) if groups == 1 else rows
@@ -361,18 +364,21 @@ class PatchMoments(torch.autograd.Function):
     term vanishes because the rows of Xc sum to zero). With ``REBUILD_MIN_FEATURES`` or more
     features only ``x`` (which the convolution keeps anyway) and the mean are saved, and the
     backward rebuilds the patch matrix instead of holding an activation-sized copy per layer until
-    then; smaller whitenings keep Xc. The patches are copied once, straight out of a strided view
-    of ``x``, into the layout of the products, and centred in place.
+    then; smaller whitenings keep Xc too. The patches are copied once, straight out of a strided
+    view of ``x``, into the layout of the products (in ``statistics_dtype``: a half-precision ``x``
+    is converted by that copy, not kept as a float32 copy of its own), and centred in place. Under
+    ``create_graph=True`` the backward always rebuilds them from ``x``: a kept copy has no graph,
+    so second derivatives through it would lose the patches' dependence on ``x``.
     """
 
     @staticmethod
     def _centred(x: Tensor, geometry: Optional[Geometry], shape: Tuple[int, ...],
                  mean: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         """The samples minus their mean (computed unless given), as a new contiguous (..., nf, M)
-        tensor made by one strided copy out of ``x``; and the mean."""
+        tensor in ``statistics_dtype`` made by one strided copy out of ``x``; and the mean."""
         with record_function('deconv::patches'):
             view = x.reshape(shape) if geometry is None else _sample_view(x, geometry)
-            samples = view.new_empty(view.shape).copy_(view).view(shape)
+            samples = view.new_empty(view.shape, dtype=statistics_dtype(x)).copy_(view).view(shape)
         mean = samples.mean(dim=-1) if mean is None else mean
         return samples.sub_(mean[..., None]), mean
 
@@ -380,18 +386,22 @@ class PatchMoments(torch.autograd.Function):
     def forward(ctx, x: Tensor, geometry: Optional[Geometry], shape: Tuple[int, ...]) -> Tuple[Tensor, Tensor]:
         centred, mean = PatchMoments._centred(x, geometry, shape)
         ctx.geometry, ctx.shape, ctx.x_shape = geometry, shape, x.shape
-        ctx.rebuild = centred.shape[-2] >= REBUILD_MIN_FEATURES
-        ctx.save_for_backward(x if ctx.rebuild else centred, mean)
+        kept = [centred] if centred.shape[-2] < REBUILD_MIN_FEATURES else []
+        ctx.save_for_backward(x, mean, *kept)  # x costs nothing: the convolution keeps it anyway
         return mean, symmetric_gram(centred).div_(centred.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_mean: Tensor, grad_cov: Tensor) -> Tuple[Tensor, None, None]:
-        saved, mean = ctx.saved_tensors
-        centred = PatchMoments._centred(saved, ctx.geometry, ctx.shape, mean)[0] if ctx.rebuild else saved
+        x, mean, *kept = ctx.saved_tensors
+        if kept and not torch.is_grad_enabled():
+            centred = kept[0]
+        else:  # rebuilt, and differentiable in x under create_graph=True
+            centred = PatchMoments._centred(x, ctx.geometry, ctx.shape, mean)[0]
         m = centred.shape[-1]
         # (G + G^T) Xc / M + dL/dmean / M, with the mean term as the product's added input.
         grad = torch.baddbmm(grad_mean[..., None] / m, (grad_cov + grad_cov.transpose(-1, -2)) / m, centred) \
             if centred.dim() == 3 else torch.addmm(grad_mean[..., None] / m, (grad_cov + grad_cov.t()) / m, centred)
+        grad = grad.to(x.dtype)  # before the scatter onto the pixels, which then runs in x's precision
         if ctx.geometry is None:
             return grad.reshape(ctx.x_shape), None, None
         rows = ctx.x_shape[1] * ctx.geometry[0][0] * ctx.geometry[0][1]  # C*kh*kw
