@@ -23,7 +23,6 @@
   converted model then behaves the same in train mode (batch statistics) as in eval, a better
   start for fine-tuning than identity statistics.
 """
-import argparse
 import os
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
@@ -39,12 +38,12 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .deploy import fold_layer_whitening, folded_weight_and_bias
 from .layers import ChannelDeconv, Delinear, FastDeconv
-from .loading import compare_state_dict, optional_state_keys, verify_weights_file
+from .loading import compare_state_dict, load_torch_checkpoint, optional_state_keys, verify_weights_file
 from .weights import CheckpointMismatchError
 
 __all__ = ['REFERENCE_CHECKPOINT_KEYS', 'read_checkpoint', 'reference_state_dict', 'checkpoint_geometry',
-           'ConversionReport', 'convert_reference_checkpoint', 'conv_bn_pairs', 'deconv_state_dict_from_bn',
-           'bn_to_deconv', 'calibrate_whitening']
+           'ConversionReport', 'convert_reference_checkpoint', 'conv_bn_pairs', 'bn_twin_names',
+           'deconv_state_dict_from_bn', 'bn_to_deconv', 'calibrate_whitening']
 
 # Where the authors' scripts keep the model: main.py saves {'net': ...}, main_imagenet.py
 # {'state_dict': ...}; 'model' is the other common wrapper.
@@ -57,11 +56,7 @@ def read_checkpoint(path: Union[str, os.PathLike]) -> Mapping[str, Any]:
     """A checkpoint file's content (safetensors or torch), after checking the file is intact."""
     path = os.fspath(path)
     verify_weights_file(path)
-    if path.endswith('.safetensors'):
-        return load_file(path)
-    # Training checkpoints (timm's, scripts/train.py's) keep their arguments as a Namespace.
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        return torch.load(path, map_location='cpu', weights_only=True)
+    return load_file(path) if path.endswith('.safetensors') else load_torch_checkpoint(path)
 
 
 def reference_state_dict(checkpoint: Checkpoint) -> Dict[str, Tensor]:
@@ -200,6 +195,15 @@ def _identity_statistics(module: nn.Module) -> Dict[str, Tensor]:
     return {}
 
 
+def bn_twin_names(arch: str) -> Tuple[str, ...]:
+    """The batch-norm architectures whose weights convert into ``arch``: itself built with BN
+    layers, the name without ``_deconv`` (resnet18_cifar, timm's resnet50), and timm's ``_bn``
+    VGGs (vgg16_bn for vgg16_deconv)."""
+    arch = arch.split('.')[0]
+    base = arch[:-len('_deconv')] if arch.endswith('_deconv') else arch
+    return arch, base, f'{base}_bn'
+
+
 def deconv_state_dict_from_bn(
         bn_state_dict: Mapping[str, Tensor], bn_model: Union[str, nn.Module], deconv_model: nn.Module,
 ) -> Dict[str, Tensor]:
@@ -216,6 +220,12 @@ def deconv_state_dict_from_bn(
     if isinstance(bn_model, str):
         bn_model = _bn_structure(bn_state_dict, bn_model)
     bn_arch = getattr(bn_model, 'pretrained_cfg', {}).get('architecture', type(bn_model).__name__)
+    deconv_arch = getattr(deconv_model, 'pretrained_cfg', {}).get('architecture')
+    # Layers are paired by order: only twins pair up right (other models can match in count alone).
+    if deconv_arch and bn_arch not in bn_twin_names(deconv_arch):
+        raise CheckpointMismatchError(
+            f'{bn_arch} is not the batch-norm twin of {deconv_arch}; its weights convert from '
+            f'{" or ".join(bn_twin_names(deconv_arch)[1:])}.')
     bn_modules = dict(bn_model.named_modules())
     deconv_modules = dict(deconv_model.named_modules())
     bn_layers = [n for n, m in bn_modules.items() if _is_weight_layer(m)]
@@ -247,8 +257,11 @@ def deconv_state_dict_from_bn(
             used |= {k for k in bn_state_dict if k.startswith(f'{bn}.')}
         target = deconv_modules[deconv_layer]
         # VGG: timm's 7x7 / 1x1 convolution head becomes the twin's linear classifier.
-        state_dict[f'{deconv_layer}.weight'] = weight.reshape(weight.shape[0], -1, *target.weight.shape[2:]).to(
-            target.weight.dtype)
+        kernel = target.weight.shape[2:]
+        if weight.numel() % (weight.shape[0] * kernel.numel()):
+            raise CheckpointMismatchError(f'{bn_layer} {tuple(weight.shape)} does not fit {deconv_layer} '
+                                          f'{tuple(target.weight.shape)}: the models are not twins.')
+        state_dict[f'{deconv_layer}.weight'] = weight.reshape(weight.shape[0], -1, *kernel).to(target.weight.dtype)
         if target.bias is not None:
             state_dict[f'{deconv_layer}.bias'] = bias.to(target.bias.dtype)
         elif bn_layer in folds or f'{bn_layer}.bias' in bn_state_dict:
@@ -288,6 +301,8 @@ def bn_to_deconv(
     Raises ``CheckpointMismatchError`` for architectures without an exact conversion (see the
     module docstring) and for state dicts that do not fit ``bn_arch``.
     """
+    if not timm.is_model(arch):
+        raise ValueError(f"Unknown model '{arch}' (is deconv_zoo imported?)")
     if isinstance(bn_model_or_state_dict, nn.Module):
         bn_state_dict = bn_model_or_state_dict.state_dict()
         bn_model = bn_model_or_state_dict  # also a zoo model built with deconv=False

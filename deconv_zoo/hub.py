@@ -18,7 +18,7 @@ from timm.models._hub import generate_readme
 from .loading import file_sha256
 from .weights import PublishedWeights
 
-__all__ = ['PAPER_CITATION', 'RESULT_FIELDS', 'model_card', 'save_hub_folder', 'push_hub_folder',
+__all__ = ['PAPER_CITATION', 'RESULT_FIELDS', 'model_card', 'tag_mismatch', 'save_hub_folder', 'push_hub_folder',
            'published_entry_source']
 
 PAPER_CITATION = r"""@inproceedings{ye2020network,
@@ -39,10 +39,31 @@ RESULT_FIELDS = ('model', 'tag', 'dataset', 'split', 'num_images', 'top1', 'top5
 TAG_DATASETS = {'cifar10': 'cifar10', 'cifar100': 'cifar100', 'in1k': 'imagenet-1k'}
 
 
+def _validated_dataset(results: Mapping[str, Any]) -> str:
+    """The validated dataset's name without timm's prefix ('torch/cifar10' -> 'cifar10')."""
+    return str(results['dataset']).rsplit('/', 1)[-1].lower()
+
+
 def _hub_dataset(results: Mapping[str, Any]) -> str:
-    """The dataset id for the card's metadata: from the tag, else the validated dataset's name
-    (timm's 'torch/cifar10' -> 'cifar10')."""
-    return TAG_DATASETS.get(results['tag']) or str(results['dataset']).rsplit('/', 1)[-1].lower()
+    """The dataset id for the card's metadata: the tag's, else the validated dataset's name."""
+    return TAG_DATASETS.get(results['tag']) or _validated_dataset(results)
+
+
+# Datasets recognisable by their name in validate.py's JSON (an image folder could be anything).
+NAMED_DATASETS = ('digits', 'cifar10', 'cifar100')
+
+
+def tag_mismatch(results: Mapping[str, Any], tag: str, pretrained_cfg: Mapping[str, Any]) -> Optional[str]:
+    """Why weights validated as ``results`` say do not belong under ``tag`` (None if they do): a
+    named dataset other than the tag's, or an input size other than the tag's config."""
+    validated = _validated_dataset(results)
+    if tag in TAG_DATASETS and validated in NAMED_DATASETS and validated != TAG_DATASETS[tag]:
+        return f"validated on {results['dataset']}, but tag '{tag}' is for {TAG_DATASETS[tag]}"
+    size = results.get('input_size')
+    if size is not None and tuple(size) != tuple(pretrained_cfg['input_size']):
+        return (f"validated at input size {tuple(size)}, but tag '{tag}' declares "
+                f"{tuple(pretrained_cfg['input_size'])}")
+    return None
 
 
 def _results_table(results: Mapping[str, Any]) -> str:

@@ -11,13 +11,16 @@ model and passes ``filter_pretrained_state_dict`` as timm's ``pretrained_filter_
    layer's deconvolution statistics to ``in_chans`` (timm adapts only ``.weight``), and rejects a
    checkpoint that does not fit the model, listing the keys.
 """
+import argparse
 import dataclasses
 import functools
 import hashlib
 import logging
 import os
+import pickle
 import zipfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Set, Tuple
 
 import huggingface_hub.constants
@@ -29,7 +32,7 @@ from safetensors import SafetensorError, safe_open
 from timm.models import _factory as timm_factory
 from timm.models import get_model_traits
 from timm.models._builder import resolve_pretrained_cfg
-from timm.models._hub import hf_split
+from timm.models._hub import download_cached_file, hf_split
 from torch import Tensor
 
 from .layers import FastDeconv
@@ -38,7 +41,8 @@ from .weights import (
     NoPublishedWeightsError, WeightsNotCachedError, hub_org, hub_repo_id, published_weights_for_repo,
 )
 
-__all__ = ['resolve_pretrained_source', 'fetch_hub_weights', 'verify_weights_file', 'file_sha256',
+__all__ = ['resolve_pretrained_source', 'fetch_hub_weights', 'verify_weights_file', 'load_torch_checkpoint',
+           'file_sha256',
            'filter_pretrained_state_dict', 'StateDictMismatch', 'compare_state_dict', 'optional_state_keys',
            'gray_whitening', 'install_hub_error_messages']
 
@@ -46,6 +50,13 @@ _logger = logging.getLogger(__name__)
 
 # timm's fallback order for a Hub repo without an explicit file name.
 HUB_WEIGHT_FILES = ('model.safetensors', 'pytorch_model.bin')
+
+# Names of the weight files timm may load from a local-dir: folder.
+WEIGHT_FILE_SUFFIXES = ('.safetensors', '.pth', '.pth.tar', '.pt', '.bin')
+
+# torch.save's legacy (pre-zip) format opens with this pickled magic number (protocol 2; later
+# protocols frame it a few bytes further in).
+_LEGACY_TORCH_MAGIC = b'\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19'
 
 
 def _tagged_name(architecture: str, tag: Optional[str]) -> str:
@@ -69,19 +80,29 @@ def resolve_pretrained_source(variant: str, org: Optional[str], kwargs: Dict[str
         cfg = dataclasses.replace(cfg, hf_hub_id=overlay['hf_hub_id'])
 
     from_hub = cfg.source == 'hf-hub'
-    if cfg.source == 'local-dir' or (not from_hub and cfg.state_dict is not None):
-        pass  # timm reads a local directory or an in-memory state dict itself
+    if cfg.source == 'local-dir':
+        # timm picks the folder's file itself (by name, then by extension): check every candidate.
+        for path in sorted(Path(cfg.file).glob('*')):
+            if path.is_file() and path.name.endswith(WEIGHT_FILE_SUFFIXES):
+                verify_weights_file(str(path))
+    elif not from_hub and cfg.state_dict is not None:
+        pass  # an in-memory state dict
     elif not from_hub and cfg.file:
         verify_weights_file(cfg.file)
     elif cfg.hf_hub_id:
         path = fetch_hub_weights(cfg.hf_hub_id, cfg.hf_hub_filename, kwargs.get('cache_dir'))
         verify_weights_file(path, expected_sha256=_listed_sha256(cfg.hf_hub_id), repo_id=cfg.hf_hub_id)
         overlay.update(file=path, source=None)
-    elif not cfg.url:  # a url is downloaded by timm into the torch.hub cache
+    elif cfg.url:
+        # Downloaded as timm would (into the torch.hub cache), then checked and handed over as a file.
+        path = download_cached_file(cfg.url, check_hash=False, cache_dir=kwargs.get('cache_dir'))
+        verify_weights_file(path)
+        overlay.update(file=path)
+    else:
         raise NoPublishedWeightsError(
             f"No pretrained weights are published for '{name}'. Train your own "
             f"(scripts/train.py --model {variant}) and load them with "
-            f"timm.create_model('{variant}', pretrained=True, pretrained_cfg_overlay=dict(file='model.safetensors')) "
+            f"timm.create_model('{name}', pretrained=True, pretrained_cfg_overlay=dict(file='model.safetensors')) "
             f"or checkpoint_path='checkpoint.pth.tar'; weights you pushed to the Hub load with "
             f"{HUB_ORG_ENV}=<your-org> or hub_org='<your-org>' (repo <your-org>/{name}).")
     return dict(kwargs, pretrained_cfg_overlay=overlay)
@@ -155,7 +176,8 @@ def verify_weights_file(path: str, expected_sha256: Optional[str] = None, repo_i
     """Check that a weights file exists, is intact, and (if given) has the listed sha256.
 
     safetensors files are checked through their header (which covers the data size); zip-format
-    torch files through their central directory. Both checks read no tensor data.
+    torch files through their central directory. Both checks read no tensor data. Legacy-format
+    torch files (the authors' 2019 checkpoints) have no index to check: they are read once in full.
     """
     if not os.path.isfile(path):
         raise CorruptWeightsError(f'Pretrained weights file not found: {path}')
@@ -175,9 +197,27 @@ def verify_weights_file(path: str, expected_sha256: Optional[str] = None, repo_i
             raise CorruptWeightsError(f'{path} is not a valid safetensors file (truncated or corrupt): {e}') from e
     else:
         with open(path, 'rb') as f:
-            is_zip_format = f.read(4) == b'PK\x03\x04'
-        if is_zip_format and not zipfile.is_zipfile(path):
-            raise CorruptWeightsError(f'{path} is a truncated or corrupt torch checkpoint (broken zip archive).')
+            head = f.read(32)
+        if head.startswith(b'PK\x03\x04'):
+            if not zipfile.is_zipfile(path):
+                raise CorruptWeightsError(f'{path} is a truncated or corrupt torch checkpoint (broken zip archive).')
+        elif _LEGACY_TORCH_MAGIC in head:
+            load_torch_checkpoint(path)
+        else:
+            raise CorruptWeightsError(f'{path} is not a weights file: neither safetensors nor a torch checkpoint.')
+
+
+def load_torch_checkpoint(path: str) -> Any:
+    """``torch.load`` of a checkpoint file with tensors and plain containers only (timm's training
+    arguments too); a file it cannot read raises ``CorruptWeightsError`` naming it."""
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location='cpu', weights_only=True)
+    except (EOFError, RuntimeError, pickle.UnpicklingError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CorruptWeightsError(
+            f'{path} could not be read as a torch checkpoint: it is truncated or corrupt, or holds objects other '
+            f'than tensors and plain containers (torch.load: {reason}).') from e
 
 
 @dataclass

@@ -26,7 +26,7 @@ from timm.utils import ParseKwargs
 
 import deconv_zoo  # noqa: F401  (registers the models)
 from deconv_zoo.convert import convert_reference_checkpoint, read_checkpoint
-from deconv_zoo.hub import published_entry_source, push_hub_folder, save_hub_folder
+from deconv_zoo.hub import published_entry_source, push_hub_folder, save_hub_folder, tag_mismatch
 from deconv_zoo.loading import file_sha256
 from deconv_zoo.weights import HUB_ORG_ENV
 
@@ -61,7 +61,9 @@ def build_model(args: argparse.Namespace, results: Dict[str, Any]) -> Tuple[nn.M
     checkpoint = read_checkpoint(path)
     if results.get('sha256') and results['sha256'] != file_sha256(path):
         raise SystemExit(f'{args.results} was written for another file (sha256 {results["sha256"]}), not {path}.')
-    train_args = vars(checkpoint['args']) if isinstance(checkpoint.get('args'), argparse.Namespace) else {}
+    # scripts/train.py records its arguments as a dict, timm's train.py as a Namespace.
+    recorded = checkpoint.get('args')
+    train_args = vars(recorded) if isinstance(recorded, argparse.Namespace) else dict(recorded or {})
     arch = args.model or results.get('model') or train_args.get('model')
     tag = args.tag or results.get('tag')
     if not arch or not tag:
@@ -80,6 +82,9 @@ def build_model(args: argparse.Namespace, results: Dict[str, Any]) -> Tuple[nn.M
     if model.num_classes != cfg['num_classes']:
         raise SystemExit(f"The weights have {model.num_classes} classes; tag '{tag}' of {arch} declares "
                          f"{cfg['num_classes']}: publish them under a tag of the right dataset.")
+    mismatch = tag_mismatch(results, tag, cfg)
+    if mismatch:
+        raise SystemExit(f'{mismatch}: users of {arch}.{tag} would get a data config that does not fit the weights.')
     print(f'{arch}.{tag}: {report.describe()}')
     return model, f'{arch}.{tag}', train_args
 

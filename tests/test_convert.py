@@ -105,6 +105,23 @@ def test_pre_activation_networks_are_refused():
         bn_to_deconv(bn, 'preact_resnet18_cifar_deconv', **SMALL)
 
 
+@pytest.mark.parametrize('bn_arch, arch', [
+    ('resnet18_cifar', 'preact_resnet18_cifar_deconv'),  # as many layers, another function: converted before
+    ('resnet18', 'resnet18_cifar_deconv'),  # timm's ImageNet ResNet: shapes differ
+    ('resnet18_cifar', 'resnet18_deconv'),
+])
+def test_models_that_are_not_twins_are_refused(bn_arch, arch):
+    with torch.device('meta'):
+        bn = timm.create_model(bn_arch)
+    with pytest.raises(CheckpointMismatchError, match=f'{bn_arch} is not the batch-norm twin of {arch}'):
+        bn_to_deconv(bn, arch)
+
+
+def test_unknown_deconv_model_is_named():
+    with pytest.raises(ValueError, match="Unknown model 'resnet18_cifar_deconvv'"):
+        bn_to_deconv({}, 'resnet18_cifar_deconvv')
+
+
 EXACT = [('resnet18_cifar', 'resnet18_cifar_deconv'), ('vgg16_cifar', 'vgg16_cifar_deconv'),
          ('resnext29_32x4d_cifar', 'resnext29_32x4d_cifar_deconv'), ('mobilenetv2_cifar', 'mobilenetv2_cifar_deconv'),
          ('dpn92_cifar', 'dpn92_cifar_deconv'), ('pnasnet_a_cifar', 'pnasnet_a_cifar_deconv'),

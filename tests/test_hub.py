@@ -77,11 +77,11 @@ def published(tmp_path_factory):
     ema = {k: v + 1 if v.is_floating_point() else v for k, v in state.items()}
     command = 'python scripts/train.py --model resnet18_cifar_deconv --dataset torch/cifar10 --epochs 20'
     checkpoint = root / 'model_best.pth.tar'
-    train_args = argparse.Namespace(model=ARCH, model_kwargs={}, lr=0.1, epochs=20)
+    train_args = dict(model=ARCH, model_kwargs={}, lr=0.1, epochs=20)  # as scripts/train.py records them
     torch.save(dict(state_dict=state, state_dict_ema=ema, args=train_args, epoch=19), checkpoint)
     results = dict(model=ARCH, tag=TAG, dataset='torch/cifar10', split='test', num_images=10000, top1=95.12,
                    top5=99.81, loss=0.2034, img_per_sec=1234.5, checkpoint=str(checkpoint),
-                   sha256=deconv_zoo.loading.file_sha256(str(checkpoint)), use_ema=False)
+                   sha256=deconv_zoo.loading.file_sha256(str(checkpoint)), use_ema=False, input_size=[3, 32, 32])
     results_path = root / 'validate.json'
     results_path.write_text(json.dumps(results))
     folder = root / 'repo'
@@ -142,6 +142,32 @@ def test_push_publishes_the_validated_ema_weights(published, tmp_path):
                    str(published['results_path']), '--repo-id', REPO_ID, '--output-dir', str(tmp_path / 'other')])
 
 
+def test_push_reads_the_arguments_of_timms_train_script(published, tmp_path):
+    """timm's train.py records a Namespace: its model kwargs and the card's arguments are read too."""
+    checkpoint = tmp_path / 'timm_checkpoint.pth.tar'
+    torch.save(dict(state_dict=published['state'], args=argparse.Namespace(model=ARCH, model_kwargs={}, lr=0.3)),
+               checkpoint)
+    results = tmp_path / 'validate.json'
+    results.write_text(json.dumps(dict(json.loads(published['results_path'].read_text()), sha256=None)))
+    with contextlib.redirect_stdout(io.StringIO()):
+        load_script('push_to_hub').main(['--checkpoint', str(checkpoint), '--results', str(results),
+                                         '--repo-id', REPO_ID, '--output-dir', str(tmp_path / 'repo')])
+    assert '"lr": 0.3' in (tmp_path / 'repo' / 'README.md').read_text()
+
+
+@pytest.mark.parametrize('change, message', [
+    (dict(model='resnet18_cifar'), 'trained as resnet18_cifar_deconv, not resnet18_cifar'),
+    (dict(dataset='digits'), "validated on digits, but tag 'cifar10' is for cifar10"),
+    (dict(input_size=[3, 8, 8]), r"validated at input size \(3, 8, 8\), but tag 'cifar10' declares \(3, 32, 32\)"),
+], ids=['other_model', 'other_dataset', 'other_input_size'])
+def test_push_refuses_results_that_do_not_fit_the_tag(published, tmp_path, change, message):
+    results = tmp_path / 'validate.json'
+    results.write_text(json.dumps(dict(json.loads(published['results_path'].read_text()), **change)))
+    with pytest.raises(SystemExit, match=message):
+        load_script('push_to_hub').main(['--checkpoint', str(published['checkpoint']), '--results', str(results),
+                                         '--repo-id', REPO_ID, '--output-dir', str(tmp_path / 'repo')])
+
+
 def test_push_without_output_dir_uploads_and_fails_clearly_offline(published, hf_cache):
     with pytest.raises(OfflineModeIsEnabled):
         load_script('push_to_hub').main(['--checkpoint', str(published['checkpoint']), '--results',
@@ -168,14 +194,13 @@ def test_explicit_cache_dir(published, tmp_path):
     assert_state_equal(model, published['state'])
 
 
-def test_file_overlay_safetensors_and_pth(hf_cache, published, tmp_path):
+def test_file_overlay_safetensors_pth_legacy_and_url(hf_cache, published, tmp_path):
     path = published['folder'] / 'model.safetensors'
-    assert_state_equal(timm.create_model(ARCH, pretrained=True, pretrained_cfg_overlay=dict(file=str(path))),
-                       published['state'])
-    pth = tmp_path / 'weights.pth'
+    pth, legacy = tmp_path / 'weights.pth', tmp_path / 'weights.t7'
     torch.save(published['state'], pth)
-    assert_state_equal(timm.create_model(ARCH, pretrained=True, pretrained_cfg_overlay=dict(file=str(pth))),
-                       published['state'])
+    torch.save(published['state'], legacy, _use_new_zipfile_serialization=False)
+    for overlay in (dict(file=str(path)), dict(file=str(pth)), dict(file=str(legacy)), dict(url=f'file://{pth}')):
+        assert_state_equal(timm.create_model(ARCH, pretrained=True, pretrained_cfg_overlay=overlay), published['state'])
 
 
 def test_torch_hub_load_local_pretrained(cached_repo, published, monkeypatch):
@@ -244,6 +269,9 @@ def test_unknown_tag_and_unpublished_tag(hf_cache):
         timm.create_model(f'{ARCH}.imagenet', pretrained=True)
     with pytest.raises(NoPublishedWeightsError, match=f"published for '{NAME}'.*hub_org"):
         timm.create_model(ARCH, pretrained=True)
+    # The suggested call keeps the tag: without it timm would drop a 100-class classifier.
+    with pytest.raises(NoPublishedWeightsError, match=rf"timm.create_model\('{ARCH}.cifar100', pretrained=True"):
+        timm.create_model(f'{ARCH}.cifar100', pretrained=True)
 
 
 def test_cache_miss_offline_names_repo_and_fix(hf_cache):
@@ -266,6 +294,30 @@ def test_truncated_safetensors_is_named(cached_repo, published, tmp_path):
         timm.create_model(ARCH, pretrained=True, pretrained_cfg_overlay=dict(hf_hub_id='dzlab/broken'))
     with pytest.raises(CorruptWeightsError, match='not found: /no/such/file.safetensors'):
         timm.create_model(ARCH, pretrained=True, pretrained_cfg_overlay=dict(file='/no/such/file.safetensors'))
+
+
+def test_corrupt_files_are_named_on_every_route(hf_cache, published, tmp_path):
+    """local-dir: folders, file:// urls, and torch files that are neither zip nor legacy format,
+    or legacy-format ones cut short (the authors' checkpoints are legacy format)."""
+    data = (published['folder'] / 'model.safetensors').read_bytes()
+    folder = tmp_path / 'local'
+    folder.mkdir()
+    shutil.copy(published['folder'] / 'config.json', folder / 'config.json')
+    (folder / 'model.safetensors').write_bytes(data[:len(data) // 2])
+    with pytest.raises(CorruptWeightsError, match='local/model.safetensors.*truncated or corrupt'):
+        timm.create_model(f'local-dir:{folder}', pretrained=True)
+    url = f"file://{folder / 'model.safetensors'}"
+    with pytest.raises(CorruptWeightsError, match='model.safetensors.*truncated or corrupt'):
+        timm.create_model(ARCH, pretrained=True, pretrained_cfg_overlay=dict(url=url))
+    garbage = tmp_path / 'garbage.pth'
+    garbage.write_bytes(os.urandom(4096))
+    with pytest.raises(CorruptWeightsError, match='garbage.pth is not a weights file'):
+        timm.create_model(ARCH, pretrained=True, pretrained_cfg_overlay=dict(file=str(garbage)))
+    legacy = tmp_path / 'legacy.t7'
+    torch.save({'net': published['state']}, legacy, _use_new_zipfile_serialization=False)
+    legacy.write_bytes(legacy.read_bytes()[:-1000])
+    with pytest.raises(CorruptWeightsError, match='legacy.t7 could not be read as a torch checkpoint'):
+        timm.create_model(ARCH, pretrained=True, pretrained_cfg_overlay=dict(file=str(legacy)))
 
 
 def test_checkpoint_of_another_architecture_lists_keys(hf_cache, tmp_path):
