@@ -21,6 +21,7 @@ from timm.utils import ParseKwargs
 
 import deconv_zoo  # noqa: F401  (registers the models)
 from deconv_zoo.convert import bn_to_deconv, convert_reference_checkpoint, reference_state_dict
+from deconv_zoo.weights import CheckpointMismatchError, CorruptWeightsError
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -56,4 +57,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except (CheckpointMismatchError, CorruptWeightsError) as e:  # the file's fault: its message, no traceback
+        sys.exit(f'{type(e).__name__}: {e}')

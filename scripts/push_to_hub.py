@@ -28,7 +28,7 @@ import deconv_zoo  # noqa: F401  (registers the models)
 from deconv_zoo.convert import convert_reference_checkpoint, read_checkpoint
 from deconv_zoo.hub import published_entry_source, push_hub_folder, save_hub_folder, tag_mismatch
 from deconv_zoo.loading import file_sha256
-from deconv_zoo.weights import HUB_ORG_ENV
+from deconv_zoo.weights import HUB_ORG_ENV, CheckpointMismatchError, CorruptWeightsError
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -111,4 +111,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except (CheckpointMismatchError, CorruptWeightsError) as e:  # the file's fault: its message, no traceback
+        sys.exit(f'{type(e).__name__}: {e}')
