@@ -24,15 +24,17 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset, default_collate
 
 __all__ = [
-    'DIGITS', 'SYNTHETIC', 'DigitsDataset', 'SyntheticDataset', 'create_image_dataset', 'dataset_num_classes',
-    'resolve_input_config', 'ResumableSampler', 'ShardSampler', 'PerSampleSeed', 'SkipUnreadable',
-    'collate_readable', 'create_data_loader', 'set_image_transform',
+    'DIGITS', 'SYNTHETIC', 'DigitsDataset', 'SyntheticDataset', 'check_dataset', 'create_image_dataset',
+    'dataset_num_classes', 'resolve_input_config', 'ResumableSampler', 'ShardSampler', 'PerSampleSeed',
+    'SkipUnreadable', 'collate_readable', 'create_data_loader', 'set_image_transform',
 ]
 
 _logger = logging.getLogger(__name__)
 
 DIGITS = 'digits'
 SYNTHETIC = 'synthetic'
+FOLDER_NAMES = ('', 'folder')  # an ImageNet-layout folder (timm reads any other unprefixed name as one too)
+TIMM_DATASET_PREFIXES = ('torch/', 'hfds/', 'hfids/', 'tfds/', 'wds/')
 _TRAIN_SPLITS = ('train', 'training')
 _VAL_SPLITS = ('val', 'validation', 'test')
 
@@ -123,6 +125,22 @@ class SyntheticDataset(Dataset):
         return image, int(torch.randint(self.num_classes, (), generator=generator))
 
 
+def check_dataset(name: str, root: Optional[str] = None) -> None:
+    """Raise ValueError unless ``create_image_dataset`` knows ``name`` and has the ``root`` it needs.
+
+    Unprefixed names other than 'folder' are refused: timm would take a misspelt 'digits' as an
+    image folder.
+    """
+    if name in (DIGITS, SYNTHETIC):
+        return
+    if name not in FOLDER_NAMES and not name.lower().startswith(TIMM_DATASET_PREFIXES):
+        raise ValueError(
+            f"unknown dataset {name!r}: use {DIGITS!r}, {SYNTHETIC!r}, 'folder' (ImageNet layout in --data-dir) or "
+            f"a timm dataset name starting with {', '.join(TIMM_DATASET_PREFIXES)} (e.g. torch/cifar10)")
+    if not root:
+        raise ValueError(f'dataset {name!r} needs --data-dir (a local copy; nothing is downloaded)')
+
+
 def create_image_dataset(
         name: str,
         root: Optional[str] = None,
@@ -138,7 +156,9 @@ def create_image_dataset(
     (ImageNet layout under ``root``: train/, val/), or any timm dataset name such as
     'torch/cifar10' read from a local copy in ``root``. Prepare it for a model with
     ``set_image_transform``. ``limit`` keeps the first ``limit`` samples (smoke tests).
+    Other names raise ValueError (``check_dataset``).
     """
+    check_dataset(name, root)
     if name == DIGITS:
         dataset = DigitsDataset(split)
     elif name == SYNTHETIC:
@@ -154,11 +174,9 @@ def create_image_dataset(
     return dataset
 
 
-def _timm_dataset(name: str, root: Optional[str], split: str) -> Dataset:
+def _timm_dataset(name: str, root: str, split: str) -> Dataset:
     from timm.data import create_dataset
 
-    if not root:
-        raise ValueError(f'dataset {name!r} needs --data-dir (a local copy; nothing is downloaded)')
     is_training = _is_train_split(split)
     try:
         # download=False always: the project never fetches data sets.

@@ -1,9 +1,11 @@
 """Loading a model for evaluation, and classification metrics over a loader (top-1, top-5, loss,
 throughput; one process or many)."""
 import argparse
+import ast
+import os
 import time
 from contextlib import nullcontext
-from typing import Any, Callable, ContextManager, Dict, Optional
+from typing import Any, Callable, ContextManager, Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -11,12 +13,48 @@ import torch.nn as nn
 import torch.nn.functional as F
 import timm
 from timm.models import load_checkpoint
-from timm.utils import ParseKwargs, accuracy
+from timm.utils import accuracy
 from torch.utils.data import DataLoader
 
-from .loading import verify_weights_file
+from .loading import load_torch_checkpoint, verify_weights_file
+from .weights import CheckpointMismatchError, CorruptWeightsError
 
-__all__ = ['create_model_with_weights', 'add_model_arguments', 'model_from_args', 'evaluate']
+__all__ = ['ModelArgumentsError', 'BAD_INPUT_ERRORS', 'ParseLiteralKwargs', 'create_model_with_weights',
+           'check_input_size', 'training_data_config', 'add_model_arguments', 'model_from_args', 'evaluate']
+
+# The data-config arguments a training run records (scripts/train.py and timm's train.py alike).
+_DATA_CONFIG_ARGS = ('img_size', 'input_size', 'mean', 'std', 'interpolation', 'crop_pct')
+
+
+class ModelArgumentsError(ValueError):
+    """The model cannot be built, or cannot take the input, with the arguments given."""
+
+
+# What the scripts report as a one-line error instead of a traceback: the input, not the code, is wrong.
+BAD_INPUT_ERRORS = (ModelArgumentsError, CorruptWeightsError, CheckpointMismatchError)
+
+
+class ParseLiteralKwargs(argparse.Action):
+    """timm's ``ParseKwargs`` (``key=value``, the value a Python literal, else a string such as
+    ``act_layer=gelu``), except that a pair without ``=`` or a value that opens like a literal
+    (bracket, quote) but does not parse is an argparse error naming it, not a string."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: List[str],
+                 option_string: Optional[str] = None) -> None:
+        kwargs = {}
+        for item in values:
+            if not item:
+                continue
+            key, sep, value = item.partition('=')
+            if not sep or not key.isidentifier():
+                raise argparse.ArgumentError(self, f'{item!r} is not key=value')
+            try:
+                kwargs[key] = ast.literal_eval(value)
+            except (ValueError, SyntaxError) as error:
+                if value[:1] in ('(', '[', '{', "'", '"'):
+                    raise argparse.ArgumentError(self, f'{key}: {value!r} is not a Python literal ({error})') from None
+                kwargs[key] = value
+        setattr(namespace, self.dest, kwargs)
 
 
 def create_model_with_weights(
@@ -25,13 +63,50 @@ def create_model_with_weights(
     """``timm.create_model`` plus weights from a training checkpoint or a safetensors file.
 
     ``use_ema`` takes a training checkpoint's EMA weights. The file is checked first, so a
-    missing or truncated one fails with a clear error.
+    missing or truncated one fails with a clear error; an argument the model does not take
+    raises ``ModelArgumentsError``.
     """
-    model = timm.create_model(model_name, pretrained=pretrained, **kwargs)
+    try:
+        model = timm.create_model(model_name, pretrained=pretrained, **kwargs)
+    except TypeError as error:  # "... got an unexpected keyword argument 'x'"
+        raise ModelArgumentsError(f'cannot create {model_name} (check --model-kwargs): {error}') from None
     if checkpoint:
         verify_weights_file(checkpoint)
         load_checkpoint(model, checkpoint, use_ema=use_ema)
     return model
+
+
+def check_input_size(model: nn.Module, input_size: Sequence[int]) -> None:
+    """Run ``model`` on one blank image of ``input_size``, so that an input it cannot take
+    (smaller than its poolings need, not its patch grid) raises ``ModelArgumentsError`` now rather
+    than in the middle of the first step. Eval mode: no statistics are updated."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, *input_size, device=next(model.parameters()).device))
+    except (RuntimeError, AssertionError) as error:
+        name = getattr(model, 'pretrained_cfg', {}).get('architecture') or type(model).__name__
+        raise ModelArgumentsError(
+            f'{name} cannot take input {tuple(input_size)} (see --img-size/--input-size): {error}') from None
+    finally:
+        model.train(was_training)
+
+
+def training_data_config(checkpoint: str) -> Dict[str, Any]:
+    """The input size, normalisation, interpolation and crop arguments that the run which wrote a
+    training checkpoint was given (those it set); {} for a safetensors file or a checkpoint that
+    records no arguments."""
+    if os.path.splitext(checkpoint)[1].lower() in ('.safetensors', '.sft'):
+        return {}
+    verify_weights_file(checkpoint)
+    state = load_torch_checkpoint(checkpoint)
+    args = state.get('args') if isinstance(state, dict) else None
+    if isinstance(args, argparse.Namespace):  # timm's train.py
+        args = vars(args)
+    if not isinstance(args, dict):
+        return {}
+    return {key: args[key] for key in _DATA_CONFIG_ARGS if args.get(key) not in (None, '')}
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,7 +117,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--use-ema', action='store_true', help='take the EMA weights of a training checkpoint')
     parser.add_argument('--num-classes', type=int, default=None, help='classes of the weights')
     parser.add_argument('--in-chans', type=int, default=None, help='input channels (default: the model\'s)')
-    parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs,
+    parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseLiteralKwargs,
                         help='extra create_model arguments (Python literals)')
 
 

@@ -4,7 +4,9 @@ Checkpoints are written atomically (temporary file in the same folder, fsync, ``
 and hold everything needed to continue a run exactly: model, optimizer, scheduler, AMP scaler,
 EMA, position (epoch, step within the epoch, global step), arguments and the RNG states of every
 process. With a data order fixed by (seed, epoch) (``data.ResumableSampler``) a resumed run
-reproduces the uninterrupted one bit for bit on CPU.
+reproduces the uninterrupted one bit for bit on CPU. The learning-rate schedule is the one the
+resuming run's arguments build, moved to the checkpoint's position (as in timm's train.py): a
+resume with a larger ``--epochs`` continues on the longer schedule.
 
 timm's ``CheckpointSaver`` is not used: it unlinks ``last`` before renaming the new file over it
 (a crash in between leaves none) and stores neither the scheduler, the step nor the RNG states.
@@ -14,9 +16,10 @@ import logging
 import math
 import os
 import random
+import re
 import sys
-import tempfile
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, ContextManager, Dict, List, Optional, Tuple
 
@@ -24,8 +27,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from timm.scheduler import PlateauLRScheduler
 from timm.utils import AverageMeter, ModelEmaV3, dispatch_clip_grad
 from torch.utils.data import DataLoader
+
+from .loading import compare_state_dict, load_torch_checkpoint, verify_weights_file
+from .weights import CheckpointMismatchError
 
 __all__ = [
     'RECIPES', 'TrainingStopped', 'TrainPosition', 'atomic_save', 'capture_rng_state', 'restore_rng_state',
@@ -37,6 +44,11 @@ _logger = logging.getLogger(__name__)
 LAST = 'last.pth.tar'
 BEST = 'model_best.pth.tar'
 CHECKPOINT_VERSION = 1
+# What atomic_save leaves behind when killed mid-write, for the names CheckpointManager writes (the
+# random part matches the tempfile.mkstemp names of earlier versions too).
+_STALE_TEMPORARY = re.compile(r'\.(last|model_best|checkpoint-\d+)\.pth\.tar\.[^.]+\.tmp')
+# Arguments that define the learning-rate schedule (logged when a resume changes them).
+_SCHEDULE_ARGS = ('sched', 'epochs', 'sched_on_updates', 'lr', 'min_lr', 'warmup_epochs', 'warmup_lr')
 
 # The paper's run settings (reference-architectures.md, section 3). Weight decay applies to every
 # parameter there, biases included, hence filter_bias_and_bn=False. 'digits' is the CIFAR recipe
@@ -56,7 +68,7 @@ RECIPES: Dict[str, Dict[str, Any]] = {
 
 
 class TrainingStopped(RuntimeError):
-    """Training cannot continue (non-finite loss, statistics or parameters); checkpoints are intact."""
+    """Training cannot continue (non-finite loss, statistics, parameters or buffers); checkpoints are intact."""
 
 
 @dataclass
@@ -69,9 +81,13 @@ class TrainPosition:
 
 
 def atomic_save(obj: Any, path: str) -> None:
-    """``torch.save`` that never leaves a partial file at ``path``: a crash keeps the old one."""
+    """``torch.save`` that never leaves a partial file at ``path``: a crash keeps the old one.
+
+    The file gets the permissions the umask gives any new file (``tempfile.mkstemp`` would make it 0600).
+    """
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=f'.{os.path.basename(path)}.', suffix='.tmp')
+    tmp_path = os.path.join(directory, f'.{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp')
+    fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, 'wb') as f:
             torch.save(obj, f)
@@ -120,13 +136,12 @@ def _as_tuples(value: Any) -> Any:
     return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
-def _all_rng_states(distributed: bool) -> List[Dict[str, Any]]:
-    state = capture_rng_state()
+def _gather_from_processes(obj: Any, distributed: bool) -> List[Any]:
     if not distributed:
-        return [state]
-    states: List[Optional[Dict[str, Any]]] = [None] * dist.get_world_size()
-    dist.all_gather_object(states, state)
-    return states
+        return [obj]
+    gathered: List[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
 
 
 def resolve_resume(resume: str, output_dir: str) -> Optional[str]:
@@ -142,8 +157,13 @@ def resolve_resume(resume: str, output_dir: str) -> Optional[str]:
     return resume
 
 
-def _params_finite(model: nn.Module) -> bool:
-    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+def _first_non_finite(model: nn.Module) -> Optional[str]:
+    """The first parameter or floating-point buffer (running statistics) holding inf or nan, by name."""
+    for kind, named_tensors in (('parameter', model.named_parameters()), ('buffer', model.named_buffers())):
+        for name, tensor in named_tensors:
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                return f'{kind} {name}'
+    return None
 
 
 class CheckpointManager:
@@ -151,8 +171,8 @@ class CheckpointManager:
     (highest validation top-1) and ``checkpoint-<epoch>`` every ``every_epochs`` epochs.
 
     Every process calls ``save_*`` (the RNG states are gathered); only the primary one writes.
-    A state with non-finite parameters is refused, so the last written checkpoint is always a
-    good one.
+    A state with non-finite parameters or buffers is refused, so the last written checkpoint is
+    always a good one. The primary process removes the temporary files a killed save left behind.
     """
 
     def __init__(
@@ -183,6 +203,17 @@ class CheckpointManager:
         self.best_metric: Optional[float] = None
         self.best_epoch: Optional[int] = None
         self.last_saved: Optional[str] = None
+        if is_primary:
+            self._remove_stale_temporaries()
+
+    def _remove_stale_temporaries(self) -> None:
+        if not os.path.isdir(self.output_dir):
+            return
+        for name in sorted(os.listdir(self.output_dir)):
+            if _STALE_TEMPORARY.fullmatch(name):
+                os.unlink(os.path.join(self.output_dir, name))
+                _logger.info('removed %s, the partial file of a save that was interrupted',
+                             os.path.join(self.output_dir, name))
 
     @property
     def last_path(self) -> str:
@@ -216,19 +247,23 @@ class CheckpointManager:
         last = self.last_saved or 'none written yet'
         return TrainingStopped(
             f'training stopped at step {position.global_step} (epoch {position.epoch}, batch '
-            f'{position.step_in_epoch}): {reason}. Last good checkpoint: {last} (saved checkpoints are untouched).')
+            f'{position.step_in_epoch}): {reason.rstrip(".")}. Last good checkpoint: {last} '
+            f'(saved checkpoints are untouched).')
 
-    def _write(self, position: TrainPosition, metric: Optional[float]) -> Optional[Dict[str, Any]]:
-        if not _params_finite(self.model):
-            raise self.stopped(position, 'parameters became non-finite; no checkpoint written')
-        rng = _all_rng_states(self.distributed)
-        if not self.is_primary:
-            self.last_saved = self.last_path
-            return None
-        state = self._state(position, metric, rng)
-        atomic_save(state, self.last_path)
+    def _write(self, position: TrainPosition, metric: Optional[float], other_names: Tuple[str, ...] = ()) -> None:
+        """Write the state as ``other_names`` and then ``last``, or stop when any process' state is not finite."""
+        # Gathered together, so that every process stops at once (buffers may differ between them).
+        gathered = _gather_from_processes(
+            dict(rng=capture_rng_state(), non_finite=_first_non_finite(self.model)), self.distributed)
+        non_finite = next((g['non_finite'] for g in gathered if g['non_finite']), None)
+        if non_finite:
+            raise self.stopped(position, f'{non_finite} became non-finite; no checkpoint written')
+        if self.is_primary:
+            state = self._state(position, metric, [g['rng'] for g in gathered])
+            # last goes last: it records best_metric, which model_best must already hold.
+            for name in (*other_names, LAST):
+                atomic_save(state, os.path.join(self.output_dir, name))
         self.last_saved = self.last_path
-        return state
 
     def save_step(self, position: TrainPosition) -> None:
         """Mid-epoch checkpoint (``last`` only)."""
@@ -238,30 +273,32 @@ class CheckpointManager:
         """End-of-epoch checkpoint: ``last``, plus ``best`` and ``checkpoint-<epoch>`` when due.
         ``position.epoch`` is the next epoch; the finished one is ``position.epoch - 1``."""
         finished = position.epoch - 1
-        improved = metric is not None and (self.best_metric is None or metric > self.best_metric)
-        if improved:
+        other_names = []
+        if metric is not None and (self.best_metric is None or metric > self.best_metric):
             self.best_metric, self.best_epoch = metric, finished
-        state = self._write(position, metric)
-        if state is None:
-            return
-        if improved:
-            atomic_save(state, os.path.join(self.output_dir, BEST))
+            other_names.append(BEST)
         if self.every_epochs and (finished + 1) % self.every_epochs == 0:
-            atomic_save(state, os.path.join(self.output_dir, f'checkpoint-{finished}.pth.tar'))
+            other_names.append(f'checkpoint-{finished}.pth.tar')
+        self._write(position, metric, tuple(other_names))
 
     def load(self, path: str, rank: int = 0, world_size: int = 1) -> TrainPosition:
         """Restore every component from ``path``; returns the position to continue from.
 
         The RNG state of this process is restored too, so call this right before the loop (after
-        anything else that draws random numbers, like model or EMA creation).
+        anything else that draws random numbers, like model or EMA creation). A file that is not
+        readable raises ``CorruptWeightsError``, one that does not fit the model
+        ``CheckpointMismatchError``; both name the file, and nothing is restored.
         """
-        checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+        verify_weights_file(path)
+        checkpoint = load_torch_checkpoint(path)
+        self._check_fits(path, checkpoint)
+        position = TrainPosition(checkpoint['epoch'], checkpoint['step_in_epoch'], checkpoint['global_step'])
         self.model.load_state_dict(checkpoint['state_dict'])
         self.optimizer.load_state_dict(checkpoint['optimizer'])
         if self.model_ema is not None:
             self.model_ema.module.load_state_dict(checkpoint.get('state_dict_ema', checkpoint['state_dict']))
-        if self.scheduler is not None and 'scheduler' in checkpoint:
-            self.scheduler.load_state_dict(checkpoint['scheduler'])
+        if self.scheduler is not None:
+            self._move_scheduler(checkpoint, position)
         if self.loss_scaler is not None and self.loss_scaler.state_dict_key in checkpoint:
             self.loss_scaler.load_state_dict(checkpoint[self.loss_scaler.state_dict_key])
         self.best_metric, self.best_epoch = checkpoint['best_metric'], checkpoint['best_epoch']
@@ -272,7 +309,37 @@ class CheckpointManager:
             _logger.warning('checkpoint was written by %d processes, this run has %d: RNG states not restored, '
                             'the continuation will not be bitwise identical', len(rng), world_size)
         self.last_saved = path
-        return TrainPosition(checkpoint['epoch'], checkpoint['step_in_epoch'], checkpoint['global_step'])
+        return position
+
+    def _check_fits(self, path: str, checkpoint: Any) -> None:
+        required = ('state_dict', 'optimizer', 'epoch', 'step_in_epoch', 'global_step', 'rng')
+        missing = [key for key in required if key not in checkpoint] if isinstance(checkpoint, dict) else required
+        if missing:
+            raise CheckpointMismatchError(f'{path} is not a training checkpoint of this script '
+                                          f'(no {", ".join(missing)})')
+        if self.arch and checkpoint.get('arch') and checkpoint['arch'] != self.arch:
+            raise CheckpointMismatchError(f'{path}: checkpoint is for {checkpoint["arch"]}, not {self.arch}')
+        mismatch = compare_state_dict(checkpoint['state_dict'], self.model.state_dict())
+        if mismatch:
+            raise CheckpointMismatchError(
+                f'{path} does not fit the model {self.arch} (other model arguments?):\n{mismatch.describe()}')
+
+    def _move_scheduler(self, checkpoint: Dict[str, Any], position: TrainPosition) -> None:
+        if isinstance(self.scheduler, PlateauLRScheduler):
+            # Its state is the metric history; the restored optimizer holds the learning rate it set.
+            if 'scheduler' in checkpoint:
+                self.scheduler.load_state_dict(checkpoint['scheduler'])
+            return
+        # timm's other schedulers are functions of the epoch or update count, and their state_dict
+        # is their configuration: loading it would replace the schedule of the current arguments.
+        self.scheduler.step(position.epoch)
+        self.scheduler.step_update(position.global_step)
+        recorded = checkpoint.get('args') or {}
+        changed = [f'{key} {recorded[key]} -> {self.args[key]}' for key in _SCHEDULE_ARGS
+                   if key in recorded and key in self.args and recorded[key] != self.args[key]]
+        if changed:
+            _logger.info('learning-rate schedule rebuilt for the current arguments (%s), continuing at '
+                         'global step %d', ', '.join(changed), position.global_step)
 
 
 class Trainer:

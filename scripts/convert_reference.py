@@ -17,10 +17,10 @@ from typing import List, Optional
 
 import torch
 from safetensors.torch import save_file
-from timm.utils import ParseKwargs
 
 import deconv_zoo  # noqa: F401  (registers the models)
 from deconv_zoo.convert import bn_to_deconv, convert_reference_checkpoint, reference_state_dict
+from deconv_zoo.evaluation import ParseLiteralKwargs
 from deconv_zoo.weights import CheckpointMismatchError, CorruptWeightsError
 
 
@@ -31,7 +31,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument('--from-bn', metavar='BN_ARCH',
                         help='the checkpoint holds this batch-norm architecture (e.g. resnet18_cifar, resnet18, '
                              'vgg16_bn): fold it into --model')
-    parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs,
+    parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseLiteralKwargs,
                         help='model arguments the checkpoint was trained with, e.g. block_fc=0')
     parser.add_argument('--output', required=True, help='weights file to write (.safetensors or .pth)')
     return parser.parse_args(argv)

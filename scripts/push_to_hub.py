@@ -22,10 +22,10 @@ import tempfile
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch.nn as nn
-from timm.utils import ParseKwargs
 
 import deconv_zoo  # noqa: F401  (registers the models)
 from deconv_zoo.convert import convert_reference_checkpoint, read_checkpoint
+from deconv_zoo.evaluation import ParseLiteralKwargs
 from deconv_zoo.hub import published_entry_source, push_hub_folder, save_hub_folder, tag_mismatch
 from deconv_zoo.loading import file_sha256
 from deconv_zoo.weights import HUB_ORG_ENV, CheckpointMismatchError, CorruptWeightsError
@@ -41,7 +41,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument('--tag', help="pretrained tag, e.g. cifar10 (default: the results' tag)")
     parser.add_argument('--ema', action='store_true',
                         help="publish the checkpoint's EMA weights (default: as the results' use_ema says)")
-    parser.add_argument('--model-kwargs', nargs='*', default=None, action=ParseKwargs,
+    parser.add_argument('--model-kwargs', nargs='*', default=None, action=ParseLiteralKwargs,
                         help="model arguments the weights were trained with, as for train.py (default: the "
                              "checkpoint's)")
     parser.add_argument('--train-command', help='the exact training command, for the model card (the checkpoint '

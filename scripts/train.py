@@ -11,7 +11,10 @@ A recipe (the paper's CIFAR or ImageNet settings, or the short digits run) sets 
 the optimisation and augmentation flags; any flag given on the command line wins. The run
 folder gets summary.csv, args.json, optional TensorBoard logs and the checkpoints last.pth.tar,
 model_best.pth.tar and checkpoint-<epoch>.pth.tar. ``--resume auto`` continues a killed run
-exactly where its last checkpoint left it.
+exactly where its last checkpoint left it; the learning-rate schedule is the one the given
+arguments define, so a resume with a larger --epochs continues a finished run on the longer
+schedule (as timm's train.py does). Bad arguments and checkpoints that do not fit end the script
+with a one-line error before any of the run's files are written.
 """
 import argparse
 import json
@@ -22,24 +25,26 @@ from contextlib import nullcontext
 from functools import partial
 from typing import Any, Dict, List, Optional
 
-import timm
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 from timm.data import Mixup
 from timm.loss import create_classification_loss
+from timm.models import is_model, parse_model_name
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
-from timm.utils import (ModelEmaV3, NativeScaler, ParseKwargs, get_outdir, init_distributed_device, random_seed,
+from timm.utils import (ModelEmaV3, NativeScaler, get_outdir, init_distributed_device, random_seed,
                         setup_default_logging, update_summary)
 
 import deconv_zoo  # noqa: F401  (registers the zoo's models with timm)
 from deconv_zoo.data import (
-    DIGITS, SYNTHETIC, PerSampleSeed, ResumableSampler, ShardSampler, create_data_loader, create_image_dataset,
-    dataset_num_classes, resolve_input_config, set_image_transform,
+    DIGITS, SYNTHETIC, PerSampleSeed, ResumableSampler, ShardSampler, check_dataset, create_data_loader,
+    create_image_dataset, dataset_num_classes, resolve_input_config, set_image_transform,
 )
 from deconv_zoo.distributed import average_buffers, convert_sync_deconv
-from deconv_zoo.evaluation import evaluate
+from deconv_zoo.evaluation import (
+    BAD_INPUT_ERRORS, ParseLiteralKwargs, check_input_size, create_model_with_weights, evaluate,
+)
 from deconv_zoo.training import LAST, RECIPES, CheckpointManager, Trainer, TrainingStopped, TrainPosition, resolve_resume
 
 _logger = logging.getLogger('train')
@@ -50,6 +55,14 @@ def default_recipe(dataset: str) -> str:
     if dataset in (DIGITS, SYNTHETIC):
         return 'digits'
     return 'cifar' if 'cifar' in dataset else 'imagenet'
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f'must be at least 1, not {value}')
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,10 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument('--initial-checkpoint', default='', help='weights to start from (not a resume)')
     group.add_argument('--num-classes', type=int, default=None, help='default: the dataset\'s class count')
     group.add_argument('--in-chans', type=int, default=None, help='input channels (default: the model\'s)')
-    group.add_argument('--img-size', type=int, default=None, help='input height = width (default: the model\'s)')
-    group.add_argument('--input-size', type=int, nargs=3, default=None, metavar=('C', 'H', 'W'),
+    group.add_argument('--img-size', type=positive_int, default=None,
+                       help='input height = width (default: the model\'s)')
+    group.add_argument('--input-size', type=positive_int, nargs=3, default=None, metavar=('C', 'H', 'W'),
                        help='full input size, overrides --img-size and --in-chans')
-    group.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs,
+    group.add_argument('--model-kwargs', nargs='*', default={}, action=ParseLiteralKwargs,
                        help='extra create_model arguments (Python literals), e.g. deconv_cfg="{\'block\': 16}"')
     group.add_argument('--drop', type=float, default=None, help='classifier dropout rate')
     group.add_argument('--drop-path', type=float, default=None, help='stochastic depth rate (timm models)')
@@ -82,17 +96,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help='digits (embedded), synthetic (smoke tests), folder (ImageNet layout in --data-dir) '
                             'or a timm dataset read from a local copy, e.g. torch/cifar10')
     group.add_argument('--data-dir', default=None, help='dataset root (folders, CIFAR copies)')
-    group.add_argument('--train-limit', type=int, default=None, help='use only the first N training samples')
-    group.add_argument('--val-limit', type=int, default=None, help='use only the first N validation samples')
-    group.add_argument('--synthetic-size', type=int, default=512, help='synthetic training samples')
+    group.add_argument('--train-limit', type=positive_int, default=None, help='use only the first N training samples')
+    group.add_argument('--val-limit', type=positive_int, default=None, help='use only the first N validation samples')
+    group.add_argument('--synthetic-size', type=positive_int, default=512, help='synthetic training samples')
     group.add_argument('--workers', type=int, default=4, help='loader processes (image datasets only)')
     group.add_argument('--pin-mem', action='store_true', help='pin loader memory (GPU)')
     group.add_argument('--mean', type=float, nargs='+', default=None, help='normalisation mean (default: model)')
     group.add_argument('--std', type=float, nargs='+', default=None, help='normalisation std (default: model)')
     group.add_argument('--interpolation', default='', help='resize interpolation (default: model)')
     group.add_argument('--crop-pct', type=float, default=None, help='eval centre-crop fraction (default: model)')
-    group.add_argument('--batch-size', '-b', type=int, help='batch size per process' + recipe_note)
-    group.add_argument('--validation-batch-size', type=int, default=None, help='default: --batch-size')
+    group.add_argument('--batch-size', '-b', type=positive_int, help='batch size per process' + recipe_note)
+    group.add_argument('--validation-batch-size', type=positive_int, default=None, help='default: --batch-size')
     group.add_argument('--drop-last', action='store_true',
                        help='drop the last incomplete training batch (always with mixup/cutmix)')
 
@@ -125,13 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument('--clip-grad', type=float, default=None, help='gradient clipping threshold')
     group.add_argument('--clip-mode', default='norm', choices=('norm', 'value', 'agc'), help='gradient clipping mode')
     group.add_argument('--sched', help='timm scheduler name' + recipe_note)
-    group.add_argument('--epochs', type=int, help='training epochs' + recipe_note)
+    group.add_argument('--epochs', type=positive_int, help='training epochs' + recipe_note)
     group.add_argument('--sched-on-updates', action=argparse.BooleanOptionalAction,
                        help='update the learning rate every step (the paper) instead of every epoch' + recipe_note)
     group.add_argument('--min-lr', type=float, help='final learning rate' + recipe_note)
     group.add_argument('--warmup-epochs', type=int, help='linear warm-up epochs' + recipe_note)
     group.add_argument('--warmup-lr', type=float, default=1e-5, help='warm-up start learning rate')
-    group.add_argument('--max-steps', type=int, default=None,
+    group.add_argument('--max-steps', type=positive_int, default=None,
                        help='stop after this many optimizer steps in total (smoke tests)')
 
     group = parser.add_argument_group('precision and speed')
@@ -181,7 +195,21 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.set_defaults(**RECIPES[recipe])
     args = parser.parse_args(argv)
     args.recipe = recipe
+    _check_args(parser, args)
     return args
+
+
+def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """What the arguments alone decide, checked before anything is loaded or written."""
+    try:
+        source, name = parse_model_name(args.model)
+        check_dataset(args.dataset, args.data_dir)
+    except ValueError as error:
+        parser.error(str(error))
+    if source is None and not is_model(name):
+        parser.error(f'--model: unknown model {args.model!r} (timm.list_models() lists the names)')
+    if args.resume and args.resume != 'auto' and not os.path.isfile(args.resume):
+        parser.error(f'--resume: no checkpoint at {args.resume!r}')
 
 
 def _run_folder(args: argparse.Namespace, primary: bool) -> str:
@@ -234,11 +262,11 @@ def _train(args: argparse.Namespace, device: torch.device, primary: bool) -> Dic
     val_set = create_image_dataset(args.dataset, args.data_dir, 'validation', limit=args.val_limit,
                                    num_classes=args.num_classes, synthetic_size=args.synthetic_size, seed=args.seed)
     num_classes = args.num_classes or dataset_num_classes(train_set)
-    model = timm.create_model(
-        args.model, pretrained=args.pretrained, num_classes=num_classes, in_chans=args.in_chans,
-        drop_rate=args.drop, drop_path_rate=args.drop_path, checkpoint_path=args.initial_checkpoint or None,
-        **args.model_kwargs)
+    model = create_model_with_weights(
+        args.model, pretrained=args.pretrained, checkpoint=args.initial_checkpoint, num_classes=num_classes,
+        in_chans=args.in_chans, drop_rate=args.drop, drop_path_rate=args.drop_path, **args.model_kwargs)
     input_config = resolve_input_config(model, vars(args))
+    check_input_size(model, input_config['input_size'])
     aug = dict(hflip=args.hflip, scale=args.scale, ratio=args.ratio, color_jitter=args.color_jitter,
                auto_augment=args.aa, re_prob=args.reprob, re_mode=args.remode, re_count=args.recount,
                crop_padding=args.crop_padding)
@@ -310,14 +338,6 @@ def _train(args: argparse.Namespace, device: torch.device, primary: bool) -> Dic
         checkpoint_steps=args.checkpoint_steps, max_steps=args.max_steps, distributed=args.distributed,
         show_progress=primary and not args.no_progress)
 
-    tensorboard = None
-    if primary:
-        with open(os.path.join(run_folder, 'args.json'), 'w') as f:
-            json.dump(vars(args), f, indent=2, default=str)
-        if args.log_tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-            tensorboard = SummaryWriter(os.path.join(run_folder, 'tensorboard'))
-
     position = TrainPosition()
     resume_path = resolve_resume(args.resume, run_folder)
     if resume_path:
@@ -329,6 +349,18 @@ def _train(args: argparse.Namespace, device: torch.device, primary: bool) -> Dic
                          f'of {steps_per_epoch}, global step {position.global_step}')
     elif primary:
         _logger.info(f'run folder: {run_folder}')
+
+    tensorboard = None
+    if primary:  # after the resume: a checkpoint that fails to load leaves the run's record as it was
+        with open(os.path.join(run_folder, 'args.json'), 'w') as f:
+            json.dump(vars(args), f, indent=2, default=str)
+        if args.log_tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            tensorboard = SummaryWriter(os.path.join(run_folder, 'tensorboard'))
+    if primary and (position.epoch >= num_epochs or trainer.reached_max_steps(position)):
+        limit = f'--epochs {num_epochs}' if position.epoch >= num_epochs else f'--max-steps {args.max_steps}'
+        _logger.info(f'{run_folder} is already complete ({limit}, global step {position.global_step}), '
+                     f'nothing to train{_best_note(checkpoints)}')
 
     eval_metrics: Dict[str, float] = {}
     for epoch in range(position.epoch, num_epochs):
@@ -346,7 +378,9 @@ def _train(args: argparse.Namespace, device: torch.device, primary: bool) -> Dic
         epoch_done = position.step_in_epoch >= steps_per_epoch
         lr = optimizer.param_groups[0]['lr']
         if primary:
-            # Throughput is left out: the file should read the same for a resumed run.
+            # Throughput is left out (it depends on the interruption). After a mid-epoch resume the
+            # epoch's train_loss covers only the steps run since; the validation columns are those
+            # of the uninterrupted run.
             eval_summary = {key: eval_metrics[key] for key in ('top1', 'top5', 'loss')}
             update_summary(epoch, train_metrics, eval_summary, summary_csv, lr=lr,
                            write_header=not os.path.isfile(summary_csv))
@@ -370,15 +404,20 @@ def _train(args: argparse.Namespace, device: torch.device, primary: bool) -> Dic
     result = dict(eval_metrics, best_top1=checkpoints.best_metric, best_epoch=checkpoints.best_epoch,
                   run_folder=run_folder, global_step=position.global_step)
     if primary and eval_metrics:
-        best = '' if checkpoints.best_metric is None else \
-            f' (best {checkpoints.best_metric:.2f}% after epoch {checkpoints.best_epoch + 1})'
-        _logger.info(f'validation top-1 {eval_metrics["top1"]:.2f}%{best}; checkpoints in {run_folder}')
+        _logger.info(f'validation top-1 {eval_metrics["top1"]:.2f}%{_best_note(checkpoints)}; '
+                     f'checkpoints in {run_folder}')
     return result
+
+
+def _best_note(checkpoints: CheckpointManager) -> str:
+    if checkpoints.best_metric is None:
+        return ''
+    return f' (best {checkpoints.best_metric:.2f}% after epoch {checkpoints.best_epoch + 1})'
 
 
 if __name__ == '__main__':
     try:
         main()
-    except TrainingStopped as error:
+    except (TrainingStopped, *BAD_INPUT_ERRORS) as error:
         logging.getLogger('train').error(str(error))
         sys.exit(1)

@@ -8,14 +8,17 @@
 
 The weights come from the published tag (--pretrained), a training checkpoint or a safetensors
 file (--checkpoint). Images are prepared with timm's eval transform from the model's pretrained
-config; unreadable or corrupt images are skipped, counted and named in the log. The JSON (read
-by the publishing script) holds model, tag, dataset, split, num_images, num_skipped, top1, top5,
-loss, img_per_sec, checkpoint and its sha256.
+config, except that a training checkpoint's recorded input size, mean, std, interpolation and
+crop fraction are used where the command line does not set them (a model trained at 16x16 is
+validated at 16x16); unreadable or corrupt images are skipped, counted and named in the log.
+The JSON (read by the publishing script) holds model, tag, dataset, split, num_images,
+num_skipped, top1, top5, loss, img_per_sec, checkpoint and its sha256.
 """
 import argparse
 import json
 import logging
 import os
+import sys
 from contextlib import nullcontext
 from functools import partial
 from typing import Any, Dict, List, Optional
@@ -28,7 +31,9 @@ from deconv_zoo.data import (
     DIGITS, ShardSampler, SkipUnreadable, collate_readable, create_data_loader, create_image_dataset,
     dataset_num_classes, resolve_input_config, set_image_transform,
 )
-from deconv_zoo.evaluation import add_model_arguments, evaluate, model_from_args
+from deconv_zoo.evaluation import (
+    BAD_INPUT_ERRORS, add_model_arguments, check_input_size, evaluate, model_from_args, training_data_config,
+)
 from deconv_zoo.loading import file_sha256
 
 _logger = logging.getLogger('validate')
@@ -38,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser)  # --num-classes defaults to the dataset's class count here
     parser.add_argument('--tag', default=None, help='tag reported in the results (default: the model\'s pretrained tag)')
-    parser.add_argument('--img-size', type=int, default=None, help='input height = width (default: the model\'s)')
+    parser.add_argument('--img-size', type=int, default=None,
+                        help='input height = width (default: the training checkpoint\'s, else the model\'s)')
     parser.add_argument('--input-size', type=int, nargs=3, default=None, metavar=('C', 'H', 'W'), help='full input size')
     parser.add_argument('--mean', type=float, nargs='+', default=None, help='normalisation mean (default: model)')
     parser.add_argument('--std', type=float, nargs='+', default=None, help='normalisation std (default: model)')
@@ -67,6 +73,20 @@ def format_table(results: Dict[str, Any]) -> str:
     return '\n'.join(f'{key:<{width}}  {value}' for key, value in rows)
 
 
+def use_training_data_config(args: argparse.Namespace) -> None:
+    """Fill the data-config arguments not given from the training checkpoint's recorded ones
+    (--img-size and --input-size count as one: either given, neither is taken)."""
+    recorded = training_data_config(args.checkpoint) if args.checkpoint else {}
+    if args.img_size is not None or args.input_size is not None:
+        recorded.pop('img_size', None)
+        recorded.pop('input_size', None)
+    taken = {key: value for key, value in recorded.items() if getattr(args, key) in (None, '')}
+    if taken:
+        vars(args).update(taken)
+        _logger.info('as recorded in the training checkpoint: '
+                     + ', '.join(f'{key} {value}' for key, value in taken.items()))
+
+
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     """Validate; returns (and optionally writes) the results dict."""
     args = build_parser().parse_args(argv)
@@ -75,10 +95,12 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
 
     dataset = create_image_dataset(args.dataset, args.data_dir, args.split, limit=args.limit)
     model = model_from_args(args, num_classes=dataset_num_classes(dataset))
+    use_training_data_config(args)
+    input_config = resolve_input_config(model, vars(args))
+    check_input_size(model, input_config['input_size'])
     model.to(device).eval()
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
-    input_config = resolve_input_config(model, vars(args))
     set_image_transform(dataset, input_config, is_training=False)
     readable = SkipUnreadable(dataset)
     workers = 0 if args.dataset == DIGITS else args.workers
@@ -120,4 +142,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
 
 
 if __name__ == '__main__':
-    main()
+    try:
+        main()
+    except BAD_INPUT_ERRORS as error:
+        logging.getLogger('validate').error(str(error))
+        sys.exit(1)

@@ -7,6 +7,8 @@ blocks, at the digits' native 8x8 resolution.
 import csv
 import importlib.util
 import json
+import logging
+import math
 import os
 import signal
 import socket
@@ -15,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 from types import ModuleType
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 import pytest
@@ -24,10 +26,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from PIL import Image
 
+from timm.scheduler import create_scheduler_v2
+
 from deconv_zoo.data import DigitsDataset, ResumableSampler
 from deconv_zoo.distributed import SyncDelinear, SyncFastDeconv, convert_sync_deconv
+from deconv_zoo.evaluation import ModelArgumentsError
 from deconv_zoo.layers import Delinear, FastDeconv
-from deconv_zoo.training import LAST, TrainingStopped, atomic_save
+from deconv_zoo.training import BEST, LAST, CheckpointManager, TrainingStopped, TrainPosition, atomic_save
+from deconv_zoo.weights import CheckpointMismatchError, CorruptWeightsError
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL_DECONV = ['--model', 'resnet18_cifar_deconv', '--model-kwargs', 'layers=(1,1,1,1)', "deconv_cfg={'block': 16}",
@@ -124,6 +130,97 @@ def test_atomic_save_keeps_the_previous_file_on_failure(tmp_path: Path, monkeypa
     assert os.listdir(tmp_path) == [LAST]  # no temporary file left behind
 
 
+def test_atomic_save_gives_the_umask_permissions(tmp_path: Path) -> None:
+    previous = os.umask(0o002)
+    try:
+        atomic_save({'step': 1}, str(tmp_path / LAST))
+    finally:
+        os.umask(previous)
+    assert (tmp_path / LAST).stat().st_mode & 0o777 == 0o664  # as open() would create it, not 0600
+
+
+def _manager(folder: Path, epochs: int = 1, model: Optional[torch.nn.Module] = None, **kwargs) -> CheckpointManager:
+    """A checkpoint manager for a tiny model, its SGD and a per-step cosine schedule of ``epochs`` x 2 steps."""
+    model = model or torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    scheduler, _ = create_scheduler_v2(optimizer, sched='cosine', num_epochs=epochs, min_lr=0.0, warmup_epochs=0,
+                                       step_on_epochs=False, updates_per_epoch=2)
+    return CheckpointManager(str(folder), model, optimizer, scheduler, args=dict(epochs=epochs), arch='tiny', **kwargs)
+
+
+def test_resume_continues_on_the_schedule_of_the_current_arguments(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A finished 1-epoch run resumed with 3 epochs continues at the lr of step 2 of 6 (not the 0 its
+    checkpointed scheduler ends at); with the same arguments the lr is the checkpointed one, bit for bit."""
+    finished = _manager(tmp_path)
+    finished.scheduler.step_update(num_updates=2)
+    finished.save_epoch(TrainPosition(1, 0, 2), 50.0)
+    assert finished.optimizer.param_groups[0]['lr'] == 0.0
+
+    same = _manager(tmp_path)
+    same.load(str(tmp_path / LAST))
+    assert same.optimizer.param_groups[0]['lr'] == 0.0
+    longer = _manager(tmp_path, epochs=3)
+    with caplog.at_level(logging.INFO):
+        longer.load(str(tmp_path / LAST))
+    assert longer.optimizer.param_groups[0]['lr'] == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi * 2 / 6)))
+    assert 'epochs 1 -> 3' in caplog.text
+
+
+def test_checkpoints_refuse_non_finite_buffers(tmp_path: Path) -> None:
+    """A non-finite running variance stops the run like a non-finite weight; nothing is written."""
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    model[1].running_var[0] = math.inf
+    with pytest.raises(TrainingStopped, match='buffer 1.running_var became non-finite') as stopped:
+        _manager(tmp_path, model=model).save_step(TrainPosition(0, 1, 1))
+    assert '..' not in str(stopped.value) and not (tmp_path / LAST).exists()
+    reason = 'FloatingPointError: non-finite statistics; running statistics were left unchanged.'
+    assert 'left unchanged. Last good' in str(_manager(tmp_path).stopped(TrainPosition(), reason))
+
+
+def test_best_is_written_before_last(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kill between two writes must not leave a last that claims a best model_best does not hold."""
+    written = []
+    monkeypatch.setattr('deconv_zoo.training.atomic_save', lambda state, path: written.append(os.path.basename(path)))
+    _manager(tmp_path, every_epochs=1).save_epoch(TrainPosition(1, 0, 2), 50.0)
+    assert written == [BEST, 'checkpoint-0.pth.tar', LAST]
+
+
+def test_checkpoint_manager_removes_stale_temporary_files(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    stale = ['.last.pth.tar.1a2b3c4d.tmp', '.model_best.pth.tar.k_9xq2zz.tmp', '.checkpoint-3.pth.tar.0f0f0f0f.tmp']
+    kept = ['.notes.txt.1a2b3c4d.tmp', 'last.pth.tar.tmp', LAST]
+    for name in stale + kept:
+        (tmp_path / name).write_bytes(b'partial')
+    with caplog.at_level(logging.INFO):
+        _manager(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == sorted(kept)
+    assert all(name in caplog.text for name in stale)
+
+
+@pytest.mark.parametrize('problem', ['truncated', 'random bytes', 'other architecture', 'not a training checkpoint'])
+def test_failed_resume_names_the_file_and_the_problem(tmp_path: Path, problem: str) -> None:
+    good = _manager(tmp_path)
+    good.save_step(TrainPosition(0, 1, 1))
+    path = tmp_path / LAST
+    expected = {'truncated': (CorruptWeightsError, 'truncated or corrupt'),
+                'random bytes': (CorruptWeightsError, 'not a weights file'),
+                'other architecture': (CheckpointMismatchError, 'checkpoint is for tiny, not other'),
+                'not a training checkpoint': (CheckpointMismatchError, 'not a training checkpoint')}[problem]
+    if problem == 'truncated':
+        path.write_bytes(path.read_bytes()[:200])
+    elif problem == 'random bytes':
+        path.write_bytes(np.random.default_rng(0).bytes(300))
+    elif problem == 'not a training checkpoint':
+        atomic_save(good.model.state_dict(), str(path))
+    resuming = _manager(tmp_path)
+    resuming.arch = 'other' if problem == 'other architecture' else 'tiny'
+    before = resuming.model.state_dict()
+    with pytest.raises(expected[0], match=expected[1]) as failed:
+        resuming.load(str(path))
+    assert str(path) in str(failed.value)
+    assert state_dicts_equal(before, resuming.model.state_dict())
+
+
 @pytest.mark.slow
 def test_non_finite_training_stops_and_keeps_the_last_checkpoint(tmp_path: Path) -> None:
     """A huge learning rate blows the weights up after the first step; the run stops at step 1,
@@ -183,6 +280,59 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path: Path) -> None:
     killed_rows, straight_rows = summary_rows(tmp_path / 'killed'), summary_rows(tmp_path / 'straight')
     assert [[row[c] for c in columns] for row in killed_rows] == [[row[c] for c in columns] for row in straight_rows]
     assert [row['epoch'] for row in killed_rows] == ['0', '1']
+
+
+def test_resume_with_another_model_is_a_one_line_error_that_keeps_args_json(tmp_path: Path) -> None:
+    run = tmp_path / 'x'
+    run.mkdir()
+    atomic_save(dict(arch='resnet18_cifar_deconv', state_dict={}, optimizer={}, epoch=1, step_in_epoch=0,
+                     global_step=2, rng=[]), str(run / LAST))
+    (run / 'args.json').write_text('{"model": "resnet18_cifar_deconv"}')
+    done = subprocess.run(
+        [sys.executable, str(REPO / 'scripts' / 'train.py'), '--model', 'resnet18_cifar', '--img-size', '8',
+         '--resume', 'auto', '--output', str(tmp_path), '--experiment', 'x'], capture_output=True, text=True)
+    assert done.returncode == 1 and 'Traceback' not in done.stderr, done.stderr[-3000:]
+    assert f'{run / LAST}: checkpoint is for resnet18_cifar_deconv, not resnet18_cifar' in done.stderr
+    assert (run / 'args.json').read_text() == '{"model": "resnet18_cifar_deconv"}'
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--model', 'nosuchmodel'], "unknown model 'nosuchmodel'"),
+    (['--dataset', 'nosuchdataset', '--data-dir', '.'], "unknown dataset 'nosuchdataset': use 'digits'"),
+    (['--dataset', 'torch/cifar10'], 'needs --data-dir'),
+    (['--batch-size', '0'], 'argument --batch-size/-b: must be at least 1, not 0'),
+    (['--batch-size', '-2'], 'must be at least 1, not -2'),
+    (['--model-kwargs', 'layers=(1,1'], "argument --model-kwargs: layers: '(1,1' is not a Python literal"),
+    (['--model-kwargs', 'foo'], "argument --model-kwargs: 'foo' is not key=value"),
+    (['--resume', 'missing.pth.tar'], "--resume: no checkpoint at 'missing.pth.tar'"),
+])
+def test_bad_arguments_are_argparse_errors(argv: List[str], message: str, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        load_script('train').parse_args(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--model', 'resnet18_cifar', '--model-kwargs', 'bogus=1'], "unexpected keyword argument 'bogus'"),
+    (['--model', 'vgg16_cifar_deconv', '--img-size', '8'], r'vgg16_cifar_deconv cannot take input \(3, 8, 8\)'),
+])
+def test_arguments_the_model_cannot_take_fail_before_the_run_folder(
+        tmp_path: Path, argv: List[str], message: str) -> None:
+    with pytest.raises(ModelArgumentsError, match=message):
+        load_script('train').main(argv + ['--output', str(tmp_path / 'output')])
+    assert not (tmp_path / 'output').exists()
+
+
+@pytest.mark.slow
+def test_resuming_a_finished_run_says_so(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    train = load_script('train')
+    args = SMALL_DECONV + ['--epochs', '1', '--batch-size', '32', '--train-limit', '64', '--val-limit', '16',
+                           '--resume', 'auto', '--output', str(tmp_path), '--experiment', 'done']
+    first = train.main(args)
+    with caplog.at_level(logging.INFO):
+        again = train.main(args)
+    assert again['global_step'] == first['global_step'] == 2 and again['best_top1'] == first['best_top1']
+    assert f'{tmp_path / "done"} is already complete (--epochs 1, global step 2), nothing to train (best' in caplog.text
 
 
 # ------------------------------------------------------------------------------------ distributed
@@ -309,6 +459,21 @@ def test_validate_digits_with_a_training_checkpoint(tmp_path: Path) -> None:
         '--model', 'resnet18_cifar', '--checkpoint', str(checkpoint), '--use-ema', '--img-size', '8',
         '--limit', '40', '--tag', 'digits'])
     assert (results['dataset'], results['tag'], results['num_images'], results['num_skipped']) == ('digits', 'digits', 40, 0)
+
+
+def test_validate_takes_the_input_size_a_training_checkpoint_records(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import timm
+
+    checkpoint = tmp_path / 'ckpt.pth.tar'
+    atomic_save(dict(state_dict=timm.create_model('resnet18_cifar').state_dict(), epoch=0,
+                     args=dict(img_size=8, input_size=None)), str(checkpoint))
+    validate = load_script('validate')
+    argv = ['--model', 'resnet18_cifar', '--checkpoint', str(checkpoint), '--limit', '8']
+    with caplog.at_level(logging.INFO):
+        assert validate.main(argv)['input_size'] == [3, 8, 8]
+    assert 'as recorded in the training checkpoint: img_size 8' in caplog.text
+    assert validate.main(argv + ['--img-size', '16'])['input_size'] == [3, 16, 16]  # the command line wins
 
 
 @pytest.mark.parametrize('kind', ['effective', 'deconv'])
