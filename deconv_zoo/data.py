@@ -188,6 +188,8 @@ def _timm_dataset(name: str, root: str, split: str) -> Dataset:
                 f'dataset {name!r} not found under {root!r}; place a local copy there '
                 f'(for torch/cifar10: {root}/cifar-10-batches-py)') from None
         raise
+    except AssertionError as error:  # timm asserts on names it does not know ("Unknown torchvision dataset x")
+        raise ValueError(f'dataset {name!r}: {error}') from None
 
 
 def dataset_num_classes(dataset: Dataset) -> Optional[int]:

@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import timm
-from timm.models import load_checkpoint
+from timm.models import load_checkpoint, parse_model_name
 from timm.utils import accuracy
 from torch.utils.data import DataLoader
 
@@ -20,7 +20,8 @@ from .loading import load_torch_checkpoint, verify_weights_file
 from .weights import CheckpointMismatchError, CorruptWeightsError
 
 __all__ = ['ModelArgumentsError', 'BAD_INPUT_ERRORS', 'ParseLiteralKwargs', 'create_model_with_weights',
-           'check_input_size', 'training_data_config', 'add_model_arguments', 'model_from_args', 'evaluate']
+           'check_model_name', 'check_input_size', 'training_data_config', 'add_model_arguments', 'model_from_args',
+           'evaluate']
 
 # The data-config arguments a training run records (scripts/train.py and timm's train.py alike).
 _DATA_CONFIG_ARGS = ('img_size', 'input_size', 'mean', 'std', 'interpolation', 'crop_pct')
@@ -66,6 +67,7 @@ def create_model_with_weights(
     missing or truncated one fails with a clear error; an argument the model does not take
     raises ``ModelArgumentsError``.
     """
+    check_model_name(model_name)
     try:
         model = timm.create_model(model_name, pretrained=pretrained, **kwargs)
     except TypeError as error:  # "... got an unexpected keyword argument 'x'"
@@ -74,6 +76,14 @@ def create_model_with_weights(
         verify_weights_file(checkpoint)
         load_checkpoint(model, checkpoint, use_ema=use_ema)
     return model
+
+
+def check_model_name(model_name: str) -> None:
+    """Raise ``ModelArgumentsError`` for a name timm does not know (``hf-hub:`` / ``local-dir:``
+    names are resolved by timm itself)."""
+    source, name = parse_model_name(model_name)
+    if source is None and not timm.is_model(name):
+        raise ModelArgumentsError(f'unknown model {model_name!r} (timm.list_models() lists the names)')
 
 
 def check_input_size(model: nn.Module, input_size: Sequence[int]) -> None:

@@ -30,7 +30,6 @@ import torch.distributed as dist
 import torch.nn as nn
 from timm.data import Mixup
 from timm.loss import create_classification_loss
-from timm.models import is_model, parse_model_name
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import (ModelEmaV3, NativeScaler, get_outdir, init_distributed_device, random_seed,
@@ -43,7 +42,7 @@ from deconv_zoo.data import (
 )
 from deconv_zoo.distributed import average_buffers, convert_sync_deconv
 from deconv_zoo.evaluation import (
-    BAD_INPUT_ERRORS, ParseLiteralKwargs, check_input_size, create_model_with_weights, evaluate,
+    BAD_INPUT_ERRORS, ParseLiteralKwargs, check_input_size, check_model_name, create_model_with_weights, evaluate,
 )
 from deconv_zoo.training import LAST, RECIPES, CheckpointManager, Trainer, TrainingStopped, TrainPosition, resolve_resume
 
@@ -202,12 +201,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """What the arguments alone decide, checked before anything is loaded or written."""
     try:
-        source, name = parse_model_name(args.model)
+        check_model_name(args.model)
         check_dataset(args.dataset, args.data_dir)
-    except ValueError as error:
+    except ValueError as error:  # ModelArgumentsError too
         parser.error(str(error))
-    if source is None and not is_model(name):
-        parser.error(f'--model: unknown model {args.model!r} (timm.list_models() lists the names)')
     if args.resume and args.resume != 'auto' and not os.path.isfile(args.resume):
         parser.error(f'--resume: no checkpoint at {args.resume!r}')
 

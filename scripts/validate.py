@@ -28,11 +28,12 @@ from timm.utils import setup_default_logging
 
 import deconv_zoo  # noqa: F401  (registers the zoo's models with timm)
 from deconv_zoo.data import (
-    DIGITS, ShardSampler, SkipUnreadable, collate_readable, create_data_loader, create_image_dataset,
+    DIGITS, ShardSampler, SkipUnreadable, check_dataset, collate_readable, create_data_loader, create_image_dataset,
     dataset_num_classes, resolve_input_config, set_image_transform,
 )
 from deconv_zoo.evaluation import (
-    BAD_INPUT_ERRORS, add_model_arguments, check_input_size, evaluate, model_from_args, training_data_config,
+    BAD_INPUT_ERRORS, add_model_arguments, check_input_size, check_model_name, evaluate, model_from_args,
+    training_data_config,
 )
 from deconv_zoo.loading import file_sha256
 
@@ -89,7 +90,13 @@ def use_training_data_config(args: argparse.Namespace) -> None:
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     """Validate; returns (and optionally writes) the results dict."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        check_model_name(args.model)
+        check_dataset(args.dataset, args.data_dir)
+    except ValueError as error:  # ModelArgumentsError too
+        parser.error(str(error))
     setup_default_logging()
     device = torch.device(args.device)
 

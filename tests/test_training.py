@@ -28,7 +28,7 @@ from PIL import Image
 
 from timm.scheduler import create_scheduler_v2
 
-from deconv_zoo.data import DigitsDataset, ResumableSampler
+from deconv_zoo.data import DigitsDataset, ResumableSampler, create_image_dataset
 from deconv_zoo.distributed import SyncDelinear, SyncFastDeconv, convert_sync_deconv
 from deconv_zoo.evaluation import ModelArgumentsError
 from deconv_zoo.layers import Delinear, FastDeconv
@@ -310,6 +310,21 @@ def test_bad_arguments_are_argparse_errors(argv: List[str], message: str, capsys
     with pytest.raises(SystemExit) as exit_info:
         load_script('train').parse_args(argv)
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--model', 'nosuchmodel'], "unknown model 'nosuchmodel'"),
+    (['--dataset', 'digitz'], "unknown dataset 'digitz': use 'digits'"),
+])
+def test_validate_refuses_unknown_names_up_front(argv: List[str], message: str, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        load_script('validate').main(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_unknown_torchvision_dataset_is_a_named_error(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="dataset 'torch/nosuch': Unknown torchvision dataset nosuch"):
+        create_image_dataset('torch/nosuch', str(tmp_path), 'train')
 
 
 @pytest.mark.parametrize('argv, message', [
