@@ -335,7 +335,9 @@ def filter_pretrained_state_dict(state_dict: Dict[str, Tensor], model: nn.Module
     expected = model.state_dict()
     optional = optional_state_keys(model)
     if model.num_classes != cfg.get('num_classes'):
-        prefixes = tuple(f'{c}.' for c in _as_list(cfg.get('classifier')))
+        # The model's own name: the tag's config names the default layout's (VGG's head without
+        # Delinear has its last layer at classifier.9, not classifier.6).
+        prefixes = (f'{model.get_classifier(name_only=True)}.',)
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith(prefixes)}
         optional |= {k for k in expected if k.startswith(prefixes)}
 

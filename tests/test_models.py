@@ -86,6 +86,7 @@ def test_timm_model_api(name):
         model.reset_classifier(7)
         assert model(x).shape == (2, 7)
         assert model.get_classifier() is model.get_submodule(cfg['classifier'])
+        assert not model.get_classifier().training  # a new head follows the model's mode
         unpooled = timm.create_model(name, num_classes=0, global_pool='').eval()
         assert unpooled(x).dim() == 4
     for key in ('input_size', 'mean', 'std', 'crop_pct', 'license'):
@@ -121,6 +122,34 @@ def test_one_channel_input_and_grad_checkpointing(name):
         checkpointed = model(x)
     assert plain.shape == (2, 3)
     torch.testing.assert_close(plain, checkpointed)
+
+
+def test_reset_classifier_in_eval_keeps_eval_outputs_per_sample():
+    """The new Delinear is in eval mode: outputs do not depend on the rest of the batch and
+    inference leaves its (fresh) statistics alone."""
+    model = timm.create_model('resnet18_cifar_deconv').eval()
+    model.reset_classifier(5)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x)[:2], model(x[:2]))
+    assert torch.equal(model.get_classifier().running_mean, torch.zeros_like(model.get_classifier().running_mean))
+
+
+def test_features_only_refuses_module_tapping_extractors():
+    with pytest.raises(ValueError, match="supports feature_cls='getter'.*not 'hook'"):
+        timm.create_model('resnet18_cifar_deconv', features_only=True, feature_cls='hook')
+
+
+def test_vgg_without_delinear_loads_its_weights_for_a_new_class_count(tmp_path):
+    """With ChannelDeconv before each head layer the last one is classifier.9, not the config's .6."""
+    from safetensors.torch import save_file
+    source = timm.create_model('vgg11_deconv', delinear=False, num_classes=10)
+    path = tmp_path / 'model.safetensors'
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
+    model = timm.create_model('vgg11_deconv', delinear=False, pretrained=True, num_classes=5,
+                              pretrained_cfg_overlay=dict(file=str(path), num_classes=10))
+    assert model.get_classifier(name_only=True) == 'classifier.9' and model.num_classes == 5
+    assert torch.equal(model.state_dict()['classifier.5.weight'], source.state_dict()['classifier.5.weight'])  # fc7
 
 
 def test_wrong_channels_are_named():

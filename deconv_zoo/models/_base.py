@@ -68,7 +68,9 @@ class DeconvNet(nn.Module):
         if global_pool is not None:
             self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
         in_features = self.num_features * self.global_pool.feat_mult()
-        setattr(self, self.classifier_name, create_classifier(in_features, num_classes, **self._classifier_args))
+        # In the model's mode: a Delinear built in training mode would update its statistics in eval.
+        classifier = create_classifier(in_features, num_classes, **self._classifier_args).train(self.training)
+        setattr(self, self.classifier_name, classifier)
 
     def _run_level(self, level: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
         if self.grad_checkpointing and self.training and not torch.jit.is_scripting():

@@ -147,7 +147,8 @@ class VGG(SequentialLevels, DeconvNet):
         global_pool = self.global_pool if global_pool is None else global_pool
         _check_pool(global_pool, num_classes)
         self.num_classes, self.global_pool = num_classes, global_pool
-        self.classifier[-1] = create_classifier(self.head_hidden_size, num_classes, **self._classifier_args)
+        self.classifier[-1] = create_classifier(
+            self.head_hidden_size, num_classes, **self._classifier_args).train(self.training)  # the model's mode
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         if not self.global_pool:
