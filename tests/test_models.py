@@ -56,6 +56,8 @@ def test_train_steps_then_eval(name):
         unused = UNUSED_PARAMS.get(name, ())
         missing = [n for n, p in model.named_parameters() if p.grad is None and not n.startswith(unused)]
         assert not missing, f'parameters without gradient: {missing[:5]}'
+        # Unused ones are frozen: DistributedDataParallel fails on trainable parameters without gradients.
+        assert all(not p.requires_grad for n, p in model.named_parameters() if n.startswith(unused))
         optimizer.step()
     model.eval()
     with torch.no_grad():

@@ -131,6 +131,10 @@ class ResNetCifar(DeconvNet):
         self.conv1 = create_conv(in_chans, 64, stem_kernel, padding=stem_kernel // 2, dconv=dconv,
                                  **(stem_overrides or {}))
         self.bn1 = create_norm(64, dconv)
+        if not stem_norm_act:
+            # The reference's unused stem norm, kept so its checkpoints load: frozen, so that DDP
+            # (which fails on parameters without gradients) and optimizers leave it alone.
+            self.bn1.requires_grad_(False)
         self.feature_info = [dict(num_chs=64, reduction=1, module='conv1')]
         for i, planes in enumerate(widths):
             stage = self._make_layer(block, planes, layers[i], 1 if i == 0 else 2, dconv, block_args or {})
