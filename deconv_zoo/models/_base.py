@@ -28,6 +28,9 @@ class DeconvNet(nn.Module):
     ``forward_final``. ``global_pool=''`` keeps the map unpooled (4-D), as in timm.
     """
     classifier_name: str = 'linear'
+    # True where every feature_info 'module' outputs its level exactly, so that timm's module-tapping
+    # feature extractors (feature_cls 'hook', 'fx', ...) work; the CIFAR stems end in a functional ReLU.
+    features_by_module: bool = False
 
     def _init_head(
             self,

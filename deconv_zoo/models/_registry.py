@@ -82,11 +82,11 @@ def build_zoo_model(
     """
     if pretrained:
         kwargs = resolve_pretrained_source(variant, hub_org, kwargs)
-    # The feature levels are functions (feature_levels), not modules: timm's hook, fx, list and dict
-    # extractors tap modules by name and would return other tensors (a stem's output before its ReLU).
+    # timm's hook, fx, list and dict extractors tap feature_info's modules by name: only right where
+    # those modules output the levels (features_by_module), else other tensors come back.
     feature_cls = kwargs.pop('feature_cls', 'getter')
-    if feature_cls != 'getter':
+    if feature_cls != 'getter' and not getattr(model_cls, 'features_by_module', False):
         raise ValueError(f"{variant}: features_only supports feature_cls='getter' (the default), not {feature_cls!r}")
-    feature_cfg = dict(feature_cls='getter', out_indices=kwargs.pop('default_out_indices'))
+    feature_cfg = dict(feature_cls=feature_cls, out_indices=kwargs.pop('default_out_indices'))
     return build_model_with_cfg(model_cls, variant, pretrained, feature_cfg=feature_cfg,
                                 pretrained_filter_fn=filter_pretrained_state_dict, **kwargs)

@@ -76,6 +76,7 @@ class DenseNet(SequentialLevels, DeconvNet):
     plain Linear bias zero; FastDeconv, Delinear and BatchNorm keep their PyTorch defaults.
     """
     classifier_name = 'classifier'
+    features_by_module = True
 
     def __init__(
             self,

@@ -124,6 +124,7 @@ class ResNet(DeconvNet):
     PyTorch defaults.
     """
     classifier_name = 'fc'
+    features_by_module = True
 
     def __init__(
             self,

@@ -75,6 +75,7 @@ class VGG(SequentialLevels, DeconvNet):
             string to ``pretrained``); ``init_weights=False`` reproduces that run.
     """
     classifier_name = 'classifier'
+    features_by_module = True
 
     def __init__(
             self,
