@@ -55,8 +55,10 @@ Checkpoint = Union[str, os.PathLike, Mapping[str, Any]]
 def read_checkpoint(path: Union[str, os.PathLike]) -> Mapping[str, Any]:
     """A checkpoint file's content (safetensors or torch), after checking the file is intact."""
     path = os.fspath(path)
+    if not path.endswith('.safetensors'):
+        return load_torch_checkpoint(path)  # checks the file itself
     verify_weights_file(path)
-    return load_file(path) if path.endswith('.safetensors') else load_torch_checkpoint(path)
+    return load_file(path)
 
 
 def reference_state_dict(checkpoint: Checkpoint) -> Dict[str, Tensor]:

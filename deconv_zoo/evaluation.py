@@ -109,7 +109,6 @@ def training_data_config(checkpoint: str) -> Dict[str, Any]:
     records no arguments."""
     if os.path.splitext(checkpoint)[1].lower() in ('.safetensors', '.sft'):
         return {}
-    verify_weights_file(checkpoint)
     state = load_torch_checkpoint(checkpoint)
     args = state.get('args') if isinstance(state, dict) else None
     if isinstance(args, argparse.Namespace):  # timm's train.py

@@ -42,9 +42,8 @@ from .weights import (
 )
 
 __all__ = ['resolve_pretrained_source', 'fetch_hub_weights', 'verify_weights_file', 'load_torch_checkpoint',
-           'file_sha256',
-           'filter_pretrained_state_dict', 'StateDictMismatch', 'compare_state_dict', 'optional_state_keys',
-           'gray_whitening', 'install_hub_error_messages']
+           'file_sha256', 'filter_pretrained_state_dict', 'StateDictMismatch', 'compare_state_dict',
+           'optional_state_keys', 'gray_whitening', 'install_hub_error_messages']
 
 _logger = logging.getLogger(__name__)
 
@@ -177,10 +176,10 @@ def verify_weights_file(path: str, expected_sha256: Optional[str] = None, repo_i
 
     safetensors files are checked through their header (which covers the data size); zip-format
     torch files through their central directory. Both checks read no tensor data. Legacy-format
-    torch files (the authors' 2019 checkpoints) have no index to check: they are read once in full.
+    torch files (the authors' 2019 checkpoints) have no index to check: they are read once in full
+    (a caller that loads the file anyway should call ``load_torch_checkpoint`` instead).
     """
-    if not os.path.isfile(path):
-        raise CorruptWeightsError(f'Pretrained weights file not found: {path}')
+    _require_file(path)
     if expected_sha256 is not None:
         actual = file_sha256(path)
         if actual != expected_sha256:
@@ -195,21 +194,35 @@ def verify_weights_file(path: str, expected_sha256: Optional[str] = None, repo_i
                 pass
         except SafetensorError as e:
             raise CorruptWeightsError(f'{path} is not a valid safetensors file (truncated or corrupt): {e}') from e
-    else:
-        with open(path, 'rb') as f:
-            head = f.read(32)
-        if head.startswith(b'PK\x03\x04'):
-            if not zipfile.is_zipfile(path):
-                raise CorruptWeightsError(f'{path} is a truncated or corrupt torch checkpoint (broken zip archive).')
-        elif _LEGACY_TORCH_MAGIC in head:
-            load_torch_checkpoint(path)
-        else:
-            raise CorruptWeightsError(f'{path} is not a weights file: neither safetensors nor a torch checkpoint.')
+    elif _torch_file_format(path) == 'legacy':
+        load_torch_checkpoint(path)
+
+
+def _require_file(path: str) -> None:
+    if not os.path.isfile(path):
+        raise CorruptWeightsError(f'Pretrained weights file not found: {path}')
+
+
+def _torch_file_format(path: str) -> str:
+    """'zip' or 'legacy' (torch.save's two formats); ``CorruptWeightsError`` for a broken zip
+    archive or a file that is neither."""
+    with open(path, 'rb') as f:
+        head = f.read(32)
+    if head.startswith(b'PK\x03\x04'):
+        if not zipfile.is_zipfile(path):
+            raise CorruptWeightsError(f'{path} is a truncated or corrupt torch checkpoint (broken zip archive).')
+        return 'zip'
+    if _LEGACY_TORCH_MAGIC in head:
+        return 'legacy'
+    raise CorruptWeightsError(f'{path} is not a weights file: neither safetensors nor a torch checkpoint.')
 
 
 def load_torch_checkpoint(path: str) -> Any:
     """``torch.load`` of a checkpoint file with tensors and plain containers only (timm's training
-    arguments too); a file it cannot read raises ``CorruptWeightsError`` naming it."""
+    arguments too). A missing, truncated or corrupt file raises ``CorruptWeightsError`` naming it;
+    the format checks of ``verify_weights_file`` come first, so callers need not repeat them."""
+    _require_file(path)
+    _torch_file_format(path)
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location='cpu', weights_only=True)

@@ -31,7 +31,7 @@ from timm.scheduler import PlateauLRScheduler
 from timm.utils import AverageMeter, ModelEmaV3, dispatch_clip_grad
 from torch.utils.data import DataLoader
 
-from .loading import compare_state_dict, load_torch_checkpoint, verify_weights_file
+from .loading import compare_state_dict, load_torch_checkpoint
 from .weights import CheckpointMismatchError
 
 __all__ = [
@@ -289,7 +289,6 @@ class CheckpointManager:
         readable raises ``CorruptWeightsError``, one that does not fit the model
         ``CheckpointMismatchError``; both name the file, and nothing is restored.
         """
-        verify_weights_file(path)
         checkpoint = load_torch_checkpoint(path)
         self._check_fits(path, checkpoint)
         position = TrainPosition(checkpoint['epoch'], checkpoint['step_in_epoch'], checkpoint['global_step'])

@@ -83,7 +83,7 @@ def load_oracle() -> Optional[Any]:
 class _NoFoldCache(FoldCache):
     """The authors' layers refold the running statistics on every eval call."""
 
-    def put(self, key: Optional[tuple], value: Tuple[torch.Tensor, torch.Tensor], *sources: torch.Tensor) -> None:
+    def put(self, value: Tuple[torch.Tensor, torch.Tensor], *sources: Optional[torch.Tensor]) -> None:
         pass
 
 

@@ -20,8 +20,7 @@ from safetensors.torch import save_file
 
 import deconv_zoo  # noqa: F401  (registers the models)
 from deconv_zoo.convert import bn_to_deconv, convert_reference_checkpoint, reference_state_dict
-from deconv_zoo.evaluation import ParseLiteralKwargs
-from deconv_zoo.weights import CheckpointMismatchError, CorruptWeightsError
+from deconv_zoo.evaluation import BAD_INPUT_ERRORS, ParseLiteralKwargs
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -59,5 +58,5 @@ def main(argv: Optional[List[str]] = None) -> int:
 if __name__ == '__main__':
     try:
         sys.exit(main())
-    except (CheckpointMismatchError, CorruptWeightsError) as e:  # the file's fault: its message, no traceback
+    except BAD_INPUT_ERRORS as e:  # the input's fault: its message, no traceback
         sys.exit(f'{type(e).__name__}: {e}')

@@ -25,10 +25,10 @@ import torch.nn as nn
 
 import deconv_zoo  # noqa: F401  (registers the models)
 from deconv_zoo.convert import convert_reference_checkpoint, read_checkpoint
-from deconv_zoo.evaluation import ParseLiteralKwargs
+from deconv_zoo.evaluation import BAD_INPUT_ERRORS, ParseLiteralKwargs
 from deconv_zoo.hub import published_entry_source, push_hub_folder, save_hub_folder, tag_mismatch
 from deconv_zoo.loading import file_sha256
-from deconv_zoo.weights import HUB_ORG_ENV, CheckpointMismatchError, CorruptWeightsError
+from deconv_zoo.weights import HUB_ORG_ENV
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -113,5 +113,5 @@ def main(argv: Optional[List[str]] = None) -> int:
 if __name__ == '__main__':
     try:
         sys.exit(main())
-    except (CheckpointMismatchError, CorruptWeightsError) as e:  # the file's fault: its message, no traceback
+    except BAD_INPUT_ERRORS as e:  # the input's fault: its message, no traceback
         sys.exit(f'{type(e).__name__}: {e}')

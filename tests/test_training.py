@@ -296,29 +296,23 @@ def test_resume_with_another_model_is_a_one_line_error_that_keeps_args_json(tmp_
     assert (run / 'args.json').read_text() == '{"model": "resnet18_cifar_deconv"}'
 
 
-@pytest.mark.parametrize('argv, message', [
-    (['--model', 'nosuchmodel'], "unknown model 'nosuchmodel'"),
-    (['--dataset', 'nosuchdataset', '--data-dir', '.'], "unknown dataset 'nosuchdataset': use 'digits'"),
-    (['--dataset', 'torch/cifar10'], 'needs --data-dir'),
-    (['--batch-size', '0'], 'argument --batch-size/-b: must be at least 1, not 0'),
-    (['--batch-size', '-2'], 'must be at least 1, not -2'),
-    (['--model-kwargs', 'layers=(1,1'], "argument --model-kwargs: layers: '(1,1' is not a Python literal"),
-    (['--model-kwargs', 'foo'], "argument --model-kwargs: 'foo' is not key=value"),
-    (['--resume', 'missing.pth.tar'], "--resume: no checkpoint at 'missing.pth.tar'"),
+@pytest.mark.parametrize('script, argv, message', [
+    ('train', ['--model', 'nosuchmodel'], "unknown model 'nosuchmodel'"),
+    ('train', ['--dataset', 'nosuchdataset', '--data-dir', '.'], "unknown dataset 'nosuchdataset': use 'digits'"),
+    ('train', ['--dataset', 'torch/cifar10'], 'needs --data-dir'),
+    ('train', ['--batch-size', '0'], 'argument --batch-size/-b: must be at least 1, not 0'),
+    ('train', ['--batch-size', '-2'], 'must be at least 1, not -2'),
+    ('train', ['--model-kwargs', 'layers=(1,1'], "argument --model-kwargs: layers: '(1,1' is not a Python literal"),
+    ('train', ['--model-kwargs', 'foo'], "argument --model-kwargs: 'foo' is not key=value"),
+    ('train', ['--resume', 'missing.pth.tar'], "--resume: no checkpoint at 'missing.pth.tar'"),
+    ('validate', ['--model', 'nosuchmodel'], "unknown model 'nosuchmodel'"),
+    ('validate', ['--dataset', 'digitz'], "unknown dataset 'digitz': use 'digits'"),
 ])
-def test_bad_arguments_are_argparse_errors(argv: List[str], message: str, capsys: pytest.CaptureFixture) -> None:
+def test_bad_arguments_are_argparse_errors(script: str, argv: List[str], message: str,
+                                           capsys: pytest.CaptureFixture) -> None:
+    """Refused while parsing, before anything is loaded or written."""
     with pytest.raises(SystemExit) as exit_info:
-        load_script('train').parse_args(argv)
-    assert exit_info.value.code == 2 and message in capsys.readouterr().err
-
-
-@pytest.mark.parametrize('argv, message', [
-    (['--model', 'nosuchmodel'], "unknown model 'nosuchmodel'"),
-    (['--dataset', 'digitz'], "unknown dataset 'digitz': use 'digits'"),
-])
-def test_validate_refuses_unknown_names_up_front(argv: List[str], message: str, capsys: pytest.CaptureFixture) -> None:
-    with pytest.raises(SystemExit) as exit_info:
-        load_script('validate').main(argv)
+        load_script(script).main(argv)
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 

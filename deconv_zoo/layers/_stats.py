@@ -116,6 +116,7 @@ class FoldCache:
 
     @staticmethod
     def key(*tensors: Optional[Tensor]) -> Optional[tuple]:
+        """What a fold of ``tensors`` depends on; None where it cannot be told (do not cache)."""
         parts: list = [_optimizer_steps]
         for t in tensors:
             if t is None:
@@ -130,9 +131,10 @@ class FoldCache:
             parts.append((pointer, t._version, t.dtype, t.device))
         return tuple(parts)
 
-    def get(self, key: Optional[tuple], *tensors: Optional[Tensor]) -> Optional[Tuple[Tensor, Tensor]]:
-        """The cached value if ``key`` is the stored one and ``tensors`` are the very tensors it
-        was computed from (a freed tensor's memory can come back with the same key)."""
+    def get(self, *tensors: Optional[Tensor]) -> Optional[Tuple[Tensor, Tensor]]:
+        """The value folded from ``tensors`` if they are unchanged and the very tensors it was
+        computed from (a freed tensor's memory can come back with the same key)."""
+        key = self.key(*tensors)
         if key is None or key != self._key:
             return None
         if any((ref is None) != (t is None) or (ref is not None and ref() is not t)
@@ -140,7 +142,9 @@ class FoldCache:
             return None
         return self._value
 
-    def put(self, key: Optional[tuple], value: Tuple[Tensor, Tensor], *tensors: Optional[Tensor]) -> None:
+    def put(self, value: Tuple[Tensor, Tensor], *tensors: Optional[Tensor]) -> None:
+        """Keep ``value``, folded from ``tensors``, unless they cannot be keyed."""
+        key = self.key(*tensors)
         if key is not None:
             self._key, self._value = key, value
             self._sources = tuple(None if t is None else weakref.ref(t) for t in tensors)
@@ -204,8 +208,7 @@ class WhitenedWeightMixin:
     def _eval_fold(self) -> Tuple[Tensor, Tensor]:
         cacheable = use_fold_cache(self.weight)
         sources = (self.weight, self.bias, self.running_mean, self.running_deconv)
-        key = FoldCache.key(*sources) if cacheable else None
-        cached = self._fold_cache.get(key, *sources)
+        cached = self._fold_cache.get(*sources) if cacheable else None
         if cached is not None:
             return cached
         dtype = torch.promote_types(self.weight.dtype, torch.float32)
@@ -213,5 +216,5 @@ class WhitenedWeightMixin:
             weight, bias = self._fold_in(self.running_mean.to(dtype), self.running_deconv.to(dtype))
         if cacheable:
             weight, bias = weight.detach(), bias.detach()
-            self._fold_cache.put(key, (weight, bias), *sources)
+            self._fold_cache.put((weight, bias), *sources)
         return weight, bias
