@@ -2,7 +2,7 @@
 
 - ``convert_reference_checkpoint``: a checkpoint of the authors' training scripts becomes a zoo
   model. The zoo keeps the reference's module, parameter and buffer names, so this unwraps the
-  state dict, strips DataParallel's ``module.`` prefix and loads strictly; the only keys the zoo
+  state dict, strips DataParallel's ``module`` levels and loads strictly; the only keys the zoo
   adds (FastDeconv's step counter) are filled in and reported.
 - ``bn_to_deconv``: a batch-norm model (the zoo's BN twins, timm's ``resnet*`` and ``vgg*_bn``)
   becomes its deconv twin computing the same eval-mode function. Each BatchNorm that directly
@@ -37,6 +37,7 @@ from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .deploy import fold_layer_whitening, folded_weight_and_bias
+from .evaluation import ModelArgumentsError, create_model_with_weights
 from .layers import ChannelDeconv, Delinear, FastDeconv
 from .loading import compare_state_dict, load_torch_checkpoint, optional_state_keys, verify_weights_file
 from .weights import CheckpointMismatchError
@@ -61,9 +62,16 @@ def read_checkpoint(path: Union[str, os.PathLike]) -> Mapping[str, Any]:
     return load_file(path)
 
 
+def _without_data_parallel(key: str) -> str:
+    """``key`` without the ``module`` levels of DataParallel wrappers: main.py wraps the whole
+    network (``module.conv1.weight``), main_imagenet.py only VGG's ``features``
+    (``features.module.0.weight``). No zoo model names a submodule ``module``."""
+    return '.'.join(part for part in key.split('.') if part != 'module')
+
+
 def reference_state_dict(checkpoint: Checkpoint) -> Dict[str, Tensor]:
     """The model state dict in a checkpoint (a path or a loaded object): a plain state dict, or a
-    dict holding it under one of ``REFERENCE_CHECKPOINT_KEYS``; ``module.`` prefixes removed."""
+    dict holding it under one of ``REFERENCE_CHECKPOINT_KEYS``; DataParallel's ``module`` levels removed."""
     if isinstance(checkpoint, (str, os.PathLike)):
         checkpoint = read_checkpoint(checkpoint)
     for key in REFERENCE_CHECKPOINT_KEYS:
@@ -74,7 +82,7 @@ def reference_state_dict(checkpoint: Checkpoint) -> Dict[str, Tensor]:
         raise CheckpointMismatchError(
             f'No state dict found in the checkpoint (top-level keys: {sorted(checkpoint)[:10]}); expected tensors, '
             f'or a dict holding them under one of {REFERENCE_CHECKPOINT_KEYS}.')
-    return {k[len('module.'):] if k.startswith('module.') else k: v for k, v in checkpoint.items()}
+    return {_without_data_parallel(k): v for k, v in checkpoint.items()}
 
 
 def checkpoint_geometry(state_dict: Mapping[str, Tensor], arch: str) -> Dict[str, int]:
@@ -82,7 +90,7 @@ def checkpoint_geometry(state_dict: Mapping[str, Tensor], arch: str) -> Dict[str
     first-layer weights (named by the architecture's pretrained cfg)."""
     cfg = timm.models.get_pretrained_cfg(arch)
     if cfg is None:
-        raise ValueError(f"Unknown model '{arch}' (is deconv_zoo imported?)")
+        raise ModelArgumentsError(f"Unknown model '{arch}' (is deconv_zoo imported?)")
     geometry = {}
     classifier = state_dict.get(f'{cfg.classifier}.weight')
     if classifier is not None:
@@ -109,10 +117,11 @@ def convert_reference_checkpoint(
     """A zoo model (eval mode) holding an authors' checkpoint, and how its keys were used.
 
     ``num_classes``/``in_chans`` come from the checkpoint unless given. Raises
-    ``CheckpointMismatchError`` listing every missing, unexpected or mis-shaped key.
+    ``CheckpointMismatchError`` listing every missing, unexpected or mis-shaped key, and
+    ``ModelArgumentsError`` for an unknown ``arch`` or arguments it does not take.
     """
     state_dict = reference_state_dict(checkpoint)
-    model = timm.create_model(arch, **dict(checkpoint_geometry(state_dict, arch), **model_kwargs))
+    model = create_model_with_weights(arch, **dict(checkpoint_geometry(state_dict, arch), **model_kwargs))
     expected = model.state_dict()
     mismatch = compare_state_dict(state_dict, expected, optional=optional_state_keys(model))
     if mismatch:
@@ -292,31 +301,43 @@ def bn_to_deconv(
     """The deconv model ``arch`` (eval mode) computing the eval function of a batch-norm model.
 
     Args:
-        bn_model_or_state_dict: a timm/zoo BN model, or its state dict (``bn_arch`` then names
-            the architecture; default: ``arch`` without ``_deconv``, e.g. resnet18_cifar or timm's
-            resnet18; timm's VGG with BN is ``vgg11_bn``).
+        bn_model_or_state_dict: a timm/zoo BN model, or its state dict or another module holding one
+            (torchvision's ``resnet50``); ``bn_arch`` then names the architecture (default: ``arch``
+            without ``_deconv``, e.g. resnet18_cifar or timm's resnet18; timm's VGG with BN is ``vgg11_bn``).
         arch: the deconv twin, e.g. ``resnet18_cifar_deconv``, ``resnet50_deconv``, ``vgg16_deconv``.
         calibrate_loader: optional data (tensors or (input, target) batches) to estimate real
             whitening statistics on (``calibrate_whitening``); the function is kept either way.
         model_kwargs: further arguments of the deconv model (block_fc, deconv_cfg, ...).
 
     Raises ``CheckpointMismatchError`` for architectures without an exact conversion (see the
-    module docstring) and for state dicts that do not fit ``bn_arch``.
+    module docstring), for state dicts that do not fit ``bn_arch`` and for weights that do not fit
+    the deconv model as built (``num_classes``, ``in_chans``); ``ModelArgumentsError`` for unknown
+    architectures or arguments the model does not take.
     """
     if not timm.is_model(arch):
-        raise ValueError(f"Unknown model '{arch}' (is deconv_zoo imported?)")
-    if isinstance(bn_model_or_state_dict, nn.Module):
+        raise ModelArgumentsError(f"Unknown model '{arch}' (is deconv_zoo imported?)")
+    source_cfg = getattr(bn_model_or_state_dict, 'pretrained_cfg', None)
+    if source_cfg is not None:  # a timm or zoo model (also a zoo model built with deconv=False)
         bn_state_dict = bn_model_or_state_dict.state_dict()
-        bn_model = bn_model_or_state_dict  # also a zoo model built with deconv=False
-        bn_arch = bn_model.pretrained_cfg['architecture']
+        bn_model = bn_model_or_state_dict
+        bn_arch = source_cfg['architecture']
     else:
-        bn_state_dict = dict(bn_model_or_state_dict)
+        bn_state_dict = dict(bn_model_or_state_dict.state_dict() if isinstance(bn_model_or_state_dict, nn.Module)
+                             else bn_model_or_state_dict)
         bn_arch = bn_arch or (arch[:-len('_deconv')] if arch.endswith('_deconv') else None)
-        if not bn_arch or not timm.is_model(bn_arch):
-            raise ValueError('Name the batch-norm architecture of the state dict: bn_to_deconv(..., bn_arch=...)')
+        if not bn_arch:
+            raise ModelArgumentsError('Name the batch-norm architecture of the weights: bn_to_deconv(..., bn_arch=...)')
+        if not timm.is_model(bn_arch):
+            raise ModelArgumentsError(f"Unknown batch-norm model '{bn_arch}': name it with bn_to_deconv(..., bn_arch=...)")
         bn_model = bn_arch
-    model = timm.create_model(arch, **dict(checkpoint_geometry(bn_state_dict, bn_arch), **model_kwargs))
-    model.load_state_dict(deconv_state_dict_from_bn(bn_state_dict, bn_model, model))
+    model = create_model_with_weights(arch, **dict(checkpoint_geometry(bn_state_dict, bn_arch), **model_kwargs))
+    state_dict = deconv_state_dict_from_bn(bn_state_dict, bn_model, model)
+    mismatch = compare_state_dict(state_dict, model.state_dict())
+    if mismatch:
+        raise CheckpointMismatchError(
+            f'The {bn_arch} weights do not fit {arch} as built (num_classes, in_chans and model_kwargs must be '
+            f'those of the weights):\n{mismatch.describe()}')
+    model.load_state_dict(state_dict)
     model.eval()
     if calibrate_loader is not None:
         calibrate_whitening(model, calibrate_loader)
@@ -361,6 +382,12 @@ def calibrate_whitening(model: nn.Module, loader: Iterable[Any], max_batches: Op
     its function, the inputs of later layers do not depend on the order of refitting.
     """
     layers = [m for m in model.modules() if isinstance(m, (FastDeconv, Delinear))]
+    biasless = [name for name, m in model.named_modules() if isinstance(m, (FastDeconv, Delinear)) and m.bias is None]
+    if biasless:
+        # The re-solved function moves the mean shift W mu into the bias.
+        raise ValueError(f'calibrate_whitening: {", ".join(biasless[:6])}{", ..." if len(biasless) > 6 else ""} '
+                         f'have no bias to take the mean shift of calibrated statistics; build the model with '
+                         f'bias=True (the paper\'s setting).')
     sums: Dict[nn.Module, List[Any]] = {m: [0, 0.0, 0.0] for m in layers}
 
     def record(layer: nn.Module, args: Tuple[Tensor, ...]) -> None:

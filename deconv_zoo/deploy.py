@@ -46,7 +46,10 @@ class ChannelLinear(nn.Linear):
     accepts (N, C) input, as ChannelDeconv does."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.movedim(F.linear(torch.movedim(x, 1, -1), self.weight, self.bias), -1, 1)
+        # A non-negative last dim: the ONNX exporter writes movedim's -1 into Transpose's perm,
+        # which onnxruntime rejects.
+        last = x.dim() - 1
+        return torch.movedim(F.linear(torch.movedim(x, 1, last), self.weight, self.bias), last, 1)
 
 
 def _channel_deconv_as_linear(layer: ChannelDeconv, channels: int) -> ChannelLinear:
@@ -109,7 +112,8 @@ def _channel_counts(model: nn.Module, example_input: Optional[Tensor]) -> Dict[n
                              'example_input (one input batch) to size them.')
         input_size = tuple(model.pretrained_cfg['input_size'])
         first_conv = model.get_submodule(model.pretrained_cfg['first_conv'])
-        example_input = torch.zeros(1, first_conv.in_channels, *input_size[1:], device=first_conv.weight.device)
+        example_input = torch.zeros(1, first_conv.in_channels, *input_size[1:], device=first_conv.weight.device,
+                                    dtype=first_conv.weight.dtype)
     counts = {}
     handles = [m.register_forward_pre_hook(lambda m, args: counts.__setitem__(m, args[0].shape[1])) for m in layers]
     try:
@@ -129,14 +133,26 @@ def fold_deconv(model: nn.Module, inplace: bool = False, example_input: Optional
     it trains plain layers). ``nn.Identity`` placeholders (where BN was removed) cost nothing and
     vanish from exported graphs. A ChannelDeconv is sized by its input: ``example_input`` (default:
     zeros of the model's ``pretrained_cfg`` input size) is run once to find its channel count.
+
+    Raises ``FloatingPointError`` naming the first layer whose fold is not finite (NaN or inf in its
+    weights or running statistics), before any layer is replaced.
     """
     model = model if inplace else copy.deepcopy(model)
     model.eval()
     channels = _channel_counts(model, example_input)
-    for name, module in list(model.named_modules()):
+    # Every layer is folded and checked before any is replaced: an error leaves an inplace model whole.
+    plain_layers = {}
+    for name, module in model.named_modules():
         plain = _plain_layer(module, channels.get(module))
         if plain is None:
             continue
+        if not all(bool(torch.isfinite(p).all()) for p in plain.parameters()):
+            raise FloatingPointError(
+                f'fold_deconv: {name or type(module).__name__} folds to non-finite weights: its parameters or '
+                f'running statistics hold NaN or inf (a diverged or corrupt model), so the deployed model would '
+                f'output NaN.')
+        plain_layers[name] = plain
+    for name, plain in plain_layers.items():
         if not name:
             return plain
         parent_name, _, child_name = name.rpartition('.')

@@ -4,9 +4,12 @@ import copy
 import pytest
 import timm
 import torch
+import torchvision
 from safetensors.torch import load_file
 
-from deconv_zoo.convert import bn_to_deconv, convert_reference_checkpoint, deconv_state_dict_from_bn
+from deconv_zoo.convert import bn_to_deconv, calibrate_whitening, convert_reference_checkpoint, \
+    deconv_state_dict_from_bn
+from deconv_zoo.evaluation import ModelArgumentsError
 from deconv_zoo.weights import CheckpointMismatchError
 from weight_helpers import SMALL, assert_close, assert_state_equal, load_script, randomize_batchnorm, \
     randomize_statistics
@@ -45,6 +48,17 @@ def test_reference_wrappers(zoo_model, wrap):
     assert torch.equal(model.linear.running_deconv, zoo_model.linear.running_deconv)
 
 
+def test_imagenet_vgg_checkpoint_with_data_parallel_features():
+    """main_imagenet.py wraps only VGG's ``features`` in DataParallel: keys ``features.module.0.weight``."""
+    vgg = timm.create_model('vgg16_cifar_deconv', **SMALL).eval()
+    randomize_statistics(vgg, torch.Generator().manual_seed(6))
+    state = {k.replace('features.', 'features.module.'): v for k, v in vgg.state_dict().items()
+             if not k.endswith('.counter')}
+    model, _ = convert_reference_checkpoint(dict(state_dict=state, arch='vgg16d'), 'vgg16_cifar_deconv', **SMALL)
+    assert_state_equal(model, {k: (torch.zeros_like(v) if k.endswith('.counter') else v)
+                               for k, v in vgg.state_dict().items()})
+
+
 def test_reference_checkpoint_mismatch_lists_keys(zoo_model):
     state = reference_style(zoo_model)['net']
     state['module.extra.weight'] = torch.zeros(1)
@@ -65,6 +79,20 @@ def test_convert_reference_script(zoo_model, tmp_path, capsys):
     assert 'filled in by the model: conv1.counter' in capsys.readouterr().out
     saved = load_file(str(tmp_path / 'out.safetensors'))
     assert torch.equal(saved['layer4.1.conv2.running_deconv'], zoo_model.layer4[1].conv2.running_deconv)
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--model', 'resnet18_cifar_deconvv'], "Unknown model 'resnet18_cifar_deconvv'"),
+    (['--model', 'resnet18_cifar_deconv', '--model-kwargs', 'bogus=1'], "unexpected keyword argument 'bogus'"),
+    (['--model', 'resnet18_cifar_deconv', '--from-bn', 'resnet18_cifarr'], "Unknown batch-norm model 'resnet18_cifarr'"),
+])
+def test_convert_reference_script_bad_model_arguments(zoo_model, tmp_path, argv, message):
+    """Errors the script reports in one line (BAD_INPUT_ERRORS), before writing anything."""
+    path = tmp_path / 'ckpt.pth'
+    torch.save(reference_style(zoo_model), path)
+    with pytest.raises(ModelArgumentsError, match=message):
+        load_script('convert_reference').main([str(path), *argv, '--output', str(tmp_path / 'out.safetensors')])
+    assert not (tmp_path / 'out.safetensors').exists()
 
 
 @pytest.fixture(scope='module')
@@ -97,6 +125,33 @@ def test_calibration_keeps_the_function_and_matches_train_mode(bn_model):
         # Train mode whitens with batch statistics: close to eval only once the weights expect whitening.
         errors = [(copy.deepcopy(m).train()(batches[0]) - expected).abs().max() for m in (identity, calibrated)]
     assert errors[1] < 0.5 * errors[0]
+
+
+def test_module_without_timm_config_converts_by_bn_arch():
+    """torchvision's resnet18 has timm resnet18's keys but no pretrained_cfg: bn_arch names it."""
+    generator = torch.Generator().manual_seed(5)
+    torchvision_model = torchvision.models.resnet18(num_classes=10).eval()
+    randomize_batchnorm(torchvision_model, generator)
+    model = bn_to_deconv(torchvision_model, 'resnet18_deconv', bn_arch='resnet18', **SMALL)
+    image = torch.randn(1, 3, 64, 64, generator=generator)
+    with torch.no_grad():
+        assert_close(model(image), torchvision_model(image), rel=1e-4)
+    with pytest.raises(ModelArgumentsError, match='Name the batch-norm architecture'):
+        bn_to_deconv(torchvision_model, 'resnet18')  # not a *_deconv name: no default twin
+
+
+@pytest.mark.parametrize('kwargs, key', [(dict(num_classes=5), 'linear.weight'), (dict(in_chans=1), 'conv1.weight')])
+def test_bn_weights_that_do_not_fit_the_built_model_are_listed(bn_model, kwargs, key):
+    with pytest.raises(CheckpointMismatchError, match=f'(?s)resnet18_cifar weights do not fit.*{key}'):
+        bn_to_deconv(bn_model, 'resnet18_cifar_deconv', **SMALL, **kwargs)
+
+
+def test_calibration_refuses_layers_without_bias():
+    model = timm.create_model('resnet18_cifar_deconv', deconv_cfg=dict(block=8, bias=False), block_fc=64).eval()
+    state = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r'calibrate_whitening: conv1, layer1\.0\.conv1, .* have no bias'):
+        calibrate_whitening(model, [torch.randn(2, 3, 32, 32)])
+    assert_state_equal(model, state)
 
 
 def test_pre_activation_networks_are_refused():

@@ -53,10 +53,42 @@ def test_folded_model_computes_the_same(model_fn):
         assert_close(folded(image), model(image), rel=1e-5)
 
 
-@pytest.fixture(scope='module')
-def deployed():
+def test_channel_deconv_is_sized_in_the_model_dtype():
+    """Without example_input the ChannelDeconv sizing runs zeros of the model's own dtype."""
+    model = timm.create_model('resnet18_cifar_deconv', delinear=False, **SMALL).eval().double()
+    randomize_statistics(model, torch.Generator().manual_seed(0))
+    image = torch.randn(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert_close(fold_deconv(model)(image), model(image), rel=1e-12)
+
+
+def test_non_finite_statistics_are_refused_before_any_layer_is_replaced():
+    model = every_layer_kind()
+    image = torch.randn(2, 6, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model[6].running_deconv[0, 0] = float('nan')
+    with pytest.raises(FloatingPointError, match='fold_deconv: 6 folds to non-finite weights'):
+        fold_deconv(model, inplace=True, example_input=image)
+    assert sum(isinstance(m, DECONV_LAYERS) for m in model.modules()) == 7  # the inplace model is whole
+
+
+def test_unused_non_finite_whitening_folds():
+    """A ChannelDeconv whose block exceeds its channels only standardises: the reference left NaN in
+    its unused whitening buffers, which the fold must not refuse."""
+    model = nn.Sequential(FastDeconv(3, 4, 3, padding=1), ChannelDeconv(8)).eval()
+    with torch.no_grad():
+        model[1].running_mean1.fill_(float('nan'))
+        model[1].running_deconv.fill_(float('nan'))
+        model[1].running_var.fill_(2.0)
+    image = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert_close(fold_deconv(model, example_input=image)(image), model(image), rel=1e-6)
+
+
+@pytest.fixture(scope='module', params=[True, False], ids=['delinear', 'channel_deconv'])
+def deployed(request):
     generator = torch.Generator().manual_seed(1)
-    model = timm.create_model('resnet18_cifar_deconv', **SMALL).eval()
+    model = timm.create_model('resnet18_cifar_deconv', delinear=request.param, **SMALL).eval()
     randomize_statistics(model, generator)
     image = torch.randn(2, 3, 32, 32, generator=generator)
     with torch.no_grad():
@@ -78,7 +110,9 @@ def test_onnx_export_runs_in_onnxruntime(deployed, tmp_path):
                           output_names=['logits'], dynamic_axes={'image': {0: 'batch'}})
     graph = onnx.load(str(path))
     onnx.checker.check_model(graph)
-    assert {n.op_type for n in graph.graph.node} <= {'Conv', 'Relu', 'Add', 'GlobalAveragePool', 'Flatten', 'Gemm'}
+    # ChannelLinear (the folded ChannelDeconv) is a MatMul between Transposes.
+    assert {n.op_type for n in graph.graph.node} <= {'Conv', 'Relu', 'Add', 'GlobalAveragePool', 'Flatten', 'Gemm',
+                                                   'Transpose', 'MatMul'}
     session = onnxruntime.InferenceSession(str(path), providers=['CPUExecutionProvider'])
     (logits,) = session.run(None, {'image': image.numpy()})
     assert_close(torch.from_numpy(logits), expected, rel=1e-5)
