@@ -12,7 +12,9 @@ own unseeded sampler, while exact resumption needs a data order fixed by (seed, 
 start mid-epoch (``ResumableSampler``) and augmentation randomness fixed per sample
 (``PerSampleSeed``). The transforms are timm's own (``timm.data.create_transform``).
 """
+import functools
 import logging
+import os
 import random
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -35,6 +37,7 @@ DIGITS = 'digits'
 SYNTHETIC = 'synthetic'
 FOLDER_NAMES = ('', 'folder')  # an ImageNet-layout folder (timm reads any other unprefixed name as one too)
 TIMM_DATASET_PREFIXES = ('torch/', 'hfds/', 'hfids/', 'tfds/', 'wds/')
+STREAMING_DATASET_PREFIXES = ('hfids/', 'tfds/', 'wds/')  # timm's iterable readers: no indexing, no sampler
 _TRAIN_SPLITS = ('train', 'training')
 _VAL_SPLITS = ('val', 'validation', 'test')
 
@@ -137,6 +140,10 @@ def check_dataset(name: str, root: Optional[str] = None) -> None:
         raise ValueError(
             f"unknown dataset {name!r}: use {DIGITS!r}, {SYNTHETIC!r}, 'folder' (ImageNet layout in --data-dir) or "
             f"a timm dataset name starting with {', '.join(TIMM_DATASET_PREFIXES)} (e.g. torch/cifar10)")
+    if name.lower().startswith(STREAMING_DATASET_PREFIXES):
+        raise ValueError(
+            f'dataset {name!r} is a streaming (iterable) dataset: the seeded, resumable and sharded samplers of '
+            f'train.py and validate.py need indexable ones (folder, torch/ or hfds/)')
     if not root:
         raise ValueError(f'dataset {name!r} needs --data-dir (a local copy; nothing is downloaded)')
 
@@ -178,6 +185,8 @@ def _timm_dataset(name: str, root: str, split: str) -> Dataset:
     from timm.data import create_dataset
 
     is_training = _is_train_split(split)
+    if name in FOLDER_NAMES:
+        _check_image_folder(root, is_training)
     try:
         # download=False always: the project never fetches data sets.
         return create_dataset(name, root=root, split='train' if is_training else 'validation',
@@ -190,6 +199,23 @@ def _timm_dataset(name: str, root: str, split: str) -> Dataset:
         raise
     except AssertionError as error:  # timm asserts on names it does not know ("Unknown torchvision dataset x")
         raise ValueError(f'dataset {name!r}: {error}') from None
+
+
+def _check_image_folder(root: str, is_training: bool) -> None:
+    """Raise FileNotFoundError for a missing root, or one holding the other split's folder only:
+    timm then reads the root itself, so validation would run on the training images (or the reverse)."""
+    from timm.data.dataset_factory import _EVAL_SYNONYM, _TRAIN_SYNONYM
+
+    if not os.path.exists(root):
+        raise FileNotFoundError(f'dataset folder {root!r} does not exist')
+    if not os.path.isdir(root):  # a .tar of images
+        return
+    wanted, other = (_TRAIN_SYNONYM, _EVAL_SYNONYM) if is_training else (_EVAL_SYNONYM, _TRAIN_SYNONYM)
+    others = [s for s in other if os.path.isdir(os.path.join(root, s))]
+    if others and not any(os.path.isdir(os.path.join(root, s)) for s in wanted):
+        raise FileNotFoundError(
+            f'dataset folder {root!r} has {others[0]}/ but no {"training" if is_training else "validation"} split '
+            f'({"/, ".join(wanted)}/): the ImageNet layout is {root}/train/<class>/*.jpg and {root}/val/<class>/*.jpg')
 
 
 def dataset_num_classes(dataset: Dataset) -> Optional[int]:
@@ -231,6 +257,9 @@ def _model_in_chans(model: torch.nn.Module) -> Optional[int]:
         return None
 
 
+_IMAGE_MODES = {1: 'L', 3: 'RGB'}  # PIL mode by input channels
+
+
 def set_image_transform(dataset: Dataset, input_config: Dict[str, Any], is_training: bool, **aug: Any) -> None:
     """Prepare a dataset from ``create_image_dataset`` for a model's ``input_config``.
 
@@ -238,7 +267,8 @@ def set_image_transform(dataset: Dataset, input_config: Dict[str, Any], is_train
     mirror-symmetric); synthetic data takes the input size; image datasets get timm's train or
     eval transform: ``aug`` holds ``timm.data.create_transform`` options (hflip, scale, auto_augment, re_prob, ...);
     ``crop_padding > 0`` selects the reference's CIFAR augmentation instead: random crop from the
-    image padded by that many pixels, horizontal flip (``hflip`` probability).
+    image (resized to the input size) padded by that many pixels, horizontal flip (``hflip``
+    probability). Images are converted to the input's channel count (1 or 3) first.
     """
     from timm.data import create_transform
     from torchvision import transforms
@@ -250,10 +280,23 @@ def set_image_transform(dataset: Dataset, input_config: Dict[str, Any], is_train
     if isinstance(base, SyntheticDataset):
         base.input_size = tuple(input_config['input_size'])
         return
+    chans, *size = input_config['input_size']
+    if chans not in _IMAGE_MODES:
+        raise ValueError(f'image datasets give 1- or 3-channel images, not the {chans} channels of the model input')
+    # The images in the model's channel count: greyscale files (MNIST) for an RGB model, colour ones for in_chans=1.
+    to_mode = functools.partial(Image.Image.convert, mode=_IMAGE_MODES[chans])
     crop_padding = aug.pop('crop_padding', 0)
     if is_training and crop_padding > 0:
-        size = input_config['input_size'][1:]
+        from timm.data.transforms import str_to_interp_mode
+
+        # timm's 'random' (a mode drawn per image) belongs to its random-resized crop; this resize is
+        # a no-op at the dataset's own size, so it takes timm's default mode.
+        resize_interpolation = 'bilinear' if input_config['interpolation'] == 'random' else input_config['interpolation']
         base.transform = transforms.Compose([
+            to_mode,
+            # To the input size first (a no-op for CIFAR at 32x32), as the eval transform does: the
+            # crop alone would cut an input-sized window from an image of another size.
+            transforms.Resize(max(size), interpolation=str_to_interp_mode(resize_interpolation)),
             transforms.RandomCrop(size, padding=crop_padding),
             transforms.RandomHorizontalFlip(aug.get('hflip', 0.5)),
             transforms.ToTensor(),
@@ -261,7 +304,8 @@ def set_image_transform(dataset: Dataset, input_config: Dict[str, Any], is_train
         ])
         return
     config = {key: input_config[key] for key in ('input_size', 'interpolation', 'mean', 'std', 'crop_pct', 'crop_mode')}
-    base.transform = create_transform(**config, is_training=is_training, **(aug if is_training else {}))
+    transform = create_transform(**config, is_training=is_training, **(aug if is_training else {}))
+    base.transform = transforms.Compose([to_mode, transform])
 
 
 class ResumableSampler(DistributedSampler):

@@ -16,7 +16,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from .layers import ChannelDeconv, Delinear, FastDeconv, isqrt_newton_schulz, sample_patches
-from .layers._stats import warn_once
+from .layers._stats import statistics_dtype, warn_once
 from .layers.whitening import pixel_samples
 
 __all__ = ['SyncFastDeconv', 'SyncDelinear', 'convert_sync_deconv', 'global_whitening_statistics', 'average_buffers']
@@ -44,6 +44,16 @@ def _is_synced(group: Optional[dist.ProcessGroup]) -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
 
 
+def _global_mean(samples: Tensor, group: Optional[dist.ProcessGroup]) -> Tuple[Tensor, Tensor]:
+    """Mean (G, nf) of the (G, nf, S) sample columns of all processes, and their total count."""
+    groups, nf, local_count = samples.shape
+    # The count rides along in the statistics' dtype: exact up to 2**24 samples in float32.
+    sums = torch.cat([samples.sum(dim=2).reshape(-1), samples.new_full((1,), local_count)])
+    sums = _AllReduceSum.apply(sums, group)
+    count = sums[-1]
+    return sums[:-1].reshape(groups, nf) / count, count
+
+
 def global_whitening_statistics(
         samples: Tensor, eps: float, n_iter: int, group: Optional[dist.ProcessGroup] = None,
 ) -> Tuple[Tensor, Tensor]:
@@ -53,12 +63,8 @@ def global_whitening_statistics(
     Two all-reduces instead of one over (sum, sum of squares): centring on the global mean first
     keeps the covariance as accurate as the single-process computation (no cancellation).
     """
-    groups, nf, local_count = samples.shape
-    # The count rides along in the statistics' dtype: exact up to 2**24 samples in float32.
-    sums = torch.cat([samples.sum(dim=2).reshape(-1), samples.new_full((1,), local_count)])
-    sums = _AllReduceSum.apply(sums, group)
-    count = sums[-1]
-    mean = sums[:-1].reshape(groups, nf) / count
+    nf = samples.shape[1]
+    mean, count = _global_mean(samples, group)
     centred = samples - mean[:, :, None]
     moment = _AllReduceSum.apply(centred @ centred.transpose(1, 2), group)
     eye = torch.eye(nf, dtype=samples.dtype, device=samples.device)
@@ -83,16 +89,25 @@ class SyncFastDeconv(FastDeconv):
     def batch_statistics(self, x: Tensor) -> Tuple[Tensor, Tensor]:
         if not _is_synced(self.process_group):
             return super().batch_statistics(x)
+        mean, deconv = global_whitening_statistics(self._samples(x), self.eps, self.n_iter, self.process_group)
+        return mean.reshape(-1), (deconv[0] if self.groups == 1 else deconv)
+
+    def _refreshed_statistics(self, x: Tensor, recompute: bool) -> Tuple[Tensor, Tensor, Optional[Tuple[bool, int]]]:
+        mean, deconv, schedule = super()._refreshed_statistics(x, recompute)
+        if deconv is self._reused_deconv and _is_synced(self.process_group):
+            # refresh_every reuses the whitening with this process' patch mean: use the global batch's.
+            mean = _global_mean(self._samples(x), self.process_group)[0].reshape(-1)
+        return mean, deconv, schedule
+
+    def _samples(self, x: Tensor) -> Tensor:
+        """This process' (G, nf, S) patch samples, in ``statistics_dtype`` as FastDeconv's own."""
         if self.kernel_size == (1, 1):
             patches = self._pixel_samples(x)
         else:
             # Patches are sampled per image, so concatenating the processes' samples is the
             # same as sampling the concatenated batch.
             patches = sample_patches(x, self.kernel_size, self.dilation, self.padding, self.sampling_stride)
-        nf = self.num_features
-        mean, deconv = global_whitening_statistics(
-            patches.reshape(self.groups, nf, -1), self.eps, self.n_iter, self.process_group)
-        return mean.reshape(-1), (deconv[0] if self.groups == 1 else deconv)
+        return patches.to(statistics_dtype(x)).reshape(self.groups, self.num_features, -1)
 
     def _pixel_samples(self, x: Tensor) -> Tensor:
         """1x1 kernels sample every step-th pixel of the flattened (N, H, W) batch (see
@@ -140,8 +155,8 @@ def convert_sync_deconv(module: nn.Module, process_group: Optional[dist.ProcessG
 def average_buffers(module: nn.Module) -> None:
     """Make every process hold the same buffers: floating-point ones (running statistics) are
     averaged, the others (step counters) taken from rank 0. Call it at the end of an epoch when
-    the statistics are per-process (no ``convert_sync_deconv`` / SyncBatchNorm); timm's
-    ``distribute_bn`` only knows buffers named running_mean/running_var."""
+    any statistics are per-process (layers that neither ``convert_sync_deconv`` nor SyncBatchNorm
+    converted); timm's ``distribute_bn`` only knows buffers named running_mean/running_var."""
     if not _is_synced(None):
         return
     world_size = dist.get_world_size()

@@ -49,6 +49,9 @@ CHECKPOINT_VERSION = 1
 _STALE_TEMPORARY = re.compile(r'\.(last|model_best|checkpoint-\d+)\.pth\.tar\.[^.]+\.tmp')
 # Arguments that define the learning-rate schedule (logged when a resume changes them).
 _SCHEDULE_ARGS = ('sched', 'epochs', 'sched_on_updates', 'lr', 'min_lr', 'warmup_epochs', 'warmup_lr')
+# Arguments that decide which samples an epoch's steps take: a mid-epoch resume skips the steps done
+# as step_in_epoch batches of the current order, which is only right when these are unchanged.
+_DATA_ORDER_ARGS = ('batch_size', 'world_size', 'seed', 'dataset', 'train_limit')
 
 # The paper's run settings (reference-architectures.md, section 3). Weight decay applies to every
 # parameter there, biases included, hence filter_bias_and_bn=False. 'digits' is the CIFAR recipe
@@ -155,6 +158,12 @@ def resolve_resume(resume: str, output_dir: str) -> Optional[str]:
     if not os.path.isfile(resume):
         raise FileNotFoundError(f'--resume: no checkpoint at {resume!r}')
     return resume
+
+
+def _changed_args(recorded: Dict[str, Any], current: Dict[str, Any], keys: Tuple[str, ...]) -> List[str]:
+    """'key old -> new' for each of ``keys`` that both argument dicts hold, with different values."""
+    return [f'{key} {recorded[key]} -> {current[key]}' for key in keys
+            if key in recorded and key in current and recorded[key] != current[key]]
 
 
 def _first_non_finite(model: nn.Module) -> Optional[str]:
@@ -318,6 +327,12 @@ class CheckpointManager:
                                           f'(no {", ".join(missing)})')
         if self.arch and checkpoint.get('arch') and checkpoint['arch'] != self.arch:
             raise CheckpointMismatchError(f'{path}: checkpoint is for {checkpoint["arch"]}, not {self.arch}')
+        changed = _changed_args(checkpoint.get('args') or {}, self.args, _DATA_ORDER_ARGS)
+        if checkpoint['step_in_epoch'] and changed:
+            raise CheckpointMismatchError(
+                f'{path} was written after step {checkpoint["step_in_epoch"]} of epoch {checkpoint["epoch"]}; '
+                f'resuming it with other data-order arguments ({", ".join(changed)}) would skip or repeat samples '
+                f'of that epoch: resume with the recorded values, or from a checkpoint written at an epoch end')
         mismatch = compare_state_dict(checkpoint['state_dict'], self.model.state_dict())
         if mismatch:
             raise CheckpointMismatchError(
@@ -333,9 +348,7 @@ class CheckpointManager:
         # is their configuration: loading it would replace the schedule of the current arguments.
         self.scheduler.step(position.epoch)
         self.scheduler.step_update(position.global_step)
-        recorded = checkpoint.get('args') or {}
-        changed = [f'{key} {recorded[key]} -> {self.args[key]}' for key in _SCHEDULE_ARGS
-                   if key in recorded and key in self.args and recorded[key] != self.args[key]]
+        changed = _changed_args(checkpoint.get('args') or {}, self.args, _SCHEDULE_ARGS)
         if changed:
             _logger.info('learning-rate schedule rebuilt for the current arguments (%s), continuing at '
                          'global step %d', ', '.join(changed), position.global_step)

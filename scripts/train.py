@@ -207,6 +207,10 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error(str(error))
     if args.resume and args.resume != 'auto' and not os.path.isfile(args.resume):
         parser.error(f'--resume: no checkpoint at {args.resume!r}')
+    if args.sync_bn and int(os.environ.get('WORLD_SIZE', 1)) > 1 and torch.device(args.device).type == 'cpu':
+        # torch's SyncBatchNorm raises at the first step on CPU, after the run folder is written.
+        parser.error('--sync-bn: torch.nn.SyncBatchNorm does not run on CPU; leave it out (batch-norm statistics '
+                     'are averaged over the processes at each epoch end)')
 
 
 def _run_folder(args: argparse.Namespace, primary: bool) -> str:
@@ -293,6 +297,11 @@ def _train(args: argparse.Namespace, device: torch.device, primary: bool) -> Dic
     val_loader = create_data_loader(val_set, args.validation_batch_size or args.batch_size,
                                     ShardSampler(val_set, args.world_size, args.rank), workers, args.pin_mem)
     steps_per_epoch = len(train_loader)
+    if steps_per_epoch == 0:  # only drop_last leaves none; the scheduler and the epoch loop need steps
+        build_parser().error(
+            f'no training step per epoch: {len(train_set)} training samples give {len(sampler)} per process '
+            f'({args.world_size} process(es)), fewer than one batch of {args.batch_size}, and the incomplete batch '
+            f'is dropped (--drop-last, or mixup/cutmix); lower --batch-size')
 
     optimizer = create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
                                     momentum=args.momentum, filter_bias_and_bn=args.filter_bias_and_bn)
@@ -366,8 +375,10 @@ def _train(args: argparse.Namespace, device: torch.device, primary: bool) -> Dic
         train_set.set_epoch(epoch)
         sampler.set_epoch(epoch, skip=position.step_in_epoch * args.batch_size)
         train_metrics = trainer.train_epoch(train_loader, position, steps_per_epoch)
-        if args.distributed and not args.sync_deconv:
-            average_buffers(model)  # per-process running statistics -> one set for eval and checkpoints
+        if args.distributed:
+            # Per-process running statistics (batch norm beside synced deconvolutions too) -> one set
+            # for eval and checkpoints; averaging the synced ones, equal on every process, keeps them equal.
+            average_buffers(model)
         eval_metrics = evaluate(model, val_loader, device, amp_autocast, args.channels_last, args.distributed)
         if model_ema is not None:
             eval_metrics = evaluate(model_ema.module, val_loader, device, amp_autocast, args.channels_last,

@@ -167,6 +167,23 @@ def test_resume_continues_on_the_schedule_of_the_current_arguments(
     assert 'epochs 1 -> 3' in caplog.text
 
 
+def test_mid_epoch_resume_refuses_another_data_order(tmp_path: Path) -> None:
+    """The resumed epoch skips step_in_epoch batches of the current order: with another batch size
+    (or world size, seed) that skipped or repeated samples without a word. At an epoch end the
+    arguments may change."""
+    written = _manager(tmp_path)
+    written.args.update(batch_size=16, world_size=2, seed=0)
+    written.save_step(TrainPosition(0, 3, 3))
+    resuming = _manager(tmp_path)
+    resuming.args.update(batch_size=32, world_size=2, seed=0)
+    before = resuming.model.state_dict()
+    with pytest.raises(CheckpointMismatchError, match=r'after step 3 of epoch 0; .*\(batch_size 16 -> 32\)'):
+        resuming.load(str(tmp_path / LAST))
+    assert state_dicts_equal(before, resuming.model.state_dict())
+    written.save_epoch(TrainPosition(1, 0, 6), None)
+    assert resuming.load(str(tmp_path / LAST)) == TrainPosition(1, 0, 6)
+
+
 def test_checkpoints_refuse_non_finite_buffers(tmp_path: Path) -> None:
     """A non-finite running variance stops the run like a non-finite weight; nothing is written."""
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
@@ -307,6 +324,8 @@ def test_resume_with_another_model_is_a_one_line_error_that_keeps_args_json(tmp_
     ('train', ['--resume', 'missing.pth.tar'], "--resume: no checkpoint at 'missing.pth.tar'"),
     ('validate', ['--model', 'nosuchmodel'], "unknown model 'nosuchmodel'"),
     ('validate', ['--dataset', 'digitz'], "unknown dataset 'digitz': use 'digits'"),
+    ('train', ['--dataset', 'wds/imagenet', '--data-dir', '.'], "'wds/imagenet' is a streaming (iterable) dataset"),
+    ('validate', ['--dataset', 'tfds/mnist', '--data-dir', '.'], "'tfds/mnist' is a streaming (iterable) dataset"),
 ])
 def test_bad_arguments_are_argparse_errors(script: str, argv: List[str], message: str,
                                            capsys: pytest.CaptureFixture) -> None:
@@ -314,6 +333,15 @@ def test_bad_arguments_are_argparse_errors(script: str, argv: List[str], message
     with pytest.raises(SystemExit) as exit_info:
         load_script(script).main(argv)
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_sync_bn_on_cpu_processes_is_an_argparse_error(monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    """torch's SyncBatchNorm raised at the first step of a multi-process CPU run, after the run folder."""
+    monkeypatch.setenv('WORLD_SIZE', '2')
+    with pytest.raises(SystemExit) as exit_info:
+        load_script('train').main(['--sync-bn', '--device', 'cpu'])
+    assert exit_info.value.code == 2 and '--sync-bn: torch.nn.SyncBatchNorm does not run on CPU' in capsys.readouterr().err
 
 
 def test_unknown_torchvision_dataset_is_a_named_error(tmp_path: Path) -> None:
@@ -329,6 +357,19 @@ def test_arguments_the_model_cannot_take_fail_before_the_run_folder(
         tmp_path: Path, argv: List[str], message: str) -> None:
     with pytest.raises(ModelArgumentsError, match=message):
         load_script('train').main(argv + ['--output', str(tmp_path / 'output')])
+    assert not (tmp_path / 'output').exists()
+
+
+@pytest.mark.parametrize('drop', [['--drop-last'], ['--mixup', '0.2']])
+def test_a_batch_larger_than_the_dropped_epoch_is_an_argument_error(
+        tmp_path: Path, drop: List[str], capsys: pytest.CaptureFixture) -> None:
+    """With the incomplete batch dropped, 32 samples in batches of 64 leave no step: that ended
+    in timm's scheduler assertion (or, stepping on epochs, in a run that trained nothing)."""
+    with pytest.raises(SystemExit) as exit_info:
+        load_script('train').main(SMALL_DECONV + drop + ['--train-limit', '32', '--batch-size', '64',
+                                                         '--output', str(tmp_path / 'output')])
+    assert exit_info.value.code == 2
+    assert 'no training step per epoch: 32 training samples give 32 per process' in capsys.readouterr().err
     assert not (tmp_path / 'output').exists()
 
 
@@ -405,6 +446,48 @@ def test_sync_deconv_equals_one_process_on_the_concatenated_batch(tmp_path: Path
         torch.testing.assert_close(result['buffers'][name], buffer, rtol=1e-12, atol=1e-12)
 
 
+def _refresh_layer() -> FastDeconv:
+    torch.manual_seed(0)
+    return FastDeconv(16, 8, 3, padding=1, block=16, refresh_every=2)  # 144 features: on the refresh schedule
+
+
+def _sync_cases_worker(rank: int, world_size: int, store: str, result_file: str) -> None:
+    dist.init_process_group('gloo', init_method=f'file://{store}', rank=rank, world_size=world_size)
+    torch.manual_seed(1)
+    batches = torch.randn(3, 4, 16, 9, 9) + 1
+    part = batches[:, 2 * rank:2 * rank + 2]
+    refresh = convert_sync_deconv(torch.nn.ModuleList([_refresh_layer()]))[0]
+    outputs = [refresh(batch).detach() for batch in part]  # fresh, reused, fresh whitening
+    half = convert_sync_deconv(torch.nn.ModuleList([_refresh_layer()]))[0].batch_statistics(part[0].bfloat16())
+    gathered = [None] * world_size
+    dist.all_gather_object(gathered, dict(outputs=outputs, running_mean=refresh.running_mean, half=half))
+    if rank == 0:
+        torch.save(gathered, result_file)
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_sync_deconv_global_statistics_under_refresh_every_and_half_precision(tmp_path: Path) -> None:
+    """refresh_every's reused whitening comes with the global batch's mean (it took this
+    process' own), and half-precision input gets float32 statistics, as in one process (they
+    were computed in bfloat16)."""
+    result_file = str(tmp_path / 'result.pt')
+    mp.spawn(_sync_cases_worker, args=(2, str(tmp_path / 'store'), result_file), nprocs=2)
+    parts = torch.load(result_file, weights_only=False)
+
+    torch.manual_seed(1)
+    batches = torch.randn(3, 4, 16, 9, 9) + 1
+    reference = _refresh_layer()
+    for i, batch in enumerate(batches):
+        torch.testing.assert_close(torch.cat([part['outputs'][i] for part in parts]), reference(batch).detach())
+    for part in parts:
+        torch.testing.assert_close(part['running_mean'], reference.running_mean)
+    half = _refresh_layer().batch_statistics(batches[0].bfloat16())
+    for synced, single in zip(parts[0]['half'], half):
+        assert synced.dtype == single.dtype == torch.float32
+        torch.testing.assert_close(synced, single)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
@@ -423,6 +506,24 @@ def test_train_under_torchrun_with_two_cpu_processes(tmp_path: Path) -> None:
     assert checkpoint['global_step'] == 2 and checkpoint['args']['world_size'] == 2
     assert len(checkpoint['rng']) == 2  # both processes' RNG states, for an exact resume
     assert 'val_top1' in done.stderr + done.stdout
+
+
+@pytest.mark.slow
+def test_torchrun_validates_the_model_it_saves(tmp_path: Path) -> None:
+    """--sync-deconv on a model with batch norm (efficientnet_b0_cifar_deconv keeps it in its blocks):
+    the per-process BN statistics were not averaged, so each process validated its shard with
+    other statistics than those of the checkpoint. The summary's validation loss is the saved model's."""
+    command = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_addr', '127.0.0.1',
+               '--master_port', str(_free_port()), str(REPO / 'scripts' / 'train.py'), '--model', 'resnet18_cifar',
+               '--model-kwargs', 'layers=(1,1,1,1)', '--img-size', '8', '--no-progress', '--sync-deconv',
+               '--epochs', '1', '--batch-size', '16', '--train-limit', '64', '--val-limit', '32',
+               '--output', str(tmp_path), '--experiment', 'ddp']
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    validated = load_script('validate').main([
+        '--model', 'resnet18_cifar', '--model-kwargs', 'layers=(1,1,1,1)', '--checkpoint', str(tmp_path / 'ddp' / LAST),
+        '--limit', '32', '--workers', '0'])
+    assert float(summary_rows(tmp_path / 'ddp')[0]['eval_loss']) == pytest.approx(validated['loss'], rel=1e-5)
 
 
 # ------------------------------------------------------------------------------ validate, filters
