@@ -27,7 +27,8 @@ polynomial is applied to the eigenvalues of ONE symmetric eigendecomposition
 iteration runs with a written-out backward of fused products (``_NewtonSchulzIteration``). The
 ``deconv::*`` profiler scopes name the parts for ``scripts/benchmark.py --profile``.
 """
-from typing import List, Optional, Tuple
+import functools
+from typing import Callable, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -96,6 +97,17 @@ def _differentiable_gradient(a: Tensor, n_iter: int, grad: Tensor) -> Tensor:
     return torch.autograd.grad(zs[-1] * norm.rsqrt(), a, grad, create_graph=True)[0]
 
 
+def _backward_without_autocast(backward: Callable) -> Callable:
+    """Run an autograd Function's backward with autocast off, as its forward ran (``_stats``):
+    a ``loss.backward()`` called inside an autocast region would otherwise compute the
+    statistics' gradients in half precision (and mix dtypes in their in-place products)."""
+    @functools.wraps(backward)
+    def run(ctx, *grads: Tensor):
+        with torch.autocast(device_type=grads[0].device.type, enabled=False):
+            return backward(ctx, *grads)
+    return run
+
+
 class _NewtonSchulzIteration(torch.autograd.Function):
     """The coupled iteration (``_iterates``) on a batch (b, d, d), with its reverse sweep written out.
 
@@ -114,6 +126,7 @@ class _NewtonSchulzIteration(torch.autograd.Function):
         return zs[-1] * norm.rsqrt()
 
     @staticmethod
+    @_backward_without_autocast
     def backward(ctx, grad: Tensor) -> Tuple[Tensor, None]:
         n = ctx.n_iter
         a, norm, *saved = ctx.saved_tensors
@@ -212,6 +225,7 @@ class _NewtonSchulzEigh(torch.autograd.Function):
         return (u * (p[..., None, :] * norm.rsqrt())) @ u.transpose(-1, -2)
 
     @staticmethod
+    @_backward_without_autocast
     def backward(ctx, grad: Tensor) -> Tuple[Optional[Tensor], None]:
         if torch.is_grad_enabled():
             raise RuntimeError(
@@ -391,6 +405,7 @@ class PatchMoments(torch.autograd.Function):
         return mean, symmetric_gram(centred).div_(centred.shape[-1])
 
     @staticmethod
+    @_backward_without_autocast
     def backward(ctx, grad_mean: Tensor, grad_cov: Tensor) -> Tuple[Tensor, None, None]:
         x, mean, *kept = ctx.saved_tensors
         if kept and not torch.is_grad_enabled():
