@@ -166,8 +166,11 @@ class Runner:
         memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
         self.model = model.to(device=device, memory_format=memory_format)
         self.module = self.model  # uncompiled, for state sizes
+        self.compiled = args.compile
         if args.compile:
-            self.model = torch.compile(self.model, mode=args.compile_mode)
+            # Static shapes, as scripts/train.py compiles: with dynamic ones inductor fails on the
+            # strided im2col of the statistics.
+            self.model = torch.compile(self.model, mode=args.compile_mode, dynamic=False)
         self.optimizer = torch.optim.SGD(self.module.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-3)
         generator = torch.Generator().manual_seed(0)
         num_classes = getattr(self.module, 'num_classes', 1000) or 1000
@@ -178,7 +181,14 @@ class Runner:
         self.autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
         self.scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
 
+    def begin_step(self) -> None:
+        if self.compiled:
+            # For CUDA graph trees (mode='reduce-overhead'), whose steps of the models timed in turn
+            # would otherwise be told apart by heuristics: no output of an earlier step is read again.
+            torch.compiler.cudagraph_mark_step_begin()
+
     def train_step(self) -> None:
+        self.begin_step()
         self.optimizer.zero_grad(set_to_none=True)
         with self.autocast():
             loss = F.cross_entropy(self.model(self.x), self.y)
@@ -191,6 +201,7 @@ class Runner:
             self.scaler.update()
 
     def eval_step(self) -> None:
+        self.begin_step()
         with torch.no_grad(), self.autocast():
             self.model(self.x)
 
@@ -285,7 +296,10 @@ def profile_step(runner: Runner) -> Tuple[float, Dict[str, float]]:
     """Milliseconds of one training step, by part: '<scope> forward/backward', convolutions, rest.
 
     Backward work is attributed through autograd sequence numbers: a backward node belongs to
-    the scope of the forward op that created it.
+    the scope of the forward op that created it. Only host-side events are read: on CUDA the
+    profiler also lists every kernel and, as a device-side annotation, every ``deconv::*`` range
+    a second time (with no parent, so backward ranges would pass for forward ones), while each
+    host op already carries the device time of the kernels it launched.
     """
     use_cuda = runner.device.type == 'cuda'
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if use_cuda else [])
@@ -293,7 +307,7 @@ def profile_step(runner: Runner) -> Tuple[float, Dict[str, float]]:
     sync(runner.device)
     with profile(activities=activities) as prof:
         wall, _ = runner.timed(runner.train_step)
-    events = prof.events()
+    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CPU]
 
     def ms(event: Any) -> float:
         return (event.device_time_total if use_cuda else event.cpu_time_total) / 1e3
@@ -410,6 +424,15 @@ def print_profile(profiles: Dict[str, Tuple[float, Dict[str, float]]]) -> None:
             cells.append(f'{value:11.1f} {100 * value / wall:7.1f}%  ')
         print(f'{row:34s}' + ''.join(f'{c:>22s}' for c in cells))
     print(f"{'step (profiled, wall)':34s}" + ''.join(f'{profiles[role][0]:11.1f}{"":11s}' for role in roles))
+
+
+def compile_counters() -> Dict[str, int]:
+    """Graph breaks, and compiled graphs that mode='reduce-overhead' ran without CUDA graphs (e.g.
+    for a mutated input), so far in this process: inductor logs those skips only with
+    ``TORCH_LOGS=perf_hints``, and without them a CUDA-graph row would time something else."""
+    from torch._dynamo.utils import counters
+    return dict(graph_breaks=sum(counters['graph_break'].values()),
+                cudagraph_skips=counters['inductor']['cudagraph_skips'])
 
 
 def machine(device: torch.device) -> Dict[str, Any]:
@@ -544,6 +567,10 @@ def run_case(args: argparse.Namespace) -> Dict[str, Any]:
           f"{', channels_last' if args.channels_last else ''}{', compiled' if args.compile else ''}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}, {args.repeats} interleaved repeats]")
 
+    if args.compile:
+        report['compile'] = compile_counters()
+        print(f"torch.compile so far in this process: {report['compile']['graph_breaks']} graph breaks, "
+              f"{report['compile']['cudagraph_skips']} compiled graphs run without CUDA graphs")
     if args.count_macs:
         deconv = runners['deconv']
         report['macs'] = count_deconv_macs(deconv.module, args.batch_size, tuple(deconv.x.shape[1:]))
@@ -601,23 +628,28 @@ def print_suite_table(cases: List[Tuple[Dict[str, Any], Tuple[float, float, floa
               f"| {targets[0]} / {targets[1]} / {targets[2]} | {met} |")
 
 
+def write_report(path: Optional[str], report: Dict[str, Any]) -> None:
+    if path:
+        with open(path, 'w') as f:
+            json.dump(report, f, indent=2)
+
+
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if not args.suite:
         report = run_case(args)
-    else:
-        cases = SUITES[args.suite]
-        reports = []
-        for settings, _ in cases:
-            print(f"\n== {settings['pair']} ==")
-            reports.append(run_case(argparse.Namespace(**dict(vars(args), **settings))))
-        print_suite_table(cases, reports)
-        report = dict(suite=args.suite, cases=reports)
-    if args.output:
-        with open(args.output, 'w') as f:
-            json.dump(report, f, indent=2)
+        write_report(args.output, report)
+        return report
+    cases = SUITES[args.suite]
+    report = dict(suite=args.suite, cases=[])
+    for settings, _ in cases:
+        print(f"\n== {settings['pair']} ==")
+        report['cases'].append(run_case(argparse.Namespace(**dict(vars(args), **settings))))
+        # After every case: a later case that fails or runs out of time keeps the earlier ones.
+        write_report(args.output, report)
+    print_suite_table(cases, report['cases'])
     return report
 
 

@@ -1,11 +1,27 @@
 """scripts/benchmark.py runs end to end and writes its report (issue #5). No timing is asserted."""
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType, SimpleNamespace
+
+import pytest
+import torch
+import torch.nn as nn
+
+from deconv_zoo.layers import FastDeconv
 
 SCRIPT = Path(__file__).resolve().parent.parent / 'scripts' / 'benchmark.py'
+CUDA_CHECKS = SCRIPT.parent / 'cuda_checks.sh'
+
+
+def load_benchmark() -> ModuleType:
+    spec = importlib.util.spec_from_file_location('benchmark', SCRIPT)
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    return benchmark
 
 
 def test_benchmark_smoke(tmp_path):
@@ -45,9 +61,7 @@ def test_benchmark_smoke(tmp_path):
 
 
 def test_suite_table_marks_targets(capsys):
-    spec = importlib.util.spec_from_file_location('benchmark', SCRIPT)
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
+    benchmark = load_benchmark()
 
     def ratio(value):
         return dict(median=value, min=value, max=value)
@@ -64,3 +78,106 @@ def test_suite_table_marks_targets(capsys):
     benchmark.print_suite_table([({}, (1.5, 1.05, 1.3))], [report])
     row = capsys.readouterr().out.strip().splitlines()[-1]
     assert '| - | 1.60 (1.55) |' in row and row.endswith('| train yes, eval no, memory yes, refresh schedule train no |')
+
+
+class DeviceSideEvents:
+    """The profiler, with an event it adds on CUDA: a ``record_function`` range listed a second
+    time as a device-side annotation, with no parent (and the device time of the range)."""
+
+    def __init__(self, *args, **kwargs):
+        self.prof = torch.profiler.profile(*args, **kwargs)
+
+    def __enter__(self):
+        self.prof.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.prof.__exit__(*exc)
+
+    def events(self):
+        annotation = SimpleNamespace(name='deconv::covariance', device_type=torch.autograd.DeviceType.CUDA,
+                                     cpu_parent=None, sequence_nr=-1, thread=0, fwd_thread=0,
+                                     cpu_time_total=1e12, device_time_total=1e12)
+        return list(self.prof.events()) + [annotation]
+
+
+def test_profile_reads_host_events_only(monkeypatch):
+    """On CUDA the step's parts come from the host ops (which carry their kernels' device time);
+    the device-side copies of the scopes would count them twice, backward ones as forward."""
+    benchmark = load_benchmark()
+    monkeypatch.setattr(benchmark, 'profile', DeviceSideEvents)
+    args = benchmark.parse_args(['--batch-size', '2', '--img-size', '6'])
+    torch.manual_seed(0)
+    # The convolution in front gives the whitening an input that needs a gradient (a backward).
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), FastDeconv(3, 4, 3, padding=1, block=3), nn.Flatten(),
+                          nn.Linear(144, 5))
+    model.num_classes = 5
+    wall, parts = benchmark.profile_step(benchmark.Runner('tiny', model, args, torch.device('cpu')))
+    assert 0 < parts['covariance forward'] < wall
+    assert parts['covariance backward'] > 0
+
+
+def test_suite_report_is_written_after_each_case(monkeypatch, tmp_path):
+    """A suite case that fails (or a step killed at its time limit) keeps the earlier cases' report."""
+    benchmark = load_benchmark()
+    cases = [(dict(pair='a:b'), (1.5, 1.05, 1.3)), (dict(pair='c:d'), (1.5, 1.05, 1.3))]
+    monkeypatch.setitem(benchmark.SUITES, 'cpu', cases)
+
+    def run_case(args):
+        if args.pair == 'c:d':
+            raise RuntimeError('second case failed')
+        return dict(config=dict(pair=args.pair))
+
+    monkeypatch.setattr(benchmark, 'run_case', run_case)
+    output = tmp_path / 'suite.json'
+    with pytest.raises(RuntimeError, match='second case failed'):
+        benchmark.main(['--suite', 'cpu', '--output', str(output)])
+    assert json.loads(output.read_text()) == dict(suite='cpu', cases=[dict(config=dict(pair='a:b'))])
+
+
+def test_compile_counters_are_readable():
+    """The torch.compile counters that --compile reports (private torch API: checked to exist)."""
+    counts = load_benchmark().compile_counters()
+    assert set(counts) == {'graph_breaks', 'cudagraph_skips'}
+    assert all(isinstance(value, int) and value >= 0 for value in counts.values())
+
+
+# python3 for a dry run of cuda_checks.sh: runs nothing, writes the JSON a benchmark would.
+FAKE_PYTHON = """#!/bin/sh
+while [ $# -gt 0 ]; do
+    if [ "$1" = --output ]; then echo '{}' > "$2"; fi
+    shift
+done
+cat > /dev/null
+"""
+
+
+def test_cuda_checks_dry_run(tmp_path):
+    """scripts/cuda_checks.sh with stand-ins for python3 and nvidia-smi: every step runs and passes,
+    and what it writes fits what a lent GPU machine sends back (at most 8 files); with too little
+    time left, steps are skipped and the run fails."""
+    bin_dir = tmp_path / 'bin'
+    bin_dir.mkdir()
+    for name, text in (('python3', FAKE_PYTHON), ('nvidia-smi', '#!/bin/sh\necho NVIDIA H200\n')):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    steps = ('cuda_suite', 'cuda_tests', 'cuda_suite_no_finite_check', 'cifar_cuda_graphs', 'imagenet_compiled')
+
+    def cuda_checks(out, **env):
+        env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", **env)
+        run = subprocess.run(['bash', str(CUDA_CHECKS), str(out)], capture_output=True, text=True, timeout=120,
+                             stdin=subprocess.DEVNULL, env=env)
+        return run.returncode, (out / 'cuda_checks.log').read_text()
+
+    returncode, log = cuda_checks(tmp_path / 'out')
+    assert returncode == 0, log
+    files = {path.name for path in (tmp_path / 'out').iterdir()}
+    assert files == {'cuda_checks.log'} | {f'{step}.json' for step in steps if step != 'cuda_tests'}
+    assert len(files) <= 8
+    for step in steps:
+        assert f'== {step}: exit status 0' in log
+
+    returncode, log = cuda_checks(tmp_path / 'short', CUDA_CHECKS_SECONDS='20')
+    assert returncode == 1
+    for step in steps:
+        assert f'== {step}: skipped' in log

@@ -98,11 +98,10 @@ ORACLE_CASES = {
 @pytest.mark.parametrize('dtype', [torch.float64, torch.float32], ids=['f64', 'f32'])
 @pytest.mark.parametrize('case', ORACLE_CASES.values(), ids=ORACLE_CASES.keys())
 def test_layer_matches_oracle(case, dtype, device, monkeypatch):
-    """Train steps (output, input and parameter gradients, running statistics), then eval, against
-    the float64 oracle on CPU. On CUDA the layer takes its GPU route (Newton-Schulz products)."""
-    monkeypatch.setattr(torch.backends.cudnn, 'allow_tf32', False)  # TF32 convolutions miss 1e-4
     """Two training steps (output, input and parameter gradients, running statistics), then an
-    eval step, of the layer in ``dtype`` against the float64 oracle holding the same state."""
+    eval step, of the layer in ``dtype`` on ``device`` against the float64 oracle on CPU holding
+    the same state. On CUDA the layer takes its GPU route (Newton-Schulz products)."""
+    monkeypatch.setattr(torch.backends.cudnn, 'allow_tf32', False)  # TF32 convolutions miss 1e-4
     layer_cls, kwargs, shape = case
     torch.manual_seed(0)
     layer = layer_cls(**kwargs).to(dtype)
