@@ -24,6 +24,7 @@
   start for fine-tuning than identity statistics.
 """
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
@@ -92,13 +93,27 @@ def checkpoint_geometry(state_dict: Mapping[str, Tensor], arch: str) -> Dict[str
     if cfg is None:
         raise ModelArgumentsError(f"Unknown model '{arch}' (is deconv_zoo imported?)")
     geometry = {}
-    classifier = state_dict.get(f'{cfg.classifier}.weight')
+    classifier = _classifier_weight(state_dict, cfg.classifier)
     if classifier is not None:
         geometry['num_classes'] = classifier.shape[0]
     first_conv = state_dict.get(f'{cfg.first_conv}.weight')
     if first_conv is not None and first_conv.dim() == 4:
         geometry['in_chans'] = first_conv.shape[1]
     return geometry
+
+
+def _classifier_weight(state_dict: Mapping[str, Tensor], name: str) -> Optional[Tensor]:
+    """The weight of the classifier ``name``, or, for a layer of a Sequential head (``classifier.6``),
+    of its last weighted layer after that index: a head variant with more layers numbers it higher
+    (the ImageNet VGG with ChannelDeconv instead of Delinear, ``delinear=False``: ``classifier.9``)."""
+    if f'{name}.weight' in state_dict:
+        return state_dict[f'{name}.weight']
+    head, _, index = name.rpartition('.')
+    if not index.isdigit():
+        return None
+    later = re.compile(rf'{re.escape(head)}\.(\d+)\.weight')
+    indices = [int(match[1]) for match in map(later.fullmatch, state_dict) if match and int(match[1]) > int(index)]
+    return state_dict[f'{head}.{max(indices)}.weight'] if indices else None
 
 
 @dataclass

@@ -241,9 +241,11 @@ def resolve_input_config(model: torch.nn.Module, args: Optional[Dict[str, Any]] 
     chans = _model_in_chans(model)
     if chans is not None and config['input_size'][0] != chans:
         config['input_size'] = (chans, *config['input_size'][1:])
-        for key in ('mean', 'std'):
-            if len(config[key]) != chans:
-                config[key] = (sum(config[key]) / len(config[key]),) * chans
+    # Also when the size came with the channels (``in_chans`` in ``args``): timm keeps 3-channel statistics.
+    chans = config['input_size'][0]
+    for key in ('mean', 'std'):
+        if len(config[key]) != chans:
+            config[key] = (sum(config[key]) / len(config[key]),) * chans
     return config
 
 
@@ -396,10 +398,17 @@ class SkipUnreadable(Dataset):
     Pair with ``collate_readable``, which drops those samples from the batch. timm's
     ``ImageDataset`` would instead return the next readable image in place of a broken one (so
     that image counts twice); it is limited to one attempt here and its failure caught.
+
+    ``substitute=True`` (training) keeps timm's replacement by the next readable image, up to
+    ``max_substitutes`` in a row, naming each file it replaces: batches keep their size (mixup,
+    drop_last and the per-process steps of distributed training need that), and the replacement
+    depends on the index alone, so the data order and an exact resume are unchanged.
     """
 
-    def __init__(self, dataset: Dataset):
+    def __init__(self, dataset: Dataset, substitute: bool = False, max_substitutes: int = 50):
         self.dataset = dataset
+        self.substitute = substitute
+        self.max_substitutes = max_substitutes
         base = dataset.dataset if isinstance(dataset, Subset) else dataset
         if hasattr(base, '_max_retries'):
             base._max_retries = 1  # timm ImageDataset: raise "Failed to load 1 consecutive samples"
@@ -413,13 +422,22 @@ class SkipUnreadable(Dataset):
         return getattr(self.dataset, name)
 
     def __getitem__(self, index: int) -> Optional[Any]:
-        try:
-            return self.dataset[index]
-        except (RuntimeError, *_UNREADABLE) as error:
-            if isinstance(error, RuntimeError) and 'consecutive samples' not in str(error):
-                raise
-            _logger.warning('skipping unreadable image %s: %s', self._describe(index), error)
-            return None
+        attempts = min(self.max_substitutes + 1, len(self)) if self.substitute else 1
+        for attempt in range(attempts):
+            current = (index + attempt) % len(self)
+            try:
+                return self.dataset[current]
+            except (RuntimeError, *_UNREADABLE) as error:
+                if isinstance(error, RuntimeError) and 'consecutive samples' not in str(error):
+                    raise
+                if self.substitute:
+                    _logger.warning('unreadable image %s: %s; using the next image in its place',
+                                    self._describe(current), error)
+                else:
+                    _logger.warning('skipping unreadable image %s: %s', self._describe(current), error)
+        if self.substitute:
+            raise RuntimeError(f'{attempts} consecutive unreadable images from {self._describe(index)} on')
+        return None
 
     def _describe(self, index: int) -> str:
         base, base_index = self.dataset, index

@@ -19,7 +19,6 @@ import random
 import re
 import sys
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, ContextManager, Dict, List, Optional, Tuple
 
@@ -31,6 +30,7 @@ from timm.scheduler import PlateauLRScheduler
 from timm.utils import AverageMeter, ModelEmaV3, dispatch_clip_grad
 from torch.utils.data import DataLoader
 
+from .files import atomic_write
 from .loading import compare_state_dict, load_torch_checkpoint
 from .weights import CheckpointMismatchError
 
@@ -84,29 +84,8 @@ class TrainPosition:
 
 
 def atomic_save(obj: Any, path: str) -> None:
-    """``torch.save`` that never leaves a partial file at ``path``: a crash keeps the old one.
-
-    The file gets the permissions the umask gives any new file (``tempfile.mkstemp`` would make it 0600).
-    """
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp_path = os.path.join(directory, f'.{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp')
-    fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_path)
-        raise
-    with contextlib.suppress(OSError):  # make the rename itself durable where the OS allows it
-        dir_fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+    """``torch.save`` that never leaves a partial file at ``path``: a crash keeps the old one."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def capture_rng_state() -> Dict[str, Any]:
@@ -314,8 +293,9 @@ class CheckpointManager:
         if len(rng) == world_size:
             restore_rng_state(rng[rank])
         else:
-            _logger.warning('checkpoint was written by %d processes, this run has %d: RNG states not restored, '
-                            'the continuation will not be bitwise identical', len(rng), world_size)
+            _logger.warning('checkpoint was written by %d processes, this run has %d: the per-process data order '
+                            'changes (each epoch is now split over %d processes) and the RNG states are not restored, '
+                            'so the continuation will not be bitwise identical', len(rng), world_size, world_size)
         self.last_saved = path
         return position
 

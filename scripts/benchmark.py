@@ -49,6 +49,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import deconv_zoo  # noqa: F401  (registers the zoo's models with timm)
+from deconv_zoo.files import atomic_write_text
 from deconv_zoo.layers import Delinear, FastDeconv, set_finite_checks
 from deconv_zoo.layers._stats import FoldCache, statistics_dtype
 
@@ -630,8 +631,7 @@ def print_suite_table(cases: List[Tuple[Dict[str, Any], Tuple[float, float, floa
 
 def write_report(path: Optional[str], report: Dict[str, Any]) -> None:
     if path:
-        with open(path, 'w') as f:
-            json.dump(report, f, indent=2)
+        atomic_write_text(path, json.dumps(report, indent=2))
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:

@@ -16,11 +16,12 @@ import sys
 from typing import List, Optional
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 
 import deconv_zoo  # noqa: F401  (registers the models)
 from deconv_zoo.convert import bn_to_deconv, convert_reference_checkpoint, reference_state_dict
 from deconv_zoo.evaluation import BAD_INPUT_ERRORS, ParseLiteralKwargs
+from deconv_zoo.files import atomic_write
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -48,9 +49,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f'{args.model}: {report.describe()}')
     state_dict = {k: v.contiguous() for k, v in model.state_dict().items()}
     if args.output.endswith('.safetensors'):
-        save_file(state_dict, args.output)
+        atomic_write(args.output, lambda f: f.write(safetensors_bytes(state_dict)))
     else:
-        torch.save(state_dict, args.output)
+        atomic_write(args.output, lambda f: torch.save(state_dict, f))
     print(f'Wrote {args.output}')
     return 0
 

@@ -28,8 +28,18 @@ import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
+from deconv_zoo.files import atomic_write_text
+
 TRAIN_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py')
 DEFAULT_ARCHS = ('resnet18', 'vgg16', 'preact_resnet18', 'mobilenetv2')
+
+
+def json_object(text: str) -> Dict[str, Any]:
+    """argparse type: a JSON object (FastDeconv settings by name)."""
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f'expected a JSON object such as {{"refresh_every": 4}}, not {text!r}')
+    return value
 
 
 def cfg_label(deconv_cfg: Dict[str, Any]) -> str:
@@ -120,7 +130,7 @@ def main(argv: Optional[List[str]] = None) -> str:
                         help='seeds; every run is repeated once per seed')
     parser.add_argument('--output', default='output/digits_table', help='folder of the runs')
     parser.add_argument('--markdown-file', default='', help='also write the table here')
-    parser.add_argument('--deconv-cfg', type=json.loads, default=None,
+    parser.add_argument('--deconv-cfg', type=json_object, default=None,
                         help='JSON FastDeconv settings of a third model per architecture, e.g. \'{"refresh_every": 4}\'')
     parser.add_argument('--models', nargs='+', choices=('deconv', 'variant', 'bn'), default=None,
                         help='train only these of the models (variant: the --deconv-cfg one), e.g. to re-measure '
@@ -128,6 +138,13 @@ def main(argv: Optional[List[str]] = None) -> str:
     args = parser.parse_args(argv)
     if args.models and 'variant' in args.models and not args.deconv_cfg:
         parser.error('--models variant needs --deconv-cfg')
+    # Checked before the runs: a path that cannot be written would otherwise fail after all of them.
+    try:
+        os.makedirs(args.output, exist_ok=True)
+    except OSError as error:
+        parser.error(f'--output: cannot create {args.output!r}: {error}')
+    if args.markdown_file and not os.path.isdir(os.path.dirname(os.path.abspath(args.markdown_file))):
+        parser.error(f'--markdown-file: no folder for {args.markdown_file!r}')
 
     results: Dict[str, Dict[str, Dict[int, Runs]]] = {}
     for arch in args.archs:
@@ -137,14 +154,11 @@ def main(argv: Optional[List[str]] = None) -> str:
         models = [m for m in models if not args.models or m[0] in args.models]
         results[arch] = {kind: {e: [train_run(model, e, seed, args, cfg) for seed in args.seeds] for e in args.epochs}
                          for kind, model, cfg in models}
-    os.makedirs(args.output, exist_ok=True)
-    with open(os.path.join(args.output, 'results.json'), 'w') as f:
-        json.dump(results, f, indent=2)
+    atomic_write_text(os.path.join(args.output, 'results.json'), json.dumps(results, indent=2))
     table = markdown_table(results, args.epochs, args)
     print(table)
     if args.markdown_file:
-        with open(args.markdown_file, 'w') as f:
-            f.write(table + '\n')
+        atomic_write_text(args.markdown_file, table + '\n')
     return table
 
 

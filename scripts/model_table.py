@@ -5,7 +5,7 @@ GMACs at its default input size (eval mode, whitening folded) and the paper's to
     python scripts/model_table.py > table.md
 """
 import argparse
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import timm
 import torch
@@ -43,13 +43,17 @@ def count_gmacs(model: torch.nn.Module, input_size: Tuple[int, ...]) -> float:
     return counter.get_total_flops() / 2 / 1e9
 
 
-def main() -> None:
+def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--filter', default='', help='only models matching this pattern')
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    names = deconv_zoo.list_models(args.filter)
+    if not names:
+        parser.error(f'--filter {args.filter!r} matches no deconv-zoo model (a timm wildcard pattern, '
+                     f'e.g. "resnet18*"; the names: deconv_zoo.list_models())')
     print('| model | paper name | dataset | params (M) | GMACs | input | paper top-1 |')
     print('| --- | --- | --- | --- | --- | --- | --- |')
-    for name in deconv_zoo.list_models(args.filter):
+    for name in names:
         model = timm.create_model(name).eval()
         cfg = model.pretrained_cfg
         params = sum(p.numel() for p in model.parameters()) / 1e6

@@ -14,7 +14,9 @@ model_best.pth.tar and checkpoint-<epoch>.pth.tar. ``--resume auto`` continues a
 exactly where its last checkpoint left it; the learning-rate schedule is the one the given
 arguments define, so a resume with a larger --epochs continues a finished run on the longer
 schedule (as timm's train.py does). Bad arguments and checkpoints that do not fit end the script
-with a one-line error before any of the run's files are written.
+with a one-line error before any of the run's files are written. Unreadable images are named in
+the log: training takes the next image in place of one (as timm does), validation skips them (as
+scripts/validate.py does).
 """
 import argparse
 import json
@@ -37,13 +39,15 @@ from timm.utils import (ModelEmaV3, NativeScaler, get_outdir, init_distributed_d
 
 import deconv_zoo  # noqa: F401  (registers the zoo's models with timm)
 from deconv_zoo.data import (
-    DIGITS, SYNTHETIC, PerSampleSeed, ResumableSampler, ShardSampler, check_dataset, create_data_loader,
-    create_image_dataset, dataset_num_classes, resolve_input_config, set_image_transform,
+    DIGITS, SYNTHETIC, PerSampleSeed, ResumableSampler, ShardSampler, SkipUnreadable, check_dataset,
+    collate_readable, create_data_loader, create_image_dataset, dataset_num_classes, resolve_input_config,
+    set_image_transform,
 )
 from deconv_zoo.distributed import average_buffers, convert_sync_deconv
 from deconv_zoo.evaluation import (
     BAD_INPUT_ERRORS, ParseLiteralKwargs, check_input_size, check_model_name, create_model_with_weights, evaluate,
 )
+from deconv_zoo.files import atomic_write_text
 from deconv_zoo.training import LAST, RECIPES, CheckpointManager, Trainer, TrainingStopped, TrainPosition, resolve_resume
 
 _logger = logging.getLogger('train')
@@ -239,8 +243,7 @@ def _prune_summary(path: str, next_epoch: int) -> None:
     with open(path) as f:
         lines = f.readlines()
     kept = lines[:1] + [line for line in lines[1:] if int(float(line.split(',', 1)[0])) < next_epoch]
-    with open(path, 'w') as f:
-        f.writelines(kept)
+    atomic_write_text(path, ''.join(kept))
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
@@ -290,12 +293,17 @@ def _train(args: argparse.Namespace, device: torch.device, primary: bool) -> Dic
     workers = 0 if in_memory else args.workers
     mixup_active = args.mixup > 0 or args.cutmix > 0
     drop_last = args.drop_last or mixup_active  # timm's Mixup needs even batches
-    train_set = PerSampleSeed(train_set, args.seed)
+    # Unreadable images are named in the log. Training takes the next image in place of one (timm's
+    # behaviour, a function of the index, so batches keep their size and a resume stays exact);
+    # validation skips it, as validate.py does, so that no image counts twice.
+    train_set = PerSampleSeed(SkipUnreadable(train_set, substitute=True), args.seed)
     sampler = ResumableSampler(train_set, args.world_size, args.rank, shuffle=True, seed=args.seed,
                                drop_last=drop_last)
     train_loader = create_data_loader(train_set, args.batch_size, sampler, workers, args.pin_mem, drop_last=drop_last)
+    val_set = SkipUnreadable(val_set)
     val_loader = create_data_loader(val_set, args.validation_batch_size or args.batch_size,
-                                    ShardSampler(val_set, args.world_size, args.rank), workers, args.pin_mem)
+                                    ShardSampler(val_set, args.world_size, args.rank), workers, args.pin_mem,
+                                    collate_fn=collate_readable)
     steps_per_epoch = len(train_loader)
     if steps_per_epoch == 0:  # only drop_last leaves none; the scheduler and the epoch loop need steps
         build_parser().error(
@@ -358,8 +366,7 @@ def _train(args: argparse.Namespace, device: torch.device, primary: bool) -> Dic
 
     tensorboard = None
     if primary:  # after the resume: a checkpoint that fails to load leaves the run's record as it was
-        with open(os.path.join(run_folder, 'args.json'), 'w') as f:
-            json.dump(vars(args), f, indent=2, default=str)
+        atomic_write_text(os.path.join(run_folder, 'args.json'), json.dumps(vars(args), indent=2, default=str))
         if args.log_tensorboard:
             from torch.utils.tensorboard import SummaryWriter
             tensorboard = SummaryWriter(os.path.join(run_folder, 'tensorboard'))
@@ -383,6 +390,9 @@ def _train(args: argparse.Namespace, device: torch.device, primary: bool) -> Dic
         if model_ema is not None:
             eval_metrics = evaluate(model_ema.module, val_loader, device, amp_autocast, args.channels_last,
                                     args.distributed)
+        skipped = len(val_set) - eval_metrics['num_images']
+        if primary and skipped:
+            _logger.warning(f'validation: {skipped} unreadable image(s) skipped (named above)')
         epoch_done = position.step_in_epoch >= steps_per_epoch
         lr = optimizer.param_groups[0]['lr']
         if primary:

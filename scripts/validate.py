@@ -35,6 +35,7 @@ from deconv_zoo.evaluation import (
     BAD_INPUT_ERRORS, add_model_arguments, check_input_size, check_model_name, evaluate, model_from_args,
     training_data_config,
 )
+from deconv_zoo.files import atomic_write_text
 from deconv_zoo.loading import file_sha256
 
 _logger = logging.getLogger('validate')
@@ -142,8 +143,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         _logger.warning(f'{results["num_skipped"]} unreadable image(s) skipped (named above)')
     print(format_table(results))
     if args.results_file:
-        with open(args.results_file, 'w') as f:
-            json.dump(results, f, indent=2)
+        atomic_write_text(args.results_file, json.dumps(results, indent=2))
         _logger.info(f'results written to {args.results_file}')
     return results
 

@@ -12,8 +12,11 @@ shows as centre-surround. A plain convolution shows its weight. Each filter is s
 symmetrically (grey = 0); 3-channel filters are drawn in colour, others as the channel mean.
 """
 import argparse
+import io
 import logging
 import math
+import os
+import sys
 from typing import List, Optional
 
 import torch.nn as nn
@@ -24,32 +27,42 @@ from torchvision.utils import make_grid, save_image
 
 import deconv_zoo  # noqa: F401  (registers the zoo's models with timm)
 from deconv_zoo.deploy import folded_weight_and_bias
-from deconv_zoo.evaluation import add_model_arguments, model_from_args
+from deconv_zoo.evaluation import BAD_INPUT_ERRORS, add_model_arguments, model_from_args
+from deconv_zoo.files import atomic_write
 from deconv_zoo.layers import FastDeconv
 
 _logger = logging.getLogger('visualize_filters')
 
 
 def first_layer(model: nn.Module, name: Optional[str] = None) -> nn.Module:
-    """The named layer, else the pretrained config's first_conv, else the first convolution."""
+    """The named layer, else the pretrained config's first_conv, else the first convolution.
+
+    Raises ValueError for a name the model does not have or that is not a convolution."""
     name = name or model.pretrained_cfg.get('first_conv')
-    if name:
-        return model.get_submodule(name)
-    return next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    if not name:
+        return next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    try:
+        layer = model.get_submodule(name)
+    except AttributeError:
+        raise ValueError(f'{type(model).__name__} has no layer {name!r} (model.named_modules() lists them)') from None
+    if not isinstance(layer, nn.Conv2d):  # FastDeconv included
+        raise ValueError(f'layer {name!r} is a {type(layer).__name__}, not a convolution')
+    return layer
 
 
 def layer_filters(layer: nn.Module, kind: str = 'effective') -> Tensor:
     """Filters of a convolution as (count, channels, kh, kw).
 
     ``effective``: the eval-mode weight (folded W D for a FastDeconv). ``deconv``: the rows of a
-    FastDeconv's whitening matrix, each a (block, kh, kw) kernel; needs a layer whose channels form
-    one block (a stem), since otherwise a row mixes interleaved channel blocks.
+    FastDeconv's whitening matrix, each a (block, kh, kw) kernel (group by group for a grouped or
+    depthwise layer, which whitens each group as one block); an ungrouped layer needs its channels
+    to form one block (a stem), since otherwise its one matrix acts on interleaved channel blocks.
     """
     if kind == 'effective':
         return folded_weight_and_bias(layer)[0] if isinstance(layer, FastDeconv) else layer.weight.detach()
     if not isinstance(layer, FastDeconv):
         raise ValueError(f'--kind deconv needs a FastDeconv layer, got {type(layer).__name__}')
-    if layer.groups != 1 or layer.block != layer.in_channels:
+    if layer.groups == 1 and layer.block != layer.in_channels:
         raise ValueError('--kind deconv needs a layer whose input channels form one whitening block '
                          f'(block {layer.block}, {layer.in_channels} channels, groups {layer.groups})')
     return layer.running_deconv.detach().reshape(-1, layer.block, *layer.kernel_size)
@@ -66,6 +79,13 @@ def filter_grid(filters: Tensor, zoom: int = 8, max_filters: int = 64) -> Tensor
     return make_grid(images, nrow=math.ceil(math.sqrt(len(images))), padding=2, pad_value=1.0)
 
 
+def write_png(image: Tensor, path: str) -> None:
+    """Write ``image`` as a PNG at ``path`` (whatever its extension), whole or not at all."""
+    png = io.BytesIO()
+    save_image(image, png, format='PNG')  # encoded before the file is touched
+    atomic_write(path, lambda f: f.write(png.getvalue()))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser)
@@ -80,15 +100,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> str:
     """Write the PNG; returns its path."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.zoom < 1 or args.max_filters < 1:
+        parser.error(f'--zoom and --max-filters must be at least 1, not {args.zoom} and {args.max_filters}')
+    if not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
+        parser.error(f'--output: no folder for {args.output!r}')
     setup_default_logging()
-    layer = first_layer(model_from_args(args).eval(), args.layer)
-    filters = layer_filters(layer, args.kind)
-    save_image(filter_grid(filters, args.zoom, args.max_filters), args.output)
+    model = model_from_args(args).eval()
+    try:
+        layer = first_layer(model, args.layer)
+        filters = layer_filters(layer, args.kind)
+    except ValueError as error:
+        parser.error(str(error))
+    write_png(filter_grid(filters, args.zoom, args.max_filters), args.output)
     _logger.info(f'{min(len(filters), args.max_filters)} of {len(filters)} {args.kind} filters '
                  f'{tuple(filters.shape[1:])} of {type(layer).__name__} written to {args.output}')
     return args.output
 
 
 if __name__ == '__main__':
-    main()
+    try:
+        main()
+    except (*BAD_INPUT_ERRORS, OSError) as error:  # the model arguments, the checkpoint, writing the output
+        logging.getLogger('visualize_filters').error(str(error))
+        sys.exit(1)

@@ -1,5 +1,6 @@
 """Bringing in existing weights: the authors' checkpoints, batch-norm models, calibration."""
 import copy
+import os
 
 import pytest
 import timm
@@ -7,7 +8,7 @@ import torch
 import torchvision
 from safetensors.torch import load_file
 
-from deconv_zoo.convert import bn_to_deconv, calibrate_whitening, convert_reference_checkpoint, \
+from deconv_zoo.convert import bn_to_deconv, calibrate_whitening, checkpoint_geometry, convert_reference_checkpoint, \
     deconv_state_dict_from_bn
 from deconv_zoo.evaluation import ModelArgumentsError
 from deconv_zoo.weights import CheckpointMismatchError
@@ -59,6 +60,18 @@ def test_imagenet_vgg_checkpoint_with_data_parallel_features():
                                for k, v in vgg.state_dict().items()})
 
 
+@pytest.mark.parametrize('arch, kwargs', [
+    ('vgg11_deconv', {}), ('vgg11_deconv', dict(delinear=False)), ('vgg11_deconv', dict(block_fc=0)),
+    ('vgg11_deconv', dict(deconv=False)), ('vgg16_cifar_deconv', dict(delinear=False)),
+])
+def test_geometry_is_read_for_every_vgg_head(arch, kwargs):
+    """The ImageNet VGG's ChannelDeconv head (delinear=False) numbers its last layer classifier.9, not
+    the pretrained cfg's classifier.6, so its class count was not read (and defaulted to 1000)."""
+    with torch.device('meta'):
+        state_dict = timm.create_model(arch, num_classes=7, in_chans=1, **kwargs).state_dict()
+    assert checkpoint_geometry(state_dict, arch) == dict(num_classes=7, in_chans=1)
+
+
 def test_reference_checkpoint_mismatch_lists_keys(zoo_model):
     state = reference_style(zoo_model)['net']
     state['module.extra.weight'] = torch.zeros(1)
@@ -79,6 +92,28 @@ def test_convert_reference_script(zoo_model, tmp_path, capsys):
     assert 'filled in by the model: conv1.counter' in capsys.readouterr().out
     saved = load_file(str(tmp_path / 'out.safetensors'))
     assert torch.equal(saved['layer4.1.conv2.running_deconv'], zoo_model.layer4[1].conv2.running_deconv)
+
+
+@pytest.mark.parametrize('output', ['out.safetensors', 'out.pth'])
+def test_convert_reference_script_keeps_the_old_output_when_writing_fails(zoo_model, tmp_path, monkeypatch, output):
+    """The weights were written straight into --output: a failure left a cut file in place of the old one."""
+    path = tmp_path / 'ckpt.pth'
+    torch.save(reference_style(zoo_model), path)
+    (tmp_path / output).write_bytes(b'previous weights')
+    script = load_script('convert_reference')
+
+    def fail_midway(*args, **kwargs):
+        if len(args) > 1:  # torch.save(obj, file): part of the bytes, then the failure
+            args[1].write(b'cut')
+        raise OSError('disk full')
+
+    monkeypatch.setattr(script, 'safetensors_bytes', fail_midway)
+    monkeypatch.setattr(script.torch, 'save', fail_midway)
+    with pytest.raises(OSError, match='disk full'):
+        script.main([str(path), '--model', 'resnet18_cifar_deconv', '--model-kwargs', "deconv_cfg={'block': 8}",
+                     'block_fc=64', '--output', str(tmp_path / output)])
+    assert (tmp_path / output).read_bytes() == b'previous weights'
+    assert sorted(os.listdir(tmp_path)) == sorted(['ckpt.pth', output])  # no temporary file left
 
 
 @pytest.mark.parametrize('argv, message', [

@@ -6,10 +6,11 @@ from typing import Any, Dict, Sequence
 
 import numpy as np
 import pytest
+import timm
 import torch
 from PIL import Image
 
-from deconv_zoo.data import create_image_dataset, set_image_transform
+from deconv_zoo.data import SkipUnreadable, create_image_dataset, resolve_input_config, set_image_transform
 
 
 def _input_config(input_size: Sequence[int]) -> Dict[str, Any]:
@@ -61,6 +62,17 @@ def test_images_take_the_model_channel_count(tmp_path: Path, is_training: bool, 
         set_image_transform(dataset, _input_config((4, 8, 8)), is_training)
 
 
+@pytest.mark.parametrize('args', [{}, dict(in_chans=1, img_size=16)])
+def test_input_config_statistics_follow_the_model_channels(args: Dict[str, Any]) -> None:
+    """With in_chans among the arguments (train.py and validate.py pass theirs) timm's config already
+    had one channel, so its 3-channel mean and std were kept: the digits came out with 3 channels."""
+    with torch.device('meta'):
+        model = timm.create_model('resnet18_cifar', in_chans=1)
+    config = resolve_input_config(model, args)
+    assert config['input_size'][0] == len(config['mean']) == len(config['std']) == 1
+    assert config['mean'][0] == pytest.approx(sum(model.pretrained_cfg['mean']) / 3)
+
+
 def test_cifar_crop_augmentation_works_at_any_image_size(tmp_path: Path) -> None:
     """The padded random crop (the CIFAR recipe) cut an input-sized window out of the image as it
     was: a 16x16 window of a 64x64 image, and an error for a 4x4 one. The image is now resized to
@@ -82,3 +94,18 @@ def test_cifar_crop_augmentation_works_at_any_image_size(tmp_path: Path) -> None
             # Black left, white right, in the pixels that the crop (shifted by up to 2 each way, the
             # padding black) and the blur of the resize leave to each half.
             assert (image[:, 2:14, :4] == -1).all() and (image[:, 2:14, 12:14] == 1).all(), index
+
+
+def test_unreadable_training_images_are_replaced_by_the_next_one(tmp_path: Path) -> None:
+    """Training keeps timm's replacement of an unreadable image by the next readable one (batches keep
+    their size, the order is a function of the index), naming each file; too many in a row is an error."""
+    _save_images(tmp_path / 'train' / 'cat', [np.full((4, 4, 3), value, np.uint8) for value in (0, 100)])
+    for name in ('0a.png', '0b.png'):  # sort between 0.png and 1.png
+        (tmp_path / 'train' / 'cat' / name).write_bytes(b'not an image')
+    dataset = create_image_dataset('folder', str(tmp_path), 'train')
+    set_image_transform(dataset, _input_config((3, 4, 4)), is_training=False)
+    assert [dataset.filename(i) for i in range(4)] == ['cat/0.png', 'cat/0a.png', 'cat/0b.png', 'cat/1.png']
+    assert torch.equal(SkipUnreadable(dataset, substitute=True)[1][0], dataset[3][0])
+    assert SkipUnreadable(dataset)[1] is None
+    with pytest.raises(RuntimeError, match='2 consecutive unreadable images from cat/0a.png on'):
+        SkipUnreadable(dataset, substitute=True, max_substitutes=1)[1]

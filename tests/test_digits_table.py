@@ -2,7 +2,11 @@
 The training runs themselves are covered by test_training.py; here only the table is built."""
 import argparse
 import importlib.util
+import json
 from pathlib import Path
+
+import numpy as np
+import pytest
 
 SCRIPT = Path(__file__).resolve().parent.parent / 'scripts' / 'digits_table.py'
 
@@ -65,3 +69,34 @@ def test_models_option_trains_and_tabulates_only_those(monkeypatch, tmp_path):
     assert trained == [('resnet18_cifar_deconv', {'refresh_every': 4})]
     assert table[0] == '| architecture | deconv (refresh_every=4) 5 ep | time deconv (refresh_every=4) (5 ep) |'
     assert table[2] == '| `resnet18_cifar` | 90.00 | 1 s |'
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--deconv-cfg', '[4]'], 'expected a JSON object such as {"refresh_every": 4}'),
+    (['--markdown-file', 'no/such/folder/table.md'], "--markdown-file: no folder for 'no/such/folder/table.md'"),
+])
+def test_bad_arguments_fail_before_any_run(monkeypatch, tmp_path, capsys, argv, message):
+    """A list as --deconv-cfg was an AttributeError in the first variant run; a markdown file in a
+    missing folder a FileNotFoundError after every run had trained."""
+    module = load_script()
+    trained = []
+
+    def fake_run(model, epochs, seed, args, deconv_cfg=None):
+        trained.append(model)
+        return dict(top1=90.0, seconds=1.0)
+
+    monkeypatch.setattr(module, 'train_run', fake_run)
+    with pytest.raises(SystemExit):
+        module.main(['--archs', 'resnet18', '--epochs', '1', '--output', str(tmp_path)] + argv)
+    assert message in capsys.readouterr().err and not trained
+
+
+def test_results_file_is_written_whole_or_not_at_all(monkeypatch, tmp_path):
+    """results.json was dumped straight into the file: a value json cannot write left it truncated."""
+    module = load_script()
+    (tmp_path / 'results.json').write_text('{"previous": 1}')
+    monkeypatch.setattr(module, 'train_run', lambda *args, **kwargs: dict(top1=np.float32(90.0), seconds=1.0))
+    with pytest.raises(TypeError, match='float32 is not JSON serializable'):
+        module.main(['--archs', 'resnet18', '--epochs', '1', '--output', str(tmp_path)])
+    assert json.loads((tmp_path / 'results.json').read_text()) == {'previous': 1}
+    assert sorted(path.name for path in tmp_path.iterdir()) == ['results.json']

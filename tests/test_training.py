@@ -4,6 +4,7 @@ The learning, kill/resume and multi-process tests run real training on CPU, so t
 deconvolution network: resnet18_cifar_deconv with one block per stage and 16-channel whitening
 blocks, at the digits' native 8x8 resolution.
 """
+import contextlib
 import csv
 import importlib.util
 import json
@@ -17,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 from types import ModuleType
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import pytest
@@ -182,6 +183,16 @@ def test_mid_epoch_resume_refuses_another_data_order(tmp_path: Path) -> None:
     assert state_dicts_equal(before, resuming.model.state_dict())
     written.save_epoch(TrainPosition(1, 0, 6), None)
     assert resuming.load(str(tmp_path / LAST)) == TrainPosition(1, 0, 6)
+
+
+def test_resume_on_another_world_size_warns_that_the_data_order_changes(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """At an epoch end the world size may change; the warning named only the RNG states, though each
+    process then also takes other samples of every epoch."""
+    _manager(tmp_path).save_epoch(TrainPosition(1, 0, 2), None)
+    with caplog.at_level(logging.WARNING):
+        assert _manager(tmp_path).load(str(tmp_path / LAST), rank=0, world_size=2) == TrainPosition(1, 0, 2)
+    assert 'written by 1 processes, this run has 2: the per-process data order changes' in caplog.text
 
 
 def test_checkpoints_refuse_non_finite_buffers(tmp_path: Path) -> None:
@@ -528,14 +539,16 @@ def test_torchrun_validates_the_model_it_saves(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------------------ validate, filters
 
-def _image_folder(root: Path) -> None:
+def _image_folder(root: Path, splits: Sequence[str] = ('val',)) -> None:
+    """Per split, three random images of each of two classes and one corrupt file (the last one)."""
     rng = np.random.default_rng(0)
-    for label in ('cat', 'dog'):
-        folder = root / 'val' / label
-        folder.mkdir(parents=True)
-        for i in range(3):
-            Image.fromarray(rng.integers(0, 255, (10, 10, 3), dtype=np.uint8)).save(folder / f'{i}.png')
-    (root / 'val' / 'dog' / 'corrupt.png').write_bytes(b'\x89PNG\r\n\x1a\n not really an image')
+    for split in splits:
+        for label in ('cat', 'dog'):
+            folder = root / split / label
+            folder.mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(rng.integers(0, 255, (10, 10, 3), dtype=np.uint8)).save(folder / f'{i}.png')
+        (root / split / 'dog' / 'corrupt.png').write_bytes(b'\x89PNG\r\n\x1a\n not really an image')
 
 
 def test_validate_writes_results_and_skips_corrupt_images(tmp_path: Path) -> None:
@@ -557,6 +570,22 @@ def test_validate_writes_results_and_skips_corrupt_images(tmp_path: Path) -> Non
     assert results['loss'] > 0 and results['img_per_sec'] > 0
     assert results['checkpoint'] == str(weights)
     assert results['sha256'] == __import__('hashlib').sha256(weights.read_bytes()).hexdigest()
+
+
+def test_train_names_unreadable_images_and_validates_without_them(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """train.py's validation counted the image after a corrupt one twice (timm's replacement), unlike
+    validate.py, and neither split named the file; training keeps the replacement, now named."""
+    _image_folder(tmp_path, splits=('train', 'val'))
+    with caplog.at_level(logging.WARNING):
+        result = load_script('train').main([
+            '--model', 'resnet18_cifar', '--model-kwargs', 'layers=(1,1,1,1)', '--dataset', 'folder', '--data-dir',
+            str(tmp_path), '--img-size', '16', '--workers', '0', '--batch-size', '4', '--epochs', '1',
+            '--no-progress', '--output', str(tmp_path / 'out')])
+    assert result['num_images'] == 6
+    assert 'unreadable image dog/corrupt.png: Failed to load 1 consecutive samples; using the next image' in caplog.text
+    assert 'skipping unreadable image dog/corrupt.png' in caplog.text
+    assert 'validation: 1 unreadable image(s) skipped' in caplog.text
 
 
 def test_validate_digits_with_a_training_checkpoint(tmp_path: Path) -> None:
@@ -584,6 +613,68 @@ def test_validate_takes_the_input_size_a_training_checkpoint_records(
         assert validate.main(argv)['input_size'] == [3, 8, 8]
     assert 'as recorded in the training checkpoint: img_size 8' in caplog.text
     assert validate.main(argv + ['--img-size', '16'])['input_size'] == [3, 16, 16]  # the command line wins
+
+
+def test_model_table_rows_and_a_filter_matching_nothing(capsys: pytest.CaptureFixture) -> None:
+    """A pattern without wildcards (--filter resnet18) matched no zoo model: a silent empty table."""
+    model_table = load_script('model_table')
+    model_table.main(['--filter', 'pnasnet_a_cifar'])
+    row = capsys.readouterr().out.splitlines()[2]
+    assert row == '| `pnasnet_a_cifar` | PNASNet-A | CIFAR-10 | 0.13 | 0.028 | 32x32 | 81.22 |'  # as in the README
+    with pytest.raises(SystemExit):
+        model_table.main(['--filter', 'resnet18'])
+    captured = capsys.readouterr()
+    assert "--filter 'resnet18' matches no deconv-zoo model" in captured.err and not captured.out
+
+
+SMALL_FILTERS = ['--model-kwargs', 'layers=(1,1,1,1)', '--zoom', '2']
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--model', 'resnet18_cifar_deconv', '--layer', 'layer9'], "ResNetCifar has no layer 'layer9'"),
+    (['--model', 'resnet18_cifar_deconv', '--layer', 'linear'], "layer 'linear' is a Delinear, not a convolution"),
+    (['--model', 'resnet18_cifar', '--kind', 'deconv'], '--kind deconv needs a FastDeconv layer, got Conv2d'),
+    (['--max-filters', '0'], '--zoom and --max-filters must be at least 1'),
+    (['--output', 'no/such/folder/filters.png'], "--output: no folder for 'no/such/folder/filters.png'"),
+])
+def test_visualize_filters_bad_arguments_are_argparse_errors(
+        tmp_path: Path, capsys: pytest.CaptureFixture, argv: List[str], message: str) -> None:
+    """Were tracebacks (AttributeError, IndexError, ValueError, ZeroDivisionError, FileNotFoundError)."""
+    with pytest.raises(SystemExit):
+        load_script('visualize_filters').main(SMALL_FILTERS + ['--output', str(tmp_path / 'f.png')] + argv)
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / 'f.png').exists()
+
+
+def test_deconv_kernels_of_a_depthwise_layer_are_its_groups_whitening_rows() -> None:
+    """A grouped FastDeconv whitens each group (one block) with its own matrix: its rows are kernels
+    of the group's channels, but --kind deconv refused every grouped layer."""
+    layer = FastDeconv(4, 4, 3, padding=1, groups=4)
+    layer.running_deconv.copy_(torch.randn(layer.running_deconv.shape, generator=torch.Generator().manual_seed(0)))
+    kernels = load_script('visualize_filters').layer_filters(layer, 'deconv')
+    assert kernels.shape == (4 * 9, 1, 3, 3)
+    assert torch.equal(kernels[9 * 2 + 5], layer.running_deconv[2, 5].view(1, 3, 3))
+
+
+def test_visualize_filters_writes_the_png_whole_or_not_at_all(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The image was written straight to --output: a failure mid-write left a partial file over the
+    previous one, and a name without .png was refused by PIL after the model was built."""
+    script = load_script('visualize_filters')
+    output = tmp_path / 'filters'
+    script.main(SMALL_FILTERS + ['--output', str(output)])
+    with Image.open(output) as image:
+        assert image.format == 'PNG'
+    previous = output.read_bytes()
+
+    def failing_save(image: torch.Tensor, fp, format: Optional[str] = None) -> None:
+        with (open(fp, 'wb') if isinstance(fp, str) else contextlib.nullcontext(fp)) as f:
+            f.write(b'partial')
+        raise OSError('No space left on device')
+
+    monkeypatch.setattr(script, 'save_image', failing_save)
+    with pytest.raises(OSError, match='No space left'):
+        script.main(SMALL_FILTERS + ['--output', str(output)])
+    assert output.read_bytes() == previous and sorted(tmp_path.iterdir()) == [output]
 
 
 @pytest.mark.parametrize('kind', ['effective', 'deconv'])
