@@ -263,3 +263,17 @@ def test_vgg_head_mapping():
     channel_deconv = VGG(cfg=[64, 'M'], num_classes=10, delinear=False)
     assert channel_deconv.get_classifier(name_only=True) == 'classifier.9'
     assert [type(m).__name__ for m in channel_deconv.classifier][::4] == ['ChannelDeconv'] * 3
+
+
+def test_vgg_without_pooling_has_no_mlp():
+    """global_pool='' runs no head, so it holds none (its 120M parameters would get no gradients);
+    pooling again builds a fresh MLP."""
+    model = VGG(cfg=[64, 'M'], num_classes=0, global_pool='')
+    assert [n for n, _ in model.named_parameters()] == ['features.0.weight', 'features.0.bias']
+    assert model.head_hidden_size == model.num_features == 64
+    x = torch.randn(2, 3, 8, 8)
+    assert model(x).shape == (2, 64, 4, 4)
+    assert model.get_classifier(name_only=True) == 'classifier'
+    model.reset_classifier(5, 'avg')
+    assert model.head_hidden_size == 4096 and model(x).shape == (2, 5)
+    assert model.get_classifier(name_only=True) == 'classifier.6'

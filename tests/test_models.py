@@ -114,6 +114,23 @@ def test_features_only(name):
     assert [t.shape for t in last_two] == [t.shape for t in outs[-2:]]
 
 
+@pytest.mark.parametrize('name', [pytest.param(n, marks=pytest.mark.slow) if n in HEAVY else n for n in ALL_MODELS])
+def test_features_subset_keeps_only_what_it_runs(name):
+    """As in timm, the levels after out_indices, the final layers and the head are pruned: every
+    parameter left gets a gradient (DistributedDataParallel fails on the others); an early stop
+    returns the last level run, not forward_final of it."""
+    kwargs = CHEAP_WHITENING if name in HEAVY else {}
+    model = timm.create_model(name, features_only=True, out_indices=(0, 1), **kwargs)
+    x = torch.randn(2, 3, 16, 16)
+    sum(out.sum() for out in model(x)).backward()
+    assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
+    assert model.model.num_features == model.feature_info.channels()[-1]
+    plain = timm.create_model(name, **kwargs).eval()
+    with torch.no_grad():
+        final, intermediates = plain.forward_intermediates(x, indices=[0, 1], stop_early=True)
+    assert final is intermediates[-1]
+
+
 @pytest.mark.parametrize('name', ALL_MODELS)
 def test_one_channel_input_and_grad_checkpointing(name):
     model = timm.create_model(name, in_chans=1, num_classes=3).eval()
@@ -124,6 +141,19 @@ def test_one_channel_input_and_grad_checkpointing(name):
         checkpointed = model(x)
     assert plain.shape == (2, 3)
     torch.testing.assert_close(plain, checkpointed)
+
+
+@pytest.mark.parametrize('name', ['resnet18_cifar', 'mobilenetv2_cifar_deconv'])
+def test_head_hidden_size_is_the_pooled_width(name):
+    """As in timm: 'catavgmax' pooling doubles what pre_logits returns, and head_hidden_size says so."""
+    model = timm.create_model(name, global_pool='catavgmax').eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert model.forward_head(model.forward_features(x), pre_logits=True).shape == (2, 2 * model.num_features)
+        assert model.head_hidden_size == 2 * model.num_features
+        model.reset_classifier(3, 'avg')
+        assert model.head_hidden_size == model.num_features
+        assert model.forward_head(model.forward_features(x), pre_logits=True).shape == (2, model.head_hidden_size)
 
 
 def test_reset_classifier_in_eval_keeps_eval_outputs_per_sample():
@@ -152,6 +182,9 @@ def test_vgg_without_delinear_loads_its_weights_for_a_new_class_count(tmp_path):
                               pretrained_cfg_overlay=dict(file=str(path), num_classes=10))
     assert model.get_classifier(name_only=True) == 'classifier.9' and model.num_classes == 5
     assert torch.equal(model.state_dict()['classifier.5.weight'], source.state_dict()['classifier.5.weight'])  # fc7
+    unpooled = timm.create_model('vgg11_deconv', delinear=False, pretrained=True, num_classes=0, global_pool='',
+                                 pretrained_cfg_overlay=dict(file=str(path), num_classes=10))
+    assert torch.equal(unpooled.features[0].weight, source.features[0].weight)
 
 
 def test_wrong_channels_are_named():

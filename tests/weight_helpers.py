@@ -3,7 +3,7 @@ state comparison, a script loader. Importable with ``tests/`` on the path, as py
 import importlib.util
 from pathlib import Path
 from types import ModuleType
-from typing import Mapping, Optional, Tuple
+from typing import Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -60,7 +60,8 @@ def randomize_batchnorm(model: nn.Module, generator: torch.Generator) -> None:
             m.bias.normal_(0, 0.1, generator=generator)
 
 
-def assert_state_equal(model: nn.Module, expected: Mapping[str, torch.Tensor], skip: str = '##') -> None:
+def assert_state_equal(model: nn.Module, expected: Mapping[str, torch.Tensor],
+                       skip: Union[str, Tuple[str, ...]] = '##') -> None:
     """The model's state equals ``expected``, except keys starting with ``skip``."""
     state = {k: v for k, v in model.state_dict().items() if not k.startswith(skip)}
     assert set(state) == {k for k in expected if not k.startswith(skip)}

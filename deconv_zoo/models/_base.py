@@ -25,12 +25,15 @@ class DeconvNet(nn.Module):
 
     Subclasses call ``_init_head`` at the end of ``__init__`` and implement ``feature_levels``
     (one callable per entry of ``feature_info``) and ``group_matcher``; they may override
-    ``forward_final``. ``global_pool=''`` keeps the map unpooled (4-D), as in timm.
+    ``forward_final`` (naming its submodules in ``final_modules``) and ``level_modules``.
+    ``global_pool=''`` keeps the map unpooled (4-D), as in timm.
     """
     classifier_name: str = 'linear'
     # True where every feature_info 'module' outputs its level exactly, so that timm's module-tapping
     # feature extractors (feature_cls 'hook', 'fx', ...) work; the CIFAR stems end in a functional ReLU.
     features_by_module: bool = False
+    # Submodules that forward_final runs, removed by prune_intermediate_layers with the head.
+    final_modules: Tuple[str, ...] = ()
 
     def _init_head(
             self,
@@ -41,13 +44,15 @@ class DeconvNet(nn.Module):
             classifier_args: Optional[Dict[str, Any]] = None,
     ) -> None:
         self.num_classes = num_classes
-        self.num_features = self.head_hidden_size = num_features
+        self.num_features = num_features
         self.drop_rate = drop_rate
         self.grad_checkpointing = False
         self._classifier_args = dict(classifier_args or {})
         self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
+        # The pooled width, which pre_logits returns ('catavgmax' doubles it), as in timm.
+        self.head_hidden_size = num_features * self.global_pool.feat_mult()
         setattr(self, self.classifier_name, create_classifier(
-            num_features * self.global_pool.feat_mult(), num_classes, **self._classifier_args))
+            self.head_hidden_size, num_classes, **self._classifier_args))
 
     def feature_levels(self) -> List[Callable[[Tensor], Tensor]]:
         """One callable per feature level, applied in order (level 0 is the stem)."""
@@ -70,9 +75,9 @@ class DeconvNet(nn.Module):
         self.num_classes = num_classes
         if global_pool is not None:
             self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
-        in_features = self.num_features * self.global_pool.feat_mult()
+        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
         # In the model's mode: a Delinear built in training mode would update its statistics in eval.
-        classifier = create_classifier(in_features, num_classes, **self._classifier_args).train(self.training)
+        classifier = create_classifier(self.head_hidden_size, num_classes, **self._classifier_args).train(self.training)
         setattr(self, self.classifier_name, classifier)
 
     def _run_level(self, level: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
@@ -118,13 +123,31 @@ class DeconvNet(nn.Module):
                 intermediates.append(x)
         if intermediates_only:
             return intermediates
-        return self.forward_final(x), intermediates
+        # forward_final follows the last level only; after an early stop x is the last level run (as in timm).
+        return (self.forward_final(x) if last == len(levels) - 1 else x), intermediates
+
+    def level_modules(self, index: int) -> List[str]:
+        """Names of the submodules that only feature level ``index`` runs (default: its feature_info module)."""
+        return [self.feature_info[index]['module']]
 
     def prune_intermediate_layers(
             self, indices: Union[int, List[int]] = 1, prune_norm: bool = False, prune_head: bool = True,
     ) -> List[int]:
-        """Drop the head for feature extraction (levels past the last index are never run)."""
-        take_indices, _ = feature_take_indices(len(self.feature_info), indices)
-        if prune_head:
+        """Remove what the selected levels do not need, as timm's models do: the later levels and, unless
+        the features end at the last level and head and norm are kept, what ``forward_final`` runs and the
+        head. Emptied, not kept: unused parameters get no gradients, which DistributedDataParallel refuses."""
+        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
+        prune_end = prune_norm or prune_head or max_index < len(self.feature_info) - 1
+        names = [name for i in range(max_index + 1, len(self.feature_info)) for name in self.level_modules(i)]
+        if prune_end:
+            names += self.final_modules
+        for name in names:
+            parent, _, attr = name.rpartition('.')
+            parent_module = self.get_submodule(parent)
+            if getattr(parent_module, attr) is not None:  # an optional ChannelDeconv may be absent
+                setattr(parent_module, attr, nn.Sequential())
+        if prune_end:
+            # The features now end at the last kept level; the head goes with what followed it.
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
             self.reset_classifier(0, '')
         return take_indices

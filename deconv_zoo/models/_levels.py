@@ -20,6 +20,10 @@ class SequentialLevels:
         starts = [0] + self._level_ends[:-1]
         return [partial(self._run_features, start, end) for start, end in zip(starts, self._level_ends)]
 
+    def level_modules(self, index: int) -> List[str]:
+        start = self._level_ends[index - 1] if index else 0
+        return [f'features.{name}' for name in list(self.features._modules)[start:self._level_ends[index]]]
+
     def _run_features(self, start: int, end: int, x: Tensor) -> Tensor:
         # Layer by layer: a sliced Sequential is not a registered submodule, which torch.fx rejects.
         for layer in self.features[start:end]:

@@ -65,6 +65,7 @@ class DenseNetCifar(DeconvNet):
             mode only, as in the reference: the BN twin keeps its final BatchNorm).
         deconv_cfg: FastDeconv settings overriding the paper's (block, n_iter, eps, ...).
     """
+    final_modules = ('bn', 'channel_deconv')
 
     def __init__(
             self,
@@ -108,6 +109,9 @@ class DenseNetCifar(DeconvNet):
 
     def _transition_dense(self, x: Tensor, i: int) -> Tensor:
         return getattr(self, f'dense{i}')(getattr(self, f'trans{i - 1}')(x))
+
+    def level_modules(self, index: int) -> List[str]:
+        return [f'trans{index - 1}', f'dense{index}'] if index > 1 else [self.feature_info[index]['module']]
 
     def feature_levels(self) -> List[Callable[[Tensor], Tensor]]:
         stages = [partial(self._transition_dense, i=i) for i in range(2, len(self.feature_info))]

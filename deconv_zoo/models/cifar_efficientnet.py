@@ -50,6 +50,7 @@ class EfficientNetCifar(InvertedResidualNet):
         delinear: use Delinear for that (True) or a ChannelDeconv before pooling (False).
         deconv_cfg: FastDeconv settings overriding the paper's (block, n_iter, eps, ...).
     """
+    final_modules = ('deconv1',)
 
     def __init__(
             self,

@@ -100,6 +100,10 @@ class InvertedResidualNet(DeconvNet):
     def _stem(self, x: Tensor) -> Tensor:
         return F.relu(self.bn1(self.conv1(x)))
 
+    def level_modules(self, index: int) -> List[str]:
+        start = self._level_ends[index - 2] if index > 1 else 0
+        return [f'layers.{i}' for i in range(start, self._level_ends[index - 1])]
+
     def feature_levels(self) -> List[Callable[[Tensor], Tensor]]:
         # The slices' bound forward, not the slices: fx traces only modules installed in the model.
         return [self._stem] + [self.layers[start:end].forward
@@ -117,6 +121,7 @@ class MobileNetV2Cifar(InvertedResidualNet):
         delinear: use Delinear for that (True) or a ChannelDeconv before pooling (False).
         deconv_cfg: FastDeconv settings overriding the paper's (block, n_iter, eps, ...).
     """
+    final_modules = ('conv2', 'bn2', 'deconv1')
 
     def __init__(
             self,

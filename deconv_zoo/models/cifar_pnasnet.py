@@ -67,6 +67,7 @@ class PNASNetCifar(DeconvNet):
         delinear: use Delinear for that (True) or a ChannelDeconv before pooling (False).
         deconv_cfg: FastDeconv settings overriding the paper's (block, n_iter, eps, ...).
     """
+    final_modules = ('deconv1',)
 
     def __init__(
             self,

@@ -105,6 +105,7 @@ class ResNetCifar(DeconvNet):
         stem_overrides: FastDeconv settings of the stem only (the reference's per-model freeze/n_iter).
         block_args: extra keyword arguments of ``block``.
     """
+    final_modules = ('deconv1',)
 
     def __init__(
             self,

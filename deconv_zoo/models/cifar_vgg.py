@@ -69,6 +69,7 @@ class VGGCifar(SequentialLevels, DeconvNet):
         deconv_cfg: FastDeconv settings overriding the paper's (block, n_iter, eps, ...).
     """
     classifier_name = 'classifier'
+    final_modules = ('channel_deconv',)
 
     def __init__(
             self,

@@ -77,6 +77,7 @@ class DenseNet(SequentialLevels, DeconvNet):
     """
     classifier_name = 'classifier'
     features_by_module = True
+    final_modules = ('features.norm5',)
 
     def __init__(
             self,

@@ -125,6 +125,7 @@ class ResNet(DeconvNet):
     """
     classifier_name = 'fc'
     features_by_module = True
+    final_modules = ('deconv1',)
 
     def __init__(
             self,

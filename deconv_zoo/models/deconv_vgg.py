@@ -8,7 +8,8 @@ as the reference does; timm's ``vgg11_bn`` ... are the batch-norm baselines.
 
 timm API mapping: ``forward_features`` gives the last max pool's map (512 channels), the head
 is the reference's 7x7 average pool, flatten and three-layer MLP; ``pre_logits`` is the 4096-wide
-output of the second hidden layer and ``reset_classifier`` replaces only the last layer.
+output of the second hidden layer and ``reset_classifier`` replaces only the last layer
+(``global_pool=''`` has no head at all: no MLP).
 """
 from typing import Any, Dict, List, Optional, Sequence, Union
 
@@ -115,12 +116,11 @@ class VGG(SequentialLevels, DeconvNet):
 
         self.num_classes = num_classes
         self.num_features = chs
-        self.head_hidden_size = HEAD_HIDDEN
         self.global_pool = global_pool
         self.drop_rate = drop_rate
         self.grad_checkpointing = False
         self._classifier_args = classifier_args((64 if deconv else 0) if block_fc is None else block_fc, delinear, dconv)
-        self.classifier = _mlp_head(chs * POOL_SIZE ** 2, num_classes, drop_rate, self._classifier_args)
+        self._init_mlp()
         if init_weights:
             self._init_weights()
 
@@ -134,22 +134,36 @@ class VGG(SequentialLevels, DeconvNet):
                 nn.init.normal_(m.weight, 0, 0.01)
                 nn.init.zeros_(m.bias)
 
+    def _init_mlp(self) -> None:
+        # global_pool='' runs no head: an MLP there would hold parameters that never get gradients.
+        self.head_hidden_size = HEAD_HIDDEN if self.global_pool else self.num_features
+        self.classifier = _mlp_head(self.num_features * POOL_SIZE ** 2, self.num_classes, self.drop_rate,
+                                    self._classifier_args) if self.global_pool else nn.Identity()
+
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
         return dict(stem=r'^features\.0', blocks=r'^features\.(\d+)')
 
     @torch.jit.ignore
     def get_classifier(self, name_only: bool = False) -> Union[str, nn.Module]:
+        if not self.global_pool:  # no MLP: pretrained loading then drops all of the checkpoint's head
+            return 'classifier' if name_only else self.classifier
         last = len(self.classifier) - 1
         return f'classifier.{last}' if name_only else self.classifier[last]
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        """New last MLP layer (``num_classes=0``: none, the output is the 4096-wide pre-logits)."""
+        """New last MLP layer (``num_classes=0``: none, the output is the 4096-wide pre-logits); a new
+        ``global_pool`` builds or removes the whole MLP."""
         global_pool = self.global_pool if global_pool is None else global_pool
         _check_pool(global_pool, num_classes)
+        new_mlp = global_pool != self.global_pool
         self.num_classes, self.global_pool = num_classes, global_pool
-        self.classifier[-1] = create_classifier(
-            self.head_hidden_size, num_classes, **self._classifier_args).train(self.training)  # the model's mode
+        if new_mlp:
+            self._init_mlp()
+            self.classifier.train(self.training)  # the model's mode
+        elif global_pool:
+            self.classifier[-1] = create_classifier(
+                self.head_hidden_size, num_classes, **self._classifier_args).train(self.training)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         if not self.global_pool:
