@@ -12,11 +12,11 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import timm
-from timm.models import load_checkpoint, parse_model_name
+from timm.models import load_state_dict, parse_model_name
 from timm.utils import accuracy
 from torch.utils.data import DataLoader
 
-from .loading import load_torch_checkpoint, verify_weights_file
+from .loading import compare_state_dict, load_torch_checkpoint, optional_state_keys, verify_weights_file
 from .weights import CheckpointMismatchError, CorruptWeightsError
 
 __all__ = ['ModelArgumentsError', 'BAD_INPUT_ERRORS', 'ParseLiteralKwargs', 'create_model_with_weights',
@@ -64,8 +64,9 @@ def create_model_with_weights(
     """``timm.create_model`` plus weights from a training checkpoint or a safetensors file.
 
     ``use_ema`` takes a training checkpoint's EMA weights. The file is checked first, so a
-    missing or truncated one fails with a clear error; an argument the model does not take
-    raises ``ModelArgumentsError``.
+    missing or truncated one fails with a clear error; weights that do not fit the model raise
+    ``CheckpointMismatchError`` listing the keys, an argument the model does not take
+    ``ModelArgumentsError``.
     """
     check_model_name(model_name)
     try:
@@ -74,7 +75,13 @@ def create_model_with_weights(
         raise ModelArgumentsError(f'cannot create {model_name} (check --model-kwargs): {error}') from None
     if checkpoint:
         verify_weights_file(checkpoint)
-        load_checkpoint(model, checkpoint, use_ema=use_ema)
+        state_dict = load_state_dict(checkpoint, use_ema=use_ema)
+        mismatch = compare_state_dict(state_dict, model.state_dict(), optional=optional_state_keys(model))
+        if mismatch:
+            raise CheckpointMismatchError(
+                f'{checkpoint} does not fit {model_name} as built (num_classes, in_chans and --model-kwargs must be '
+                f'those it was trained with):\n{mismatch.describe()}')
+        model.load_state_dict(state_dict)
     return model
 
 

@@ -600,6 +600,17 @@ def test_validate_digits_with_a_training_checkpoint(tmp_path: Path) -> None:
     assert (results['dataset'], results['tag'], results['num_images'], results['num_skipped']) == ('digits', 'digits', 40, 0)
 
 
+def test_validate_names_the_keys_of_a_checkpoint_that_does_not_fit(tmp_path: Path) -> None:
+    """Weights built with other --model-kwargs were torch's load_state_dict RuntimeError, a traceback."""
+    import timm
+
+    checkpoint = tmp_path / 'ckpt.pth.tar'
+    atomic_save(dict(state_dict=timm.create_model('resnet18_cifar').state_dict(), epoch=0), str(checkpoint))
+    with pytest.raises(CheckpointMismatchError, match=r'does not fit resnet18_cifar as built[^\n]*\n  unexpected \(\d+\): layer1\.1\.conv1\.weight'):
+        load_script('validate').main(['--model', 'resnet18_cifar', '--model-kwargs', 'layers=(1,1,1,1)',
+                                      '--checkpoint', str(checkpoint), '--img-size', '8', '--limit', '8'])
+
+
 def test_validate_takes_the_input_size_a_training_checkpoint_records(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     import timm
