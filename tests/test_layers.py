@@ -418,9 +418,49 @@ def test_empty_training_batch_gives_empty_output_and_keeps_state(case):
 
 
 def test_channel_deconv_needs_two_values_for_the_leftover_variance():
-    with pytest.raises(ValueError, match='more than one value per training batch'):
-        ChannelDeconv(4)(torch.randn(1, 5))
-    ChannelDeconv(4).eval()(torch.randn(1, 5))  # eval uses the running variance
+    with pytest.raises(ValueError, match='beyond the whitened blocks need more than one value per training batch'):
+        ChannelDeconv(4)(torch.randn(1, 9))  # two values per whitened feature, one leftover value
+    ChannelDeconv(4).eval()(torch.randn(1, 9))  # eval uses the running variance
+
+
+@pytest.mark.parametrize('make, shape, message', [
+    (lambda: Delinear(8, 3, block=8), (1, 8), r'more than one 8-feature chunk per training batch'),
+    (lambda: ChannelDeconv(4), (1, 4), r'whitened blocks need more than one value per feature'),
+    (lambda: ChannelDeconv(4), (1, 4, 3, 3), r'whitened blocks need more than one value per feature'),  # subsampled
+], ids=['delinear', 'channel_deconv', 'channel_deconv_subsampled'])
+def test_single_sample_training_batch_raises(make, shape, message):
+    """As BatchNorm ('Expected more than 1 value per channel'): one sample has no covariance. Less
+    its own mean it is zero, so the output ignored the input, and it added about eps^-1/2 * I to the
+    running whitening (Delinear's diagonal went from 1 to 32 in one step). Eval is unaffected."""
+    layer = make()
+    before = copy.deepcopy(layer.state_dict())
+    with pytest.raises(ValueError, match=message):
+        layer(torch.randn(shape))
+    for key, value in layer.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert torch.isfinite(layer.eval()(torch.randn(shape))).all()
+
+
+def test_delinear_single_sample_of_several_chunks_trains():
+    """One sample cut into several chunks still gives the covariance several samples."""
+    layer, oracle = Delinear(8, 3, block=4).double(), OracleDelinear(8, 3, block=4).double()
+    oracle.load_state_dict(layer.state_dict())
+    x = random_input((1, 8), 0)
+    assert_rel(layer(x), oracle(x), 1e-8)
+
+
+@pytest.mark.parametrize('make', [
+    lambda momentum: FastDeconv(4, 3, 3, momentum=momentum),
+    lambda momentum: Delinear(8, 3, momentum=momentum),
+    lambda momentum: ChannelDeconv(4, momentum=momentum),
+], ids=['fast_deconv', 'delinear', 'channel_deconv'])
+def test_momentum_none_is_refused_up_front(make):
+    """BatchNorm's momentum=None (cumulative average) is not supported: it used to fail only at the
+    first running update (the second training call for ChannelDeconv), with lerp_'s TypeError."""
+    for momentum in (None, 1.5):
+        with pytest.raises(ValueError, match=r'momentum must be a number in \[0, 1\].*not supported'):
+            make(momentum)
+    make(0)
 
 
 @pytest.mark.parametrize('training', [True, False], ids=['train', 'eval'])

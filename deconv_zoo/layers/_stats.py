@@ -37,6 +37,16 @@ def resolve_block(layer: str, channels: int, block: int) -> int:
     return block
 
 
+def check_momentum(layer: str, momentum: float) -> float:
+    """The running statistics' EMA factor, refused up front unless it is in [0, 1]. BatchNorm's
+    None (a cumulative average) is not offered; it used to fail only at the first running update,
+    with a TypeError from ``lerp_``."""
+    if momentum is None or not 0 <= momentum <= 1:
+        raise ValueError(f'{layer}: momentum must be a number in [0, 1], got {momentum!r} (momentum=None, '
+                         f'the cumulative average of BatchNorm, is not supported)')
+    return momentum
+
+
 def statistics_dtype(x: Tensor) -> torch.dtype:
     """float32, or ``x``'s dtype if wider: covariance and Newton-Schulz never run in half
     precision (they overflow and lose positive-definiteness there)."""

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ._stats import ensure_finite, float32_statistics, in_backward_recompute, warn_once
+from ._stats import check_momentum, ensure_finite, float32_statistics, in_backward_recompute, warn_once
 from .whitening import isqrt_newton_schulz
 
 __all__ = ['ChannelDeconv']
@@ -32,7 +32,7 @@ class ChannelDeconv(nn.Module):
         self.block = block
         self.eps = eps
         self.n_iter = n_iter
-        self.momentum = momentum
+        self.momentum = check_momentum('ChannelDeconv', momentum)
         self.sampling_stride = sampling_stride
         self.register_buffer('running_mean1', torch.zeros(block, 1))
         self.register_buffer('running_deconv', torch.eye(block))
@@ -78,6 +78,12 @@ class ChannelDeconv(nn.Module):
                 x1 = xs[:, :c].transpose(0, 1).reshape(self.block, -1)
                 if training:
                     x1_s = self._subsample(x1, h, w)
+                    if x1_s.shape[1] < 2:
+                        # One sample: the whitened channels would be zero and the running whitening
+                        # about eps^-1/2 * I (the leftover channels below raise the same way).
+                        raise ValueError(
+                            f'ChannelDeconv: the whitened blocks need more than one value per feature per training '
+                            f'batch, got input shape {tuple(x.shape)}')
                     mean1 = x1_s.mean(dim=1, keepdim=True)
                     # Uncentred second moment, as in the reference (its mean is applied below).
                     eye = torch.eye(self.block, dtype=x1.dtype, device=x1.device)

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ._stats import WhitenedWeightMixin, float32_statistics, resolve_block
+from ._stats import WhitenedWeightMixin, check_momentum, float32_statistics, resolve_block
 from .whitening import fold_linear_whitening, isqrt_newton_schulz
 
 __all__ = ['Delinear']
@@ -32,7 +32,7 @@ class Delinear(WhitenedWeightMixin, nn.Linear):
         self.block = resolve_block(type(self).__name__, in_features, block)
         self.eps = eps
         self.n_iter = n_iter
-        self.momentum = momentum
+        self.momentum = check_momentum(type(self).__name__, momentum)
         self.track_running_stats = True
         self.register_buffer('running_mean', torch.zeros(self.block))
         self.register_buffer('running_deconv', torch.eye(self.block))
@@ -41,6 +41,11 @@ class Delinear(WhitenedWeightMixin, nn.Linear):
     def batch_statistics(self, x: Tensor) -> Tuple[Tensor, Tensor]:
         """Mean and whitening matrix of the input's feature chunks (differentiable)."""
         chunks = x.reshape(-1, self.block)
+        if chunks.shape[0] < 2:
+            # As BatchNorm: one sample has no covariance; it would be centred to zero (the output
+            # the bias alone) and add about eps^-1/2 * I to the running whitening.
+            raise ValueError(f'{type(self).__name__}: the whitening needs more than one {self.block}-feature chunk '
+                             f'per training batch, got input shape {tuple(x.shape)}')
         mean = chunks.mean(dim=0)
         centred = chunks - mean
         eye = torch.eye(self.block, dtype=x.dtype, device=x.device)

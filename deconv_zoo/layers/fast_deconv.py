@@ -10,7 +10,7 @@ import torch.nn as nn
 from torch import Tensor
 from torch.nn.modules.utils import _pair
 
-from ._stats import WhitenedWeightMixin, in_backward_recompute, resolve_block, statistics_dtype
+from ._stats import WhitenedWeightMixin, check_momentum, in_backward_recompute, resolve_block, statistics_dtype
 from .whitening import conv_patch_mean, conv_whitening_statistics, fold_conv_whitening
 
 __all__ = ['FastDeconv']
@@ -77,7 +77,7 @@ class FastDeconv(WhitenedWeightMixin, nn.Conv2d):
         self.block = block
         self.eps = eps
         self.n_iter = n_iter
-        self.momentum = momentum
+        self.momentum = check_momentum(type(self).__name__, momentum)
         self.freeze = freeze
         self.freeze_iter = freeze_iter
         if refresh_every < 1:
