@@ -299,7 +299,11 @@ def _train(args: argparse.Namespace, device: torch.device, primary: bool) -> Dic
     train_set = PerSampleSeed(SkipUnreadable(train_set, substitute=True), args.seed)
     sampler = ResumableSampler(train_set, args.world_size, args.rank, shuffle=True, seed=args.seed,
                                drop_last=drop_last)
-    train_loader = create_data_loader(train_set, args.batch_size, sampler, workers, args.pin_mem, drop_last=drop_last)
+    # A last batch of one sample has no covariance (Delinear, ChannelDeconv and BatchNorm1d refuse
+    # it): dropped, as timm's loaders drop every incomplete training batch.
+    drop_last_batch = drop_last or len(sampler) % args.batch_size == 1
+    train_loader = create_data_loader(train_set, args.batch_size, sampler, workers, args.pin_mem,
+                                      drop_last=drop_last_batch)
     val_set = SkipUnreadable(val_set)
     val_loader = create_data_loader(val_set, args.validation_batch_size or args.batch_size,
                                     ShardSampler(val_set, args.world_size, args.rank), workers, args.pin_mem,
@@ -309,7 +313,7 @@ def _train(args: argparse.Namespace, device: torch.device, primary: bool) -> Dic
         build_parser().error(
             f'no training step per epoch: {len(train_set)} training samples give {len(sampler)} per process '
             f'({args.world_size} process(es)), fewer than one batch of {args.batch_size}, and the incomplete batch '
-            f'is dropped (--drop-last, or mixup/cutmix); lower --batch-size')
+            f'is dropped (--drop-last, mixup/cutmix, or a batch of one sample); lower --batch-size')
 
     optimizer = create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
                                     momentum=args.momentum, filter_bias_and_bn=args.filter_bias_and_bn)

@@ -384,6 +384,13 @@ def test_a_batch_larger_than_the_dropped_epoch_is_an_argument_error(
     assert not (tmp_path / 'output').exists()
 
 
+def test_a_last_batch_of_one_sample_is_dropped(tmp_path: Path) -> None:
+    """9 samples in batches of 4 left a last batch of one, which the Delinear head cannot whiten."""
+    result = load_script('train').main(SMALL_DECONV + ['--epochs', '1', '--batch-size', '4', '--train-limit', '9',
+                                                       '--val-limit', '8', '--output', str(tmp_path)])
+    assert result['global_step'] == 2
+
+
 @pytest.mark.slow
 def test_resuming_a_finished_run_says_so(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     train = load_script('train')
