@@ -28,7 +28,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, S
 __all__ = [
     'DIGITS', 'SYNTHETIC', 'DigitsDataset', 'SyntheticDataset', 'check_dataset', 'create_image_dataset',
     'dataset_num_classes', 'resolve_input_config', 'ResumableSampler', 'ShardSampler', 'PerSampleSeed',
-    'SkipUnreadable', 'collate_readable', 'create_data_loader', 'set_image_transform',
+    'SkipUnreadable', 'collate_readable', 'create_data_loader', 'set_image_transform', 'DatasetError',
+    'DatasetNotFoundError',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -38,6 +39,14 @@ SYNTHETIC = 'synthetic'
 FOLDER_NAMES = ('', 'folder')  # an ImageNet-layout folder (timm reads any other unprefixed name as one too)
 TIMM_DATASET_PREFIXES = ('torch/', 'hfds/', 'hfids/', 'tfds/', 'wds/')
 STREAMING_DATASET_PREFIXES = ('hfids/', 'tfds/', 'wds/')  # timm's iterable readers: no indexing, no sampler
+
+
+class DatasetError(ValueError):
+    """A dataset name that cannot be used: unknown, streaming, or without the local copy it needs."""
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """A dataset's folder, split or files are not where the arguments say."""
 _TRAIN_SPLITS = ('train', 'training')
 _VAL_SPLITS = ('val', 'validation', 'test')
 
@@ -129,7 +138,7 @@ class SyntheticDataset(Dataset):
 
 
 def check_dataset(name: str, root: Optional[str] = None) -> None:
-    """Raise ValueError unless ``create_image_dataset`` knows ``name`` and has the ``root`` it needs.
+    """Raise DatasetError (a ValueError) unless ``create_image_dataset`` knows ``name`` and has the ``root`` it needs.
 
     Unprefixed names other than 'folder' are refused: timm would take a misspelt 'digits' as an
     image folder.
@@ -137,15 +146,15 @@ def check_dataset(name: str, root: Optional[str] = None) -> None:
     if name in (DIGITS, SYNTHETIC):
         return
     if name not in FOLDER_NAMES and not name.lower().startswith(TIMM_DATASET_PREFIXES):
-        raise ValueError(
+        raise DatasetError(
             f"unknown dataset {name!r}: use {DIGITS!r}, {SYNTHETIC!r}, 'folder' (ImageNet layout in --data-dir) or "
             f"a timm dataset name starting with {', '.join(TIMM_DATASET_PREFIXES)} (e.g. torch/cifar10)")
     if name.lower().startswith(STREAMING_DATASET_PREFIXES):
-        raise ValueError(
+        raise DatasetError(
             f'dataset {name!r} is a streaming (iterable) dataset: the seeded, resumable and sharded samplers of '
             f'train.py and validate.py need indexable ones (folder, torch/ or hfds/)')
     if not root:
-        raise ValueError(f'dataset {name!r} needs --data-dir (a local copy; nothing is downloaded)')
+        raise DatasetError(f'dataset {name!r} needs --data-dir (a local copy; nothing is downloaded)')
 
 
 def create_image_dataset(
@@ -163,7 +172,7 @@ def create_image_dataset(
     (ImageNet layout under ``root``: train/, val/), or any timm dataset name such as
     'torch/cifar10' read from a local copy in ``root``. Prepare it for a model with
     ``set_image_transform``. ``limit`` keeps the first ``limit`` samples (smoke tests).
-    Other names raise ValueError (``check_dataset``).
+    Other names raise DatasetError (``check_dataset``).
     """
     check_dataset(name, root)
     if name == DIGITS:
@@ -193,27 +202,28 @@ def _timm_dataset(name: str, root: str, split: str) -> Dataset:
                               is_training=is_training, download=False)
     except RuntimeError as error:
         if 'download=True' in str(error):
-            raise FileNotFoundError(
+            raise DatasetNotFoundError(
                 f'dataset {name!r} not found under {root!r}; place a local copy there '
                 f'(for torch/cifar10: {root}/cifar-10-batches-py)') from None
         raise
     except AssertionError as error:  # timm asserts on names it does not know ("Unknown torchvision dataset x")
-        raise ValueError(f'dataset {name!r}: {error}') from None
+        raise DatasetError(f'dataset {name!r}: {error}') from None
 
 
 def _check_image_folder(root: str, is_training: bool) -> None:
-    """Raise FileNotFoundError for a missing root, or one holding the other split's folder only:
-    timm then reads the root itself, so validation would run on the training images (or the reverse)."""
+    """Raise DatasetNotFoundError (a FileNotFoundError) for a missing root, or one holding the other
+    split's folder only: timm then reads the root itself, so validation would run on the training
+    images (or the reverse)."""
     from timm.data.dataset_factory import _EVAL_SYNONYM, _TRAIN_SYNONYM
 
     if not os.path.exists(root):
-        raise FileNotFoundError(f'dataset folder {root!r} does not exist')
+        raise DatasetNotFoundError(f'dataset folder {root!r} does not exist')
     if not os.path.isdir(root):  # a .tar of images
         return
     wanted, other = (_TRAIN_SYNONYM, _EVAL_SYNONYM) if is_training else (_EVAL_SYNONYM, _TRAIN_SYNONYM)
     others = [s for s in other if os.path.isdir(os.path.join(root, s))]
     if others and not any(os.path.isdir(os.path.join(root, s)) for s in wanted):
-        raise FileNotFoundError(
+        raise DatasetNotFoundError(
             f'dataset folder {root!r} has {others[0]}/ but no {"training" if is_training else "validation"} split '
             f'({"/, ".join(wanted)}/): the ImageNet layout is {root}/train/<class>/*.jpg and {root}/val/<class>/*.jpg')
 

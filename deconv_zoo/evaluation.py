@@ -16,6 +16,7 @@ from timm.models import load_state_dict, parse_model_name
 from timm.utils import accuracy
 from torch.utils.data import DataLoader
 
+from .data import DatasetError, DatasetNotFoundError
 from .loading import compare_state_dict, load_torch_checkpoint, optional_state_keys, verify_weights_file
 from .weights import CheckpointMismatchError, CorruptWeightsError
 
@@ -32,7 +33,8 @@ class ModelArgumentsError(ValueError):
 
 
 # What the scripts report as a one-line error instead of a traceback: the input, not the code, is wrong.
-BAD_INPUT_ERRORS = (ModelArgumentsError, CorruptWeightsError, CheckpointMismatchError)
+BAD_INPUT_ERRORS = (ModelArgumentsError, CorruptWeightsError, CheckpointMismatchError, DatasetError,
+                    DatasetNotFoundError)
 
 
 class ParseLiteralKwargs(argparse.Action):

@@ -346,6 +346,17 @@ def test_bad_arguments_are_argparse_errors(script: str, argv: List[str], message
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_dataset_folder_errors_are_one_line(tmp_path: Path) -> None:
+    """A root with train/ but no val/ ended train.py in a FileNotFoundError traceback."""
+    (tmp_path / 'data' / 'train' / 'cat').mkdir(parents=True)
+    Image.new('RGB', (8, 8)).save(tmp_path / 'data' / 'train' / 'cat' / '0.png')
+    done = subprocess.run(
+        [sys.executable, str(REPO / 'scripts' / 'train.py'), '--model', 'resnet18_cifar', '--dataset', 'folder',
+         '--data-dir', str(tmp_path / 'data'), '--output', str(tmp_path / 'output')], capture_output=True, text=True)
+    assert done.returncode == 1 and 'Traceback' not in done.stderr, done.stderr[-3000:]
+    assert 'has train/ but no validation split' in done.stderr and not (tmp_path / 'output').exists()
+
+
 def test_sync_bn_on_cpu_processes_is_an_argparse_error(monkeypatch: pytest.MonkeyPatch,
                                                       capsys: pytest.CaptureFixture) -> None:
     """torch's SyncBatchNorm raised at the first step of a multi-process CPU run, after the run folder."""
