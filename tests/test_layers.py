@@ -622,3 +622,28 @@ def test_checkpoint_tracks_statistics_once(name):
         plain_state = plain.state_dict()
         for key, value in ckpt.state_dict().items():
             assert torch.equal(value, plain_state[key]), key
+
+
+@pytest.mark.parametrize('make_layer, input_shape', [
+    (lambda: FastDeconv(8, 4, 3, padding=1, block=4, freeze=True, freeze_iter=1), (4, 8, 6, 6)),
+    (lambda: FastDeconv(8, 8, 3, padding=1, groups=2, block=4, refresh_every=2), (4, 8, 6, 6)),
+    (lambda: Delinear(8, 3, block=4), (4, 8)),
+    (lambda: ChannelDeconv(4), (4, 6, 5, 5)),
+], ids=['fast-freeze', 'fast-grouped-refresh', 'delinear', 'channel'])
+def test_reset_running_stats_restores_the_initial_statistics(make_layer, input_shape):
+    """BatchNorm's reset_running_stats(): the buffers (and schedules) of a fresh layer, and its eval
+    output, whatever the training steps before; the eval fold cache sees the reset."""
+    torch.manual_seed(0)
+    layer = make_layer()
+    fresh = copy.deepcopy(layer).eval()
+    x = torch.randn(*input_shape) * 3 + 1
+    for _ in range(3):
+        layer(x)
+    layer.eval()
+    assert not torch.allclose(layer(x), fresh(x))  # trained statistics, folded and cached
+    layer.reset_running_stats()
+    for key, value in fresh.state_dict().items():
+        assert torch.equal(layer.state_dict()[key], value), key
+    torch.testing.assert_close(layer(x), fresh(x), rtol=0, atol=0)
+    if isinstance(layer, FastDeconv):
+        assert layer._reused_deconv is None

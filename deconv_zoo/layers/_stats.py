@@ -47,6 +47,13 @@ def check_momentum(layer: str, momentum: float) -> float:
     return momentum
 
 
+@torch.no_grad()
+def reset_whitening_(running_mean: Tensor, running_deconv: Tensor) -> None:
+    """The initial running statistics, in place: zero mean, identity whitening (one per group)."""
+    running_mean.zero_()
+    running_deconv.zero_().diagonal(dim1=-2, dim2=-1).fill_(1)
+
+
 def statistics_dtype(x: Tensor) -> torch.dtype:
     """float32, or ``x``'s dtype if wider: covariance and Newton-Schulz never run in half
     precision (they overflow and lose positive-definiteness there)."""
@@ -197,6 +204,11 @@ class WhitenedWeightMixin:
 
     def _fold(self, weight: Tensor, bias: Optional[Tensor], mean: Tensor, deconv: Tensor) -> Tuple[Tensor, Tensor]:
         raise NotImplementedError
+
+    def reset_running_stats(self) -> None:
+        """The initial statistics again, as BatchNorm's method: e.g. before re-estimating them for
+        averaged (SWA) weights by training-mode passes under ``torch.no_grad()``."""
+        reset_whitening_(self.running_mean, self.running_deconv)
 
     def _track(self, mean: Tensor, deconv: Tensor, kept: bool = False) -> None:
         """Validate one batch's statistics and fold them into the running buffers. ``kept``: the

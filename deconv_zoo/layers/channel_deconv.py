@@ -7,7 +7,9 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ._stats import check_momentum, ensure_finite, float32_statistics, in_backward_recompute, warn_once
+from ._stats import (
+    check_momentum, ensure_finite, float32_statistics, in_backward_recompute, reset_whitening_, warn_once,
+)
 from .whitening import isqrt_newton_schulz
 
 __all__ = ['ChannelDeconv']
@@ -39,6 +41,14 @@ class ChannelDeconv(nn.Module):
         self.register_buffer('running_mean2', torch.zeros(1, 1))
         self.register_buffer('running_var', torch.ones(1, 1))
         self.register_buffer('num_batches_tracked', torch.tensor(0, dtype=torch.long))
+
+    @torch.no_grad()
+    def reset_running_stats(self) -> None:
+        """The initial statistics again, as BatchNorm's method: the next training batch's are copied in whole."""
+        reset_whitening_(self.running_mean1, self.running_deconv)
+        self.running_mean2.zero_()
+        self.running_var.fill_(1)
+        self.num_batches_tracked.zero_()
 
     def _subsample(self, flat: Tensor, h: int, w: int) -> Tensor:
         s = self.sampling_stride

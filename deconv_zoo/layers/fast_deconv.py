@@ -102,6 +102,11 @@ class FastDeconv(WhitenedWeightMixin, nn.Conv2d):
         self.register_buffer('counter', torch.zeros((), dtype=torch.long))
         self._init_fold_cache()
 
+    def reset_running_stats(self) -> None:
+        super().reset_running_stats()
+        self.counter.zero_()  # the freeze schedule starts again
+        self._reused_deconv = None  # refresh_every: the next training call computes fresh statistics
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         state_dict.setdefault(prefix + 'counter', torch.zeros((), dtype=torch.long))
         self._reused_deconv = None
