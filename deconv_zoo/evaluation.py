@@ -2,10 +2,12 @@
 throughput; one process or many)."""
 import argparse
 import ast
+import logging
 import os
+import sys
 import time
 from contextlib import nullcontext
-from typing import Any, Callable, ContextManager, Dict, List, Optional, Sequence
+from typing import Any, Callable, ContextManager, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -16,13 +18,13 @@ from timm.models import load_state_dict, parse_model_name
 from timm.utils import accuracy
 from torch.utils.data import DataLoader
 
-from .data import DatasetError, DatasetNotFoundError
+from .data import DatasetError, DatasetNotFoundError, check_dataset
 from .loading import compare_state_dict, load_torch_checkpoint, optional_state_keys, verify_weights_file
 from .weights import CheckpointMismatchError, CorruptWeightsError
 
-__all__ = ['ModelArgumentsError', 'BAD_INPUT_ERRORS', 'ParseLiteralKwargs', 'create_model_with_weights',
-           'check_model_name', 'check_input_size', 'training_data_config', 'add_model_arguments', 'model_from_args',
-           'evaluate']
+__all__ = ['ModelArgumentsError', 'BAD_INPUT_ERRORS', 'run_script', 'ParseLiteralKwargs', 'create_model_with_weights',
+           'check_model_name', 'check_model_and_dataset', 'check_input_size', 'training_data_config',
+           'add_model_arguments', 'model_from_args', 'evaluate']
 
 # The data-config arguments a training run records (scripts/train.py and timm's train.py alike).
 _DATA_CONFIG_ARGS = ('img_size', 'input_size', 'mean', 'std', 'interpolation', 'crop_pct')
@@ -35,6 +37,16 @@ class ModelArgumentsError(ValueError):
 # What the scripts report as a one-line error instead of a traceback: the input, not the code, is wrong.
 BAD_INPUT_ERRORS = (ModelArgumentsError, CorruptWeightsError, CheckpointMismatchError, DatasetError,
                     DatasetNotFoundError)
+
+
+def run_script(main: Callable[[], Any], logger_name: str, also: Tuple[type, ...] = ()) -> None:
+    """Run a script's ``main``: the input's errors (``BAD_INPUT_ERRORS`` and ``also``) end it with
+    their message as one log line and exit status 1, not a traceback."""
+    try:
+        main()
+    except (*BAD_INPUT_ERRORS, *also) as error:
+        logging.getLogger(logger_name).error(str(error))
+        sys.exit(1)
 
 
 class ParseLiteralKwargs(argparse.Action):
@@ -95,6 +107,16 @@ def check_model_name(model_name: str) -> None:
         raise ModelArgumentsError(f'unknown model {model_name!r} (timm.list_models() lists the names)')
 
 
+def check_model_and_dataset(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``--model``, ``--dataset`` and ``--data-dir`` checked while parsing: an argparse error if
+    either name is unknown or the dataset needs a folder that is not given."""
+    try:
+        check_model_name(args.model)
+        check_dataset(args.dataset, args.data_dir)
+    except ValueError as error:  # ModelArgumentsError, DatasetError
+        parser.error(str(error))
+
+
 def check_input_size(model: nn.Module, input_size: Sequence[int]) -> None:
     """Run ``model`` on one blank image of ``input_size``, so that an input it cannot take
     (smaller than its poolings need, not its patch grid) raises ``ModelArgumentsError`` now rather
@@ -118,7 +140,7 @@ def training_data_config(checkpoint: str) -> Dict[str, Any]:
     records no arguments."""
     if os.path.splitext(checkpoint)[1].lower() in ('.safetensors', '.sft'):
         return {}
-    state = load_torch_checkpoint(checkpoint)
+    state = load_torch_checkpoint(checkpoint, mmap=True)  # the weights are loaded with the model, later
     args = state.get('args') if isinstance(state, dict) else None
     if isinstance(args, argparse.Namespace):  # timm's train.py
         args = vars(args)

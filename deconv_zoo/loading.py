@@ -217,15 +217,17 @@ def _torch_file_format(path: str) -> str:
     raise CorruptWeightsError(f'{path} is not a weights file: neither safetensors nor a torch checkpoint.')
 
 
-def load_torch_checkpoint(path: str) -> Any:
+def load_torch_checkpoint(path: str, mmap: bool = False) -> Any:
     """``torch.load`` of a checkpoint file with tensors and plain containers only (timm's training
     arguments too). A missing, truncated or corrupt file raises ``CorruptWeightsError`` naming it;
-    the format checks of ``verify_weights_file`` come first, so callers need not repeat them."""
+    the format checks of ``verify_weights_file`` come first, so callers need not repeat them.
+    ``mmap``: map a zip-format file's tensors instead of reading them (for callers that only look
+    at its other entries)."""
     _require_file(path)
-    _torch_file_format(path)
+    file_format = _torch_file_format(path)
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location='cpu', weights_only=True)
+            return torch.load(path, map_location='cpu', weights_only=True, mmap=mmap and file_format == 'zip')
     except (EOFError, RuntimeError, pickle.UnpicklingError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CorruptWeightsError(

@@ -22,7 +22,6 @@ import argparse
 import json
 import logging
 import os
-import sys
 from contextlib import nullcontext
 from functools import partial
 from typing import Any, Dict, List, Optional
@@ -39,13 +38,12 @@ from timm.utils import (ModelEmaV3, NativeScaler, get_outdir, init_distributed_d
 
 import deconv_zoo  # noqa: F401  (registers the zoo's models with timm)
 from deconv_zoo.data import (
-    DIGITS, SYNTHETIC, PerSampleSeed, ResumableSampler, ShardSampler, SkipUnreadable, check_dataset,
-    collate_readable, create_data_loader, create_image_dataset, dataset_num_classes, resolve_input_config,
-    set_image_transform,
+    DIGITS, SYNTHETIC, PerSampleSeed, ResumableSampler, ShardSampler, SkipUnreadable, collate_readable,
+    create_data_loader, create_image_dataset, dataset_num_classes, resolve_input_config, set_image_transform,
 )
 from deconv_zoo.distributed import average_buffers, convert_sync_deconv
 from deconv_zoo.evaluation import (
-    BAD_INPUT_ERRORS, ParseLiteralKwargs, check_input_size, check_model_name, create_model_with_weights, evaluate,
+    ParseLiteralKwargs, check_input_size, check_model_and_dataset, create_model_with_weights, evaluate, run_script,
 )
 from deconv_zoo.files import atomic_write_text
 from deconv_zoo.training import LAST, RECIPES, CheckpointManager, Trainer, TrainingStopped, TrainPosition, resolve_resume
@@ -204,11 +202,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """What the arguments alone decide, checked before anything is loaded or written."""
-    try:
-        check_model_name(args.model)
-        check_dataset(args.dataset, args.data_dir)
-    except ValueError as error:  # ModelArgumentsError too
-        parser.error(str(error))
+    check_model_and_dataset(parser, args)
     if args.resume and args.resume != 'auto' and not os.path.isfile(args.resume):
         parser.error(f'--resume: no checkpoint at {args.resume!r}')
     if args.sync_bn and int(os.environ.get('WORLD_SIZE', 1)) > 1 and torch.device(args.device).type == 'cpu':
@@ -438,8 +432,4 @@ def _best_note(checkpoints: CheckpointManager) -> str:
 
 
 if __name__ == '__main__':
-    try:
-        main()
-    except (TrainingStopped, *BAD_INPUT_ERRORS) as error:
-        logging.getLogger('train').error(str(error))
-        sys.exit(1)
+    run_script(main, 'train', also=(TrainingStopped,))

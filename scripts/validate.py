@@ -18,7 +18,6 @@ import argparse
 import json
 import logging
 import os
-import sys
 from contextlib import nullcontext
 from functools import partial
 from typing import Any, Dict, List, Optional
@@ -28,11 +27,11 @@ from timm.utils import setup_default_logging
 
 import deconv_zoo  # noqa: F401  (registers the zoo's models with timm)
 from deconv_zoo.data import (
-    DIGITS, ShardSampler, SkipUnreadable, check_dataset, collate_readable, create_data_loader, create_image_dataset,
+    DIGITS, ShardSampler, SkipUnreadable, collate_readable, create_data_loader, create_image_dataset,
     dataset_num_classes, resolve_input_config, set_image_transform,
 )
 from deconv_zoo.evaluation import (
-    BAD_INPUT_ERRORS, add_model_arguments, check_input_size, check_model_name, evaluate, model_from_args,
+    add_model_arguments, check_input_size, check_model_and_dataset, evaluate, model_from_args, run_script,
     training_data_config,
 )
 from deconv_zoo.files import atomic_write_text
@@ -93,11 +92,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     """Validate; returns (and optionally writes) the results dict."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        check_model_name(args.model)
-        check_dataset(args.dataset, args.data_dir)
-    except ValueError as error:  # ModelArgumentsError too
-        parser.error(str(error))
+    check_model_and_dataset(parser, args)
     setup_default_logging()
     device = torch.device(args.device)
 
@@ -149,8 +144,4 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
 
 
 if __name__ == '__main__':
-    try:
-        main()
-    except BAD_INPUT_ERRORS as error:
-        logging.getLogger('validate').error(str(error))
-        sys.exit(1)
+    run_script(main, 'validate')

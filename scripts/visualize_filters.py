@@ -16,7 +16,6 @@ import io
 import logging
 import math
 import os
-import sys
 from typing import List, Optional
 
 import torch.nn as nn
@@ -27,7 +26,7 @@ from torchvision.utils import make_grid, save_image
 
 import deconv_zoo  # noqa: F401  (registers the zoo's models with timm)
 from deconv_zoo.deploy import folded_weight_and_bias
-from deconv_zoo.evaluation import BAD_INPUT_ERRORS, add_model_arguments, model_from_args
+from deconv_zoo.evaluation import add_model_arguments, model_from_args, run_script
 from deconv_zoo.files import atomic_write
 from deconv_zoo.layers import FastDeconv
 
@@ -120,8 +119,4 @@ def main(argv: Optional[List[str]] = None) -> str:
 
 
 if __name__ == '__main__':
-    try:
-        main()
-    except (*BAD_INPUT_ERRORS, OSError) as error:  # the model arguments, the checkpoint, writing the output
-        logging.getLogger('visualize_filters').error(str(error))
-        sys.exit(1)
+    run_script(main, 'visualize_filters', also=(OSError,))  # OSError: writing the output

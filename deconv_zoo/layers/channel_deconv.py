@@ -42,7 +42,6 @@ class ChannelDeconv(nn.Module):
         self.register_buffer('running_var', torch.ones(1, 1))
         self.register_buffer('num_batches_tracked', torch.tensor(0, dtype=torch.long))
 
-    @torch.no_grad()
     def reset_running_stats(self) -> None:
         """The initial statistics again, as BatchNorm's method: the next training batch's are copied in whole."""
         reset_whitening_(self.running_mean1, self.running_deconv)
