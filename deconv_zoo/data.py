@@ -42,7 +42,8 @@ STREAMING_DATASET_PREFIXES = ('hfids/', 'tfds/', 'wds/')  # timm's iterable read
 
 
 class DatasetError(ValueError):
-    """A dataset name that cannot be used: unknown, streaming, or without the local copy it needs."""
+    """A dataset that cannot be used as asked: unknown, streaming, without the local copy it needs,
+    or without images of the model's channel count."""
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -294,7 +295,7 @@ def set_image_transform(dataset: Dataset, input_config: Dict[str, Any], is_train
         return
     chans, *size = input_config['input_size']
     if chans not in _IMAGE_MODES:
-        raise ValueError(f'image datasets give 1- or 3-channel images, not the {chans} channels of the model input')
+        raise DatasetError(f'image datasets give 1- or 3-channel images, not the {chans} channels of the model input')
     # The images in the model's channel count: greyscale files (MNIST) for an RGB model, colour ones for in_chans=1.
     to_mode = functools.partial(Image.Image.convert, mode=_IMAGE_MODES[chans])
     crop_padding = aug.pop('crop_padding', 0)
