@@ -10,7 +10,7 @@ import timm
 import torch
 from PIL import Image
 
-from deconv_zoo.data import SkipUnreadable, create_image_dataset, resolve_input_config, set_image_transform
+from deconv_zoo.data import DatasetError, SkipUnreadable, create_image_dataset, resolve_input_config, set_image_transform
 
 
 def _input_config(input_size: Sequence[int]) -> Dict[str, Any]:
@@ -59,6 +59,8 @@ def test_images_take_the_model_channel_count(tmp_path: Path, is_training: bool, 
         set_image_transform(dataset, _input_config(input_size), is_training, crop_padding=crop_padding, hflip=0.5)
         assert dataset[0][0].shape == input_size, name
     with pytest.raises(ValueError, match='1- or 3-channel images, not the 4 channels of the model input'):
+        set_image_transform(dataset, _input_config((4, 8, 8)), is_training)
+    with pytest.raises(DatasetError):  # one of the errors the scripts report in one line
         set_image_transform(dataset, _input_config((4, 8, 8)), is_training)
 
 
