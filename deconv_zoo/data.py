@@ -206,6 +206,8 @@ def _timm_dataset(name: str, root: str, split: str) -> Dataset:
             raise DatasetNotFoundError(
                 f'dataset {name!r} not found under {root!r}; place a local copy there '
                 f'(for torch/cifar10: {root}/cifar-10-batches-py)') from None
+        if 'Found 0 images' in str(error):  # timm's folder reader: a split without images
+            raise DatasetNotFoundError(f'dataset {name!r}: {error}') from None
         raise
     except AssertionError as error:  # timm asserts on names it does not know ("Unknown torchvision dataset x")
         raise DatasetError(f'dataset {name!r}: {error}') from None

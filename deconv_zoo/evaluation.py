@@ -3,6 +3,7 @@ throughput; one process or many)."""
 import argparse
 import ast
 import logging
+import math
 import os
 import sys
 import time
@@ -16,15 +17,16 @@ import torch.nn.functional as F
 import timm
 from timm.models import load_state_dict, parse_model_name
 from timm.utils import accuracy
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
-from .data import DatasetError, DatasetNotFoundError, check_dataset
+from .data import DatasetError, DatasetNotFoundError, check_dataset, dataset_num_classes
 from .loading import compare_state_dict, load_torch_checkpoint, optional_state_keys, verify_weights_file
 from .weights import CheckpointMismatchError, CorruptWeightsError
 
-__all__ = ['ModelArgumentsError', 'BAD_INPUT_ERRORS', 'run_script', 'ParseLiteralKwargs', 'create_model_with_weights',
-           'check_model_name', 'check_model_and_dataset', 'check_input_size', 'training_data_config',
-           'add_model_arguments', 'model_from_args', 'evaluate']
+__all__ = ['ModelArgumentsError', 'BAD_INPUT_ERRORS', 'run_script', 'number_in', 'positive_int', 'non_negative_int',
+           'non_negative_float', 'positive_float', 'probability', 'proper_fraction', 'ParseLiteralKwargs',
+           'create_model_with_weights', 'check_model_name', 'check_model_and_dataset', 'check_num_classes',
+           'check_input_size', 'training_data_config', 'add_model_arguments', 'model_from_args', 'evaluate']
 
 # The data-config arguments a training run records (scripts/train.py and timm's train.py alike).
 _DATA_CONFIG_ARGS = ('img_size', 'input_size', 'mean', 'std', 'interpolation', 'crop_pct')
@@ -47,6 +49,35 @@ def run_script(main: Callable[[], Any], logger_name: str, also: Tuple[type, ...]
     except (*BAD_INPUT_ERRORS, *also) as error:
         logging.getLogger(logger_name).error(str(error))
         sys.exit(1)
+
+
+def number_in(convert: Callable[[str], Any], low: float, high: float = math.inf,
+              low_open: bool = False, high_open: bool = False) -> Callable[[str], Any]:
+    """argparse type: a finite number read by ``convert`` from ``low`` to ``high`` (each end
+    included unless open). torch and timm check few of these values, some only at the first step."""
+    if high == math.inf:
+        allowed = f'{"above" if low_open else "at least"} {low:g}'
+    else:
+        allowed = f'in {"(" if low_open else "["}{low:g}, {high:g}{")" if high_open else "]"}'
+
+    def parse(text: str) -> Any:
+        value = convert(text)
+        above = value > low if low_open else value >= low
+        below = value < high if high_open else value <= high
+        if not (math.isfinite(value) and above and below):  # nan fails the comparisons too
+            raise argparse.ArgumentTypeError(f'must be {allowed}, not {text}')
+        return value
+
+    parse.__name__ = convert.__name__  # argparse names it in "invalid int value: 'x'"
+    return parse
+
+
+positive_int = number_in(int, 1)
+non_negative_int = number_in(int, 0)
+non_negative_float = number_in(float, 0)
+positive_float = number_in(float, 0, low_open=True)
+probability = number_in(float, 0, 1)
+proper_fraction = number_in(float, 0, 1, high_open=True)  # rates where 1 leaves nothing: dropout, smoothing
 
 
 class ParseLiteralKwargs(argparse.Action):
@@ -117,6 +148,15 @@ def check_model_and_dataset(parser: argparse.ArgumentParser, args: argparse.Name
         parser.error(str(error))
 
 
+def check_num_classes(num_classes: Optional[int], dataset: Dataset) -> None:
+    """Raise ``ModelArgumentsError`` when a model of ``num_classes`` outputs cannot score the
+    labels of ``dataset`` (the loss of the first batch would end in an IndexError)."""
+    dataset_classes = dataset_num_classes(dataset)
+    if num_classes and dataset_classes and num_classes < dataset_classes:
+        raise ModelArgumentsError(f'--num-classes {num_classes}: the dataset has {dataset_classes} classes '
+                                  f'(labels up to {dataset_classes - 1})')
+
+
 def check_input_size(model: nn.Module, input_size: Sequence[int]) -> None:
     """Run ``model`` on one blank image of ``input_size``, so that an input it cannot take
     (smaller than its poolings need, not its patch grid) raises ``ModelArgumentsError`` now rather
@@ -155,8 +195,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--pretrained', action='store_true', help='load the published weights of the tag')
     parser.add_argument('--checkpoint', default='', help='training checkpoint (.pth.tar) or .safetensors weights')
     parser.add_argument('--use-ema', action='store_true', help='take the EMA weights of a training checkpoint')
-    parser.add_argument('--num-classes', type=int, default=None, help='classes of the weights')
-    parser.add_argument('--in-chans', type=int, default=None, help='input channels (default: the model\'s)')
+    parser.add_argument('--num-classes', type=positive_int, default=None, help='classes of the weights')
+    parser.add_argument('--in-chans', type=positive_int, default=None, help='input channels (default: the model\'s)')
     parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseLiteralKwargs,
                         help='extra create_model arguments (Python literals)')
 

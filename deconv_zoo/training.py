@@ -52,6 +52,12 @@ _SCHEDULE_ARGS = ('sched', 'epochs', 'sched_on_updates', 'lr', 'min_lr', 'warmup
 # Arguments that decide which samples an epoch's steps take: a mid-epoch resume skips the steps done
 # as step_in_epoch batches of the current order, which is only right when these are unchanged.
 _DATA_ORDER_ARGS = ('batch_size', 'world_size', 'seed', 'dataset', 'train_limit')
+# torch's Optimizer.load_state_dict takes another optimizer's state without a word (AdamW then fails
+# at its first step on SGD's momentum buffers): the optimizer must be the recorded one.
+_OPTIMIZER_ARGS = ('opt',)
+# What timm's PlateauLRScheduler.state_dict leaves out (it keeps the best metric and the epoch): without
+# them a resume restarts the patience and cooldown counts.
+_PLATEAU_COUNTERS = ('num_bad_epochs', 'cooldown_counter')
 
 # The paper's run settings (reference-architectures.md, section 3). Weight decay applies to every
 # parameter there, biases included, hence filter_bias_and_bn=False. 'digits' is the CIFAR recipe
@@ -226,6 +232,8 @@ class CheckpointManager:
             state['state_dict_ema'] = self.model_ema.module.state_dict()
         if self.scheduler is not None:
             state['scheduler'] = self.scheduler.state_dict()
+            if isinstance(self.scheduler, PlateauLRScheduler):
+                state['scheduler'].update({key: getattr(self.scheduler.lr_scheduler, key) for key in _PLATEAU_COUNTERS})
         if self.loss_scaler is not None:
             state[self.loss_scaler.state_dict_key] = self.loss_scaler.state_dict()
         return state
@@ -317,12 +325,25 @@ class CheckpointManager:
         if mismatch:
             raise CheckpointMismatchError(
                 f'{path} does not fit the model {self.arch} (other model arguments?):\n{mismatch.describe()}')
+        changed = _changed_args(checkpoint.get('args') or {}, self.args, _OPTIMIZER_ARGS)
+        saved_groups = [len(group['params']) for group in checkpoint['optimizer'].get('param_groups', [])]
+        groups = [len(group['params']) for group in self.optimizer.param_groups]
+        if saved_groups != groups:  # another --filter-bias-and-bn, or parameters frozen otherwise
+            changed.append(f'parameter groups of {saved_groups} -> {groups} parameters')
+        if changed:
+            raise CheckpointMismatchError(
+                f'{path}: its optimizer state does not fit this optimizer ({", ".join(changed)}): resume with the '
+                f'recorded optimizer arguments, or start from its weights alone with --initial-checkpoint')
 
     def _move_scheduler(self, checkpoint: Dict[str, Any], position: TrainPosition) -> None:
         if isinstance(self.scheduler, PlateauLRScheduler):
             # Its state is the metric history; the restored optimizer holds the learning rate it set.
             if 'scheduler' in checkpoint:
-                self.scheduler.load_state_dict(checkpoint['scheduler'])
+                saved = checkpoint['scheduler']
+                self.scheduler.load_state_dict(saved)
+                for key in _PLATEAU_COUNTERS:
+                    if key in saved:  # checkpoints of earlier versions lack them
+                        setattr(self.scheduler.lr_scheduler, key, saved[key])
             return
         # timm's other schedulers are functions of the epoch or update count, and their state_dict
         # is their configuration: loading it would replace the schedule of the current arguments.

@@ -24,7 +24,7 @@ import logging
 import os
 from contextlib import nullcontext
 from functools import partial
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -43,7 +43,9 @@ from deconv_zoo.data import (
 )
 from deconv_zoo.distributed import average_buffers, convert_sync_deconv
 from deconv_zoo.evaluation import (
-    ParseLiteralKwargs, check_input_size, check_model_and_dataset, create_model_with_weights, evaluate, run_script,
+    ParseLiteralKwargs, check_input_size, check_model_and_dataset, check_num_classes, create_model_with_weights,
+    evaluate, non_negative_float, non_negative_int, positive_float, positive_int, probability, proper_fraction,
+    run_script,
 )
 from deconv_zoo.files import atomic_write_text
 from deconv_zoo.training import LAST, RECIPES, CheckpointManager, Trainer, TrainingStopped, TrainPosition, resolve_resume
@@ -56,14 +58,6 @@ def default_recipe(dataset: str) -> str:
     if dataset in (DIGITS, SYNTHETIC):
         return 'digits'
     return 'cifar' if 'cifar' in dataset else 'imagenet'
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer of at least 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f'must be at least 1, not {value}')
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,16 +75,16 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument('--model', default='resnet18_cifar_deconv', help='any timm or deconv-zoo model name')
     group.add_argument('--pretrained', action='store_true', help='start from the published weights')
     group.add_argument('--initial-checkpoint', default='', help='weights to start from (not a resume)')
-    group.add_argument('--num-classes', type=int, default=None, help='default: the dataset\'s class count')
-    group.add_argument('--in-chans', type=int, default=None, help='input channels (default: the model\'s)')
+    group.add_argument('--num-classes', type=positive_int, default=None, help='default: the dataset\'s class count')
+    group.add_argument('--in-chans', type=positive_int, default=None, help='input channels (default: the model\'s)')
     group.add_argument('--img-size', type=positive_int, default=None,
                        help='input height = width (default: the model\'s)')
     group.add_argument('--input-size', type=positive_int, nargs=3, default=None, metavar=('C', 'H', 'W'),
                        help='full input size, overrides --img-size and --in-chans')
     group.add_argument('--model-kwargs', nargs='*', default={}, action=ParseLiteralKwargs,
                        help='extra create_model arguments (Python literals), e.g. deconv_cfg="{\'block\': 16}"')
-    group.add_argument('--drop', type=float, default=None, help='classifier dropout rate')
-    group.add_argument('--drop-path', type=float, default=None, help='stochastic depth rate (timm models)')
+    group.add_argument('--drop', type=proper_fraction, default=None, help='classifier dropout rate')
+    group.add_argument('--drop-path', type=proper_fraction, default=None, help='stochastic depth rate (timm models)')
 
     group = parser.add_argument_group('data')
     group.add_argument('--dataset', default=DIGITS,
@@ -100,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument('--train-limit', type=positive_int, default=None, help='use only the first N training samples')
     group.add_argument('--val-limit', type=positive_int, default=None, help='use only the first N validation samples')
     group.add_argument('--synthetic-size', type=positive_int, default=512, help='synthetic training samples')
-    group.add_argument('--workers', type=int, default=4, help='loader processes (image datasets only)')
+    group.add_argument('--workers', type=non_negative_int, default=4, help='loader processes (image datasets only)')
     group.add_argument('--pin-mem', action='store_true', help='pin loader memory (GPU)')
     group.add_argument('--mean', type=float, nargs='+', default=None, help='normalisation mean (default: model)')
     group.add_argument('--std', type=float, nargs='+', default=None, help='normalisation std (default: model)')
@@ -115,37 +109,37 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument('--crop-padding', type=int,
                        help='>0: random crop of the image padded by N pixels (the CIFAR recipe), else '
                             'timm\'s random-resized crop' + recipe_note)
-    group.add_argument('--hflip', type=float, help='horizontal flip probability' + recipe_note)
+    group.add_argument('--hflip', type=probability, help='horizontal flip probability' + recipe_note)
     group.add_argument('--scale', type=float, nargs=2, default=None, help='random-resized-crop area range')
     group.add_argument('--ratio', type=float, nargs=2, default=None, help='random-resized-crop aspect range')
-    group.add_argument('--color-jitter', type=float, help='colour jitter strength' + recipe_note)
+    group.add_argument('--color-jitter', type=non_negative_float, help='colour jitter strength' + recipe_note)
     group.add_argument('--aa', default=None, help='timm auto-augment policy, e.g. rand-m9-mstd0.5')
-    group.add_argument('--reprob', type=float, default=0.0, help='random erasing probability')
+    group.add_argument('--reprob', type=probability, default=0.0, help='random erasing probability')
     group.add_argument('--remode', default='pixel', help='random erasing mode')
-    group.add_argument('--recount', type=int, default=1, help='random erasing count')
-    group.add_argument('--mixup', type=float, default=0.0, help='mixup alpha (>0 enables)')
-    group.add_argument('--cutmix', type=float, default=0.0, help='cutmix alpha (>0 enables)')
-    group.add_argument('--mixup-prob', type=float, default=1.0, help='probability of mixup/cutmix per batch')
-    group.add_argument('--mixup-switch-prob', type=float, default=0.5, help='cutmix instead of mixup when both')
+    group.add_argument('--recount', type=positive_int, default=1, help='random erasing count')
+    group.add_argument('--mixup', type=non_negative_float, default=0.0, help='mixup alpha (>0 enables)')
+    group.add_argument('--cutmix', type=non_negative_float, default=0.0, help='cutmix alpha (>0 enables)')
+    group.add_argument('--mixup-prob', type=probability, default=1.0, help='probability of mixup/cutmix per batch')
+    group.add_argument('--mixup-switch-prob', type=probability, default=0.5, help='cutmix instead of mixup when both')
     group.add_argument('--mixup-mode', default='batch', choices=('batch', 'pair', 'elem'), help='mixup granularity')
-    group.add_argument('--smoothing', type=float, default=0.0, help='label smoothing')
+    group.add_argument('--smoothing', type=proper_fraction, default=0.0, help='label smoothing')
 
     group = parser.add_argument_group('optimisation')
     group.add_argument('--opt', help='timm optimizer name (momentum = classical SGD)' + recipe_note)
-    group.add_argument('--lr', type=float, help='learning rate' + recipe_note)
-    group.add_argument('--momentum', type=float, help='optimizer momentum' + recipe_note)
-    group.add_argument('--weight-decay', type=float, help='weight decay' + recipe_note)
+    group.add_argument('--lr', type=non_negative_float, help='learning rate' + recipe_note)
+    group.add_argument('--momentum', type=non_negative_float, help='optimizer momentum' + recipe_note)
+    group.add_argument('--weight-decay', type=non_negative_float, help='weight decay' + recipe_note)
     group.add_argument('--filter-bias-and-bn', action=argparse.BooleanOptionalAction,
                        help='exempt biases and norm weights from weight decay (the paper does not)' + recipe_note)
-    group.add_argument('--clip-grad', type=float, default=None, help='gradient clipping threshold')
+    group.add_argument('--clip-grad', type=positive_float, default=None, help='gradient clipping threshold')
     group.add_argument('--clip-mode', default='norm', choices=('norm', 'value', 'agc'), help='gradient clipping mode')
     group.add_argument('--sched', help='timm scheduler name' + recipe_note)
     group.add_argument('--epochs', type=positive_int, help='training epochs' + recipe_note)
     group.add_argument('--sched-on-updates', action=argparse.BooleanOptionalAction,
                        help='update the learning rate every step (the paper) instead of every epoch' + recipe_note)
-    group.add_argument('--min-lr', type=float, help='final learning rate' + recipe_note)
-    group.add_argument('--warmup-epochs', type=int, help='linear warm-up epochs' + recipe_note)
-    group.add_argument('--warmup-lr', type=float, default=1e-5, help='warm-up start learning rate')
+    group.add_argument('--min-lr', type=non_negative_float, help='final learning rate' + recipe_note)
+    group.add_argument('--warmup-epochs', type=non_negative_int, help='linear warm-up epochs' + recipe_note)
+    group.add_argument('--warmup-lr', type=non_negative_float, default=1e-5, help='warm-up start learning rate')
     group.add_argument('--max-steps', type=positive_int, default=None,
                        help='stop after this many optimizer steps in total (smoke tests)')
 
@@ -157,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help='torch.compile the model (default backend: inductor)')
     group.add_argument('--model-ema', action='store_true',
                        help='keep an EMA of the weights (timm ModelEmaV3); validation and best use it')
-    group.add_argument('--model-ema-decay', type=float, default=0.9998, help='EMA decay')
+    group.add_argument('--model-ema-decay', type=probability, default=0.9998, help='EMA decay')
     group.add_argument('--model-ema-warmup', action='store_true', help='EMA decay warm-up')
     group.add_argument('--model-ema-force-cpu', action='store_true', help='keep the EMA on the CPU')
 
@@ -174,8 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument('--experiment', default='', help='run folder name (default: <model>-<dataset>)')
     group.add_argument('--resume', default='',
                        help='checkpoint to continue from, or "auto": the run folder\'s last.pth.tar if present')
-    group.add_argument('--checkpoint-every', type=int, default=0, help='also keep checkpoint-<epoch> every N epochs')
-    group.add_argument('--checkpoint-steps', type=int, default=0,
+    group.add_argument('--checkpoint-every', type=non_negative_int, default=0,
+                       help='also keep checkpoint-<epoch> every N epochs')
+    group.add_argument('--checkpoint-steps', type=non_negative_int, default=0,
                        help='also write last.pth.tar every N steps within an epoch (preemptible jobs)')
     group.add_argument('--seed', type=int, default=0, help='random seed (data order, initialisation)')
     group.add_argument('--log-tensorboard', action='store_true', help='TensorBoard logs in <run>/tensorboard')
@@ -209,6 +204,32 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         # torch's SyncBatchNorm raises at the first step on CPU, after the run folder is written.
         parser.error('--sync-bn: torch.nn.SyncBatchNorm does not run on CPU; leave it out (batch-norm statistics '
                      'are averaged over the processes at each epoch end)')
+    if args.sched == 'plateau' and args.sched_on_updates:  # timm asserts it when the scheduler is built
+        parser.error('--sched plateau steps once per epoch: add --no-sched-on-updates')
+    # timm checks the optimizer's and scheduler's names and values only when it builds them, after the
+    # datasets and the model: build both for a stand-in model now.
+    try:
+        optimizer = create_optimizer(args, nn.Linear(1, 1))
+    except ValueError as error:
+        parser.error(f'--opt {args.opt}: {error}')
+    try:
+        create_scheduler(args, optimizer, updates_per_epoch=1)
+    except ValueError as error:
+        parser.error(f'--sched {args.sched}: {error}')
+
+
+def create_optimizer(args: argparse.Namespace, model: nn.Module) -> torch.optim.Optimizer:
+    """The optimizer the arguments describe, for ``model``."""
+    return create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
+                               momentum=args.momentum, filter_bias_and_bn=args.filter_bias_and_bn)
+
+
+def create_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer,
+                     updates_per_epoch: int) -> Tuple[Any, int]:
+    """The learning-rate scheduler the arguments describe and the number of epochs it runs."""
+    return create_scheduler_v2(
+        optimizer, sched=args.sched, num_epochs=args.epochs, min_lr=args.min_lr, warmup_lr=args.warmup_lr,
+        warmup_epochs=args.warmup_epochs, step_on_epochs=not args.sched_on_updates, updates_per_epoch=updates_per_epoch)
 
 
 def _run_folder(args: argparse.Namespace, primary: bool) -> str:
@@ -231,7 +252,8 @@ def _run_folder(args: argparse.Namespace, primary: bool) -> str:
 
 
 def _prune_summary(path: str, next_epoch: int) -> None:
-    """Drop summary rows of epochs a resumed run will redo (written before the kill)."""
+    """Drop summary rows of the epochs this run will (re)do: written before a kill, after the last
+    checkpoint (or before the first)."""
     if not os.path.isfile(path):
         return
     with open(path) as f:
@@ -259,6 +281,7 @@ def _train(args: argparse.Namespace, device: torch.device, primary: bool) -> Dic
                                      num_classes=args.num_classes, synthetic_size=args.synthetic_size, seed=args.seed)
     val_set = create_image_dataset(args.dataset, args.data_dir, 'validation', limit=args.val_limit,
                                    num_classes=args.num_classes, synthetic_size=args.synthetic_size, seed=args.seed)
+    check_num_classes(args.num_classes, train_set)
     num_classes = args.num_classes or dataset_num_classes(train_set)
     model = create_model_with_weights(
         args.model, pretrained=args.pretrained, checkpoint=args.initial_checkpoint, num_classes=num_classes,
@@ -308,9 +331,11 @@ def _train(args: argparse.Namespace, device: torch.device, primary: bool) -> Dic
             f'no training step per epoch: {len(train_set)} training samples give {len(sampler)} per process '
             f'({args.world_size} process(es)), fewer than one batch of {args.batch_size}, and the incomplete batch '
             f'is dropped (--drop-last, mixup/cutmix, or a batch of one sample); lower --batch-size')
+    if primary and args.batch_size > len(sampler):  # the recipe's learning rate is meant for full batches
+        _logger.warning(f'--batch-size {args.batch_size} is more than the {len(sampler)} training samples per '
+                        f'process: each epoch is one step of {len(sampler)}')
 
-    optimizer = create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
-                                    momentum=args.momentum, filter_bias_and_bn=args.filter_bias_and_bn)
+    optimizer = create_optimizer(args, model)
     amp_dtype = torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16
     amp_autocast = partial(torch.autocast, device_type=device.type, dtype=amp_dtype) if args.amp else nullcontext
     # bfloat16 has float32's range: only float16 needs loss scaling.
@@ -319,9 +344,7 @@ def _train(args: argparse.Namespace, device: torch.device, primary: bool) -> Dic
     if args.model_ema:
         model_ema = ModelEmaV3(model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup,
                                device='cpu' if args.model_ema_force_cpu else None)
-    scheduler, num_epochs = create_scheduler_v2(
-        optimizer, sched=args.sched, num_epochs=args.epochs, min_lr=args.min_lr, warmup_lr=args.warmup_lr,
-        warmup_epochs=args.warmup_epochs, step_on_epochs=not args.sched_on_updates, updates_per_epoch=steps_per_epoch)
+    scheduler, num_epochs = create_scheduler(args, optimizer, steps_per_epoch)
 
     run_folder = _run_folder(args, primary)
     summary_csv = os.path.join(run_folder, 'summary.csv')
@@ -356,11 +379,12 @@ def _train(args: argparse.Namespace, device: torch.device, primary: bool) -> Dic
         # Last: restores the RNG states, after everything above has drawn its random numbers.
         position = checkpoints.load(resume_path, args.rank, args.world_size)
         if primary:
-            _prune_summary(summary_csv, position.epoch)
             _logger.info(f'resumed from {resume_path}: epoch {position.epoch}, step {position.step_in_epoch} '
                          f'of {steps_per_epoch}, global step {position.global_step}')
     elif primary:
         _logger.info(f'run folder: {run_folder}')
+    if primary:  # also without a checkpoint: a kill before the first one can leave a row of epoch 0
+        _prune_summary(summary_csv, position.epoch)
 
     tensorboard = None
     if primary:  # after the resume: a checkpoint that fails to load leaves the run's record as it was

@@ -27,12 +27,12 @@ from timm.utils import setup_default_logging
 
 import deconv_zoo  # noqa: F401  (registers the zoo's models with timm)
 from deconv_zoo.data import (
-    DIGITS, ShardSampler, SkipUnreadable, collate_readable, create_data_loader, create_image_dataset,
+    DIGITS, DatasetError, ShardSampler, SkipUnreadable, collate_readable, create_data_loader, create_image_dataset,
     dataset_num_classes, resolve_input_config, set_image_transform,
 )
 from deconv_zoo.evaluation import (
-    add_model_arguments, check_input_size, check_model_and_dataset, evaluate, model_from_args, run_script,
-    training_data_config,
+    add_model_arguments, check_input_size, check_model_and_dataset, check_num_classes, evaluate, model_from_args,
+    non_negative_int, positive_int, run_script, training_data_config,
 )
 from deconv_zoo.files import atomic_write_text
 from deconv_zoo.loading import file_sha256
@@ -44,9 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser)  # --num-classes defaults to the dataset's class count here
     parser.add_argument('--tag', default=None, help='tag reported in the results (default: the model\'s pretrained tag)')
-    parser.add_argument('--img-size', type=int, default=None,
+    parser.add_argument('--img-size', type=positive_int, default=None,
                         help='input height = width (default: the training checkpoint\'s, else the model\'s)')
-    parser.add_argument('--input-size', type=int, nargs=3, default=None, metavar=('C', 'H', 'W'), help='full input size')
+    parser.add_argument('--input-size', type=positive_int, nargs=3, default=None, metavar=('C', 'H', 'W'),
+                        help='full input size')
     parser.add_argument('--mean', type=float, nargs='+', default=None, help='normalisation mean (default: model)')
     parser.add_argument('--std', type=float, nargs='+', default=None, help='normalisation std (default: model)')
     parser.add_argument('--interpolation', default='', help='resize interpolation (default: model)')
@@ -55,10 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help='digits (embedded), folder (ImageNet layout in --data-dir) or a timm dataset '
                              'read from a local copy, e.g. torch/cifar10')
     parser.add_argument('--data-dir', default=None, help='dataset root')
-    parser.add_argument('--split', default='validation', help='split to evaluate (train or validation)')
-    parser.add_argument('--limit', type=int, default=None, help='evaluate only the first N images')
-    parser.add_argument('--batch-size', '-b', type=int, default=256, help='batch size')
-    parser.add_argument('--workers', type=int, default=4, help='loader processes (image datasets only)')
+    parser.add_argument('--split', default='validation', choices=('train', 'training', 'validation', 'val', 'test'),
+                        help='split to evaluate (train or validation; val and test name the validation split)')
+    parser.add_argument('--limit', type=positive_int, default=None, help='evaluate only the first N images')
+    parser.add_argument('--batch-size', '-b', type=positive_int, default=256, help='batch size')
+    parser.add_argument('--workers', type=non_negative_int, default=4, help='loader processes (image datasets only)')
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='device')
     parser.add_argument('--amp', action='store_true', help='automatic mixed precision')
     parser.add_argument('--amp-dtype', default='bfloat16', choices=('bfloat16', 'float16'), help='AMP dtype')
@@ -97,6 +99,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     device = torch.device(args.device)
 
     dataset = create_image_dataset(args.dataset, args.data_dir, args.split, limit=args.limit)
+    check_num_classes(args.num_classes, dataset)
     model = model_from_args(args, num_classes=dataset_num_classes(dataset))
     use_training_data_config(args)
     input_config = resolve_input_config(model, vars(args))
@@ -112,6 +115,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     amp_dtype = torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16
     amp_autocast = partial(torch.autocast, device_type=device.type, dtype=amp_dtype) if args.amp else nullcontext
     metrics = evaluate(model, loader, device, amp_autocast, args.channels_last)
+    if not metrics['num_images']:  # top-1 0.0 over no image would look like a result
+        raise DatasetError(f'no image to evaluate: the {len(dataset)} image(s) of {args.dataset} {args.split} are '
+                           f'unreadable (named above)')
 
     architecture = args.model.split('.', 1)[0]
     results = dict(

@@ -29,7 +29,7 @@ from PIL import Image
 
 from timm.scheduler import create_scheduler_v2
 
-from deconv_zoo.data import DigitsDataset, ResumableSampler, create_image_dataset
+from deconv_zoo.data import DatasetError, DatasetNotFoundError, DigitsDataset, ResumableSampler, create_image_dataset
 from deconv_zoo.distributed import SyncDelinear, SyncFastDeconv, convert_sync_deconv
 from deconv_zoo.evaluation import ModelArgumentsError
 from deconv_zoo.layers import Delinear, FastDeconv
@@ -185,6 +185,59 @@ def test_mid_epoch_resume_refuses_another_data_order(tmp_path: Path) -> None:
     assert resuming.load(str(tmp_path / LAST)) == TrainPosition(1, 0, 6)
 
 
+@pytest.mark.parametrize('change', ['opt', 'param groups'])
+def test_resume_refuses_the_state_of_another_optimizer(tmp_path: Path, change: str) -> None:
+    """Resuming with another --opt loaded SGD's momentum buffers into AdamW, which failed with a KeyError
+    at the first step (after args.json was rewritten); other parameter groups (--filter-bias-and-bn) were
+    torch's ValueError after the weights were restored. Now refused before anything is restored."""
+    written = _manager(tmp_path)
+    written.args.update(opt='momentum')
+    written.save_epoch(TrainPosition(1, 0, 2), None)
+    resuming = _manager(tmp_path)
+    if change == 'opt':
+        resuming.args.update(opt='adamw')
+        resuming.optimizer = torch.optim.AdamW(resuming.model.parameters(), lr=0.1)
+        expected = r'optimizer state does not fit this optimizer \(opt momentum -> adamw\)'
+    else:
+        resuming.args.update(opt='momentum')
+        resuming.optimizer = torch.optim.SGD([{'params': [resuming.model.weight]}, {'params': [resuming.model.bias]}],
+                                             lr=0.1, momentum=0.9)
+        expected = r'optimizer state does not fit this optimizer \(parameter groups of \[2\] -> \[1, 1\] parameters\)'
+    before = resuming.model.state_dict()
+    with pytest.raises(CheckpointMismatchError, match=expected) as failed:
+        resuming.load(str(tmp_path / LAST))
+    assert str(tmp_path / LAST) in str(failed.value) and '--initial-checkpoint' in str(failed.value)
+    assert state_dicts_equal(before, resuming.model.state_dict())
+
+
+def test_resume_keeps_the_plateau_scheduler_counters(tmp_path: Path) -> None:
+    """timm's PlateauLRScheduler saves its best metric only: a resume reset the epochs without
+    improvement (and the cooldown), so the learning rate dropped later than in the uninterrupted run."""
+    def plateau_manager() -> CheckpointManager:
+        model = torch.nn.Linear(2, 2)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        scheduler, _ = create_scheduler_v2(optimizer, sched='plateau', num_epochs=10, patience_epochs=2,
+                                           cooldown_epochs=1, warmup_epochs=0)
+        return CheckpointManager(str(tmp_path), model, optimizer, scheduler, arch='tiny')
+
+    def run(manager: CheckpointManager, epochs: range, metrics: List[float]) -> List[float]:
+        lrs = []
+        for epoch in epochs:
+            manager.scheduler.step(epoch + 1, metrics[epoch])
+            lrs.append(manager.optimizer.param_groups[0]['lr'])
+        return lrs
+
+    metrics = [50.0, 40.0, 40.0, 40.0, 40.0, 40.0, 40.0]
+    straight = run(plateau_manager(), range(7), metrics)
+    interrupted = plateau_manager()
+    run(interrupted, range(2), metrics)  # one epoch without improvement so far
+    interrupted.save_epoch(TrainPosition(2, 0, 2), None)
+    resumed = plateau_manager()
+    resumed.load(str(tmp_path / LAST))
+    assert straight[:2] + run(resumed, range(2, 7), metrics) == straight
+    assert straight[3] < straight[2]  # the plateau's reduction falls inside the resumed part
+
+
 def test_resume_on_another_world_size_warns_that_the_data_order_changes(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """At an epoch end the world size may change; the warning named only the RNG states, though each
@@ -337,6 +390,27 @@ def test_resume_with_another_model_is_a_one_line_error_that_keeps_args_json(tmp_
     ('validate', ['--dataset', 'digitz'], "unknown dataset 'digitz': use 'digits'"),
     ('train', ['--dataset', 'wds/imagenet', '--data-dir', '.'], "'wds/imagenet' is a streaming (iterable) dataset"),
     ('validate', ['--dataset', 'tfds/mnist', '--data-dir', '.'], "'tfds/mnist' is a streaming (iterable) dataset"),
+    # Were tracebacks from torch or timm (some after the run folder), or ran without a word: a negative
+    # --clip-grad reversed every gradient, a negative --checkpoint-steps wrote a checkpoint every step.
+    ('train', ['--lr', '-1'], 'argument --lr: must be at least 0, not -1'),
+    ('train', ['--lr', 'nan'], 'argument --lr: must be at least 0, not nan'),
+    ('train', ['--weight-decay=-0.001'], 'argument --weight-decay: must be at least 0, not -0.001'),
+    ('train', ['--clip-grad', '-1'], 'argument --clip-grad: must be above 0, not -1'),
+    ('train', ['--smoothing', '1'], 'argument --smoothing: must be in [0, 1), not 1'),
+    ('train', ['--drop', '1.5'], 'argument --drop: must be in [0, 1), not 1.5'),
+    ('train', ['--hflip', '2'], 'argument --hflip: must be in [0, 1], not 2'),
+    ('train', ['--model-ema-decay', '5'], 'argument --model-ema-decay: must be in [0, 1], not 5'),
+    ('train', ['--checkpoint-steps', '-1'], 'argument --checkpoint-steps: must be at least 0, not -1'),
+    ('train', ['--workers', '-1'], 'argument --workers: must be at least 0, not -1'),
+    ('train', ['--num-classes', '0'], 'argument --num-classes: must be at least 1, not 0'),
+    ('train', ['--opt', 'bogus'], '--opt bogus: Optimizer bogus not found in registry'),
+    ('train', ['--opt', 'sgd', '--momentum', '0'], '--opt sgd: Nesterov momentum requires a momentum'),
+    ('train', ['--sched', 'bogus'], "--sched bogus: Unknown scheduler 'bogus'"),
+    ('train', ['--sched', 'plateau'], '--sched plateau steps once per epoch: add --no-sched-on-updates'),
+    ('validate', ['--batch-size', '0'], 'argument --batch-size/-b: must be at least 1, not 0'),
+    ('validate', ['--limit', '0'], 'argument --limit: must be at least 1, not 0'),
+    ('validate', ['--img-size', '0'], 'argument --img-size: must be at least 1, not 0'),
+    ('validate', ['--split', 'bogus'], "argument --split: invalid choice: 'bogus'"),
 ])
 def test_bad_arguments_are_argparse_errors(script: str, argv: List[str], message: str,
                                            capsys: pytest.CaptureFixture) -> None:
@@ -374,6 +448,8 @@ def test_unknown_torchvision_dataset_is_a_named_error(tmp_path: Path) -> None:
 @pytest.mark.parametrize('argv, message', [
     (['--model', 'resnet18_cifar', '--model-kwargs', 'bogus=1'], "unexpected keyword argument 'bogus'"),
     (['--model', 'vgg16_cifar_deconv', '--img-size', '8'], r'vgg16_cifar_deconv cannot take input \(3, 8, 8\)'),
+    # Was an IndexError traceback ("Target 7 is out of bounds") at the first step, after the run folder.
+    (['--model', 'resnet18_cifar', '--num-classes', '5'], r'--num-classes 5: the dataset has 10 classes'),
 ])
 def test_arguments_the_model_cannot_take_fail_before_the_run_folder(
         tmp_path: Path, argv: List[str], message: str) -> None:
@@ -400,6 +476,35 @@ def test_a_last_batch_of_one_sample_is_dropped(tmp_path: Path) -> None:
     result = load_script('train').main(SMALL_DECONV + ['--epochs', '1', '--batch-size', '4', '--train-limit', '9',
                                                        '--val-limit', '8', '--output', str(tmp_path)])
     assert result['global_step'] == 2
+
+
+def test_a_restart_after_a_kill_before_the_first_checkpoint_keeps_one_summary_row_per_epoch(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """summary.csv gets the epoch's row before its checkpoint: a kill in between, before the first
+    checkpoint, left the row behind, and the restart (nothing to resume) appended a second row 0."""
+    train = load_script('train')
+    args = SMALL_DECONV + ['--epochs', '1', '--batch-size', '32', '--train-limit', '64', '--val-limit', '16',
+                           '--resume', 'auto', '--output', str(tmp_path), '--experiment', 'run']
+
+    def killed(state, path):
+        raise KeyboardInterrupt  # stands for the SIGKILL: the process ends, no checkpoint lands
+
+    monkeypatch.setattr('deconv_zoo.training.atomic_save', killed)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(args)
+    monkeypatch.undo()
+    assert len(summary_rows(tmp_path / 'run')) == 1 and not (tmp_path / 'run' / LAST).exists()
+    train.main(args)
+    assert [row['epoch'] for row in summary_rows(tmp_path / 'run')] == ['0']
+
+
+def test_a_batch_larger_than_the_training_set_is_reported(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING):
+        result = load_script('train').main(SMALL_DECONV + ['--epochs', '1', '--batch-size', '64', '--train-limit', '12',
+                                                           '--val-limit', '8', '--output', str(tmp_path)])
+    assert result['global_step'] == 1
+    assert ('--batch-size 64 is more than the 12 training samples per process: each epoch is one step of 12'
+            in caplog.text)
 
 
 @pytest.mark.slow
@@ -604,6 +709,31 @@ def test_train_names_unreadable_images_and_validates_without_them(
     assert 'unreadable image dog/corrupt.png: Failed to load 1 consecutive samples; using the next image' in caplog.text
     assert 'skipping unreadable image dog/corrupt.png' in caplog.text
     assert 'validation: 1 unreadable image(s) skipped' in caplog.text
+
+
+def test_validate_refuses_a_dataset_with_no_readable_image(tmp_path: Path) -> None:
+    """Reported top-1 0.0 over 0 images, exit status 0, and wrote that to --results-file (which the
+    publishing script reads); an empty folder was timm's RuntimeError traceback."""
+    for split in ('val', 'empty/val'):
+        (tmp_path / split / 'cat').mkdir(parents=True)
+    (tmp_path / 'val' / 'cat' / 'corrupt.png').write_bytes(b'\x89PNG\r\n\x1a\n not really an image')
+    validate = load_script('validate')
+    argv = ['--model', 'resnet18_cifar', '--img-size', '8', '--workers', '0', '--dataset', 'folder',
+            '--results-file', str(tmp_path / 'results.json')]
+    unreadable = r'no image to evaluate: the 1 image\(s\) of folder validation are unreadable'
+    with pytest.raises(DatasetError, match=unreadable):
+        validate.main(argv + ['--data-dir', str(tmp_path)])
+    with pytest.raises(DatasetNotFoundError, match=r"dataset 'folder': Found 0 images in subfolders of"):
+        validate.main(argv + ['--data-dir', str(tmp_path / 'empty')])
+    assert not (tmp_path / 'results.json').exists()
+
+
+def test_validate_refuses_fewer_classes_than_the_dataset(tmp_path: Path) -> None:
+    """--num-classes 5 on the 10 digit classes was cross_entropy's IndexError traceback."""
+    with pytest.raises(ModelArgumentsError, match='--num-classes 5: the dataset has 10 classes'):
+        load_script('validate').main(['--model', 'resnet18_cifar', '--num-classes', '5', '--img-size', '8',
+                                      '--limit', '8', '--results-file', str(tmp_path / 'results.json')])
+    assert not (tmp_path / 'results.json').exists()
 
 
 def test_validate_digits_with_a_training_checkpoint(tmp_path: Path) -> None:
