@@ -99,6 +99,10 @@ def model_card(model: nn.Module, repo_id: str, results: Mapping[str, Any], train
         f'convolution whitens its input patches (FastDeconv) and the classifier decorrelates its features.\n\n'
         f'{origin}\n\n## Results\n\n{_results_table(results)}\n\n{_training_section(train_command, train_args)}')
     num_params = sum(p.numel() for p in model.parameters())
+    # The tag's name alone builds the default architecture: the call names the arguments these weights need.
+    tag_args = dict(num_classes=cfg['num_classes'], in_chans=cfg['input_size'][0])
+    model_args = ''.join(f', {k}={v!r}' for k, v in getattr(model, '_model_args', {}).items()
+                         if k not in tag_args or tag_args[k] != v)
     return dict(
         tags=['image-classification', 'timm', 'deconv-zoo', 'network-deconvolution'],
         license=cfg.get('license') or 'mit',
@@ -114,7 +118,8 @@ def model_card(model: nn.Module, repo_id: str, results: Mapping[str, Any], train
         usage=(
             '```python\nimport timm\nimport deconv_zoo  # registers the deconv-zoo architectures with timm\n\n'
             f"model = timm.create_model('hf-hub:{repo_id}', pretrained=True).eval()\n"
-            f"# with the weights listed in deconv_zoo.weights: timm.create_model('{name}', pretrained=True)\n\n"
+            f"# with the weights listed in deconv_zoo.weights:\n"
+            f"# timm.create_model('{name}', pretrained=True{model_args})\n\n"
             '# deployment: every deconvolution folded into a plain convolution, same outputs\n'
             'from deconv_zoo.deploy import fold_deconv\ndeployed = fold_deconv(model)\n```'),
         citation=PAPER_CITATION,

@@ -9,7 +9,7 @@ model and passes ``filter_pretrained_state_dict`` as timm's ``pretrained_filter_
 2. ``filter_pretrained_state_dict`` converts timm batch-norm weights for converted tags, resets a
    classifier whose class count changes (its decorrelation statistics too), adapts the first
    layer's deconvolution statistics to ``in_chans`` (timm adapts only ``.weight``), and rejects a
-   checkpoint that does not fit the model, listing the keys.
+   checkpoint that does not fit the model, listing the keys, or that holds NaN or inf values.
 """
 import argparse
 import dataclasses
@@ -102,8 +102,8 @@ def resolve_pretrained_source(variant: str, org: Optional[str], kwargs: Dict[str
             f"No pretrained weights are published for '{name}'. Train your own "
             f"(scripts/train.py --model {variant}) and load them with "
             f"timm.create_model('{name}', pretrained=True, pretrained_cfg_overlay=dict(file='model.safetensors')) "
-            f"or checkpoint_path='checkpoint.pth.tar'; weights you pushed to the Hub load with "
-            f"{HUB_ORG_ENV}=<your-org> or hub_org='<your-org>' (repo <your-org>/{name}).")
+            f"or timm.create_model('{name}', checkpoint_path='checkpoint.pth.tar'); weights you pushed to the Hub "
+            f"load with {HUB_ORG_ENV}=<your-org> or hub_org='<your-org>' (repo <your-org>/{name}).")
     return dict(kwargs, pretrained_cfg_overlay=overlay)
 
 
@@ -235,6 +235,12 @@ def load_torch_checkpoint(path: str, mmap: bool = False) -> Any:
             f'than tensors and plain containers (torch.load: {reason}).') from e
 
 
+def _listed(keys: List[str], limit: int = 10) -> str:
+    """The first ``limit`` of ``keys``, comma-separated, and how many more there are."""
+    more = f', ... (+{len(keys) - limit} more)' if len(keys) > limit else ''
+    return f'{", ".join(keys[:limit])}{more}'
+
+
 @dataclass
 class StateDictMismatch:
     """Keys of a state dict that do not fit a model: absent, extra, or of another shape."""
@@ -250,8 +256,7 @@ class StateDictMismatch:
         for title, keys in (('missing', self.missing), ('unexpected', self.unexpected),
                             ('shape mismatch', self.shapes)):
             if keys:
-                more = f', ... (+{len(keys) - limit} more)' if len(keys) > limit else ''
-                lines.append(f'  {title} ({len(keys)}): {", ".join(keys[:limit])}{more}')
+                lines.append(f'  {title} ({len(keys)}): {_listed(keys, limit)}')
         return '\n'.join(lines)
 
 
@@ -370,4 +375,10 @@ def filter_pretrained_state_dict(state_dict: Dict[str, Tensor], model: nn.Module
             f"Is this a checkpoint of another architecture or configuration (deconv vs. BN twin, block_fc, "
             f"num_classes)? Batch-norm weights convert with deconv_zoo.convert.bn_to_deconv; the authors' "
             f"checkpoints with deconv_zoo.convert.convert_reference_checkpoint.")
+    # timm loads NaN/inf without a word and the model then answers NaN (e.g. a run that diverged).
+    non_finite = [k for k, v in state_dict.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if non_finite:
+        raise CorruptWeightsError(
+            f"Pretrained weights from {source} hold NaN or inf values in {len(non_finite)} tensors: "
+            f"{_listed(non_finite)}. Were they saved from a run that diverged? Load an earlier checkpoint.")
     return state_dict

@@ -54,7 +54,7 @@ class WeightsNotCachedError(LocalEntryNotFoundError):
 
 
 class CorruptWeightsError(ValueError):
-    """A weights file is missing, truncated or not in the format its name says."""
+    """A weights file is missing, truncated or not in the format its name says, or weights hold NaN or inf."""
 
 
 class ChecksumMismatchError(RuntimeError):

@@ -22,13 +22,14 @@ import tempfile
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch.nn as nn
+from timm.models import get_arch_pretrained_cfgs
 
 import deconv_zoo  # noqa: F401  (registers the models)
 from deconv_zoo.convert import convert_reference_checkpoint, read_checkpoint
 from deconv_zoo.evaluation import BAD_INPUT_ERRORS, ParseLiteralKwargs
 from deconv_zoo.hub import published_entry_source, push_hub_folder, save_hub_folder, tag_mismatch
 from deconv_zoo.loading import file_sha256
-from deconv_zoo.weights import HUB_ORG_ENV
+from deconv_zoo.weights import CONVERTED_BN_WEIGHTS, HUB_ORG_ENV
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -68,6 +69,14 @@ def build_model(args: argparse.Namespace, results: Dict[str, Any]) -> Tuple[nn.M
     tag = args.tag or results.get('tag')
     if not arch or not tag:
         raise SystemExit('Name the architecture and tag (--model, --tag) or use the results of scripts/validate.py.')
+    bn_source = CONVERTED_BN_WEIGHTS.get(f'{arch}.{tag}')
+    if bn_source:
+        # That name always loads timm's weights (weights.hub_repo_id): weights pushed under it would be
+        # unreachable by it, and their card would describe timm's weights.
+        own_tags = [n.split('.', 1)[1] for n in get_arch_pretrained_cfgs(arch) if n not in CONVERTED_BN_WEIGHTS]
+        raise SystemExit(f"tag '{tag}' of {arch} loads timm's batch-norm weights {bn_source}, converted on load, "
+                         f"under any organisation: publish deconv-trained weights under {' or '.join(own_tags)} "
+                         f"(--tag {own_tags[0]}).")
     if train_args.get('model', arch) != arch:
         raise SystemExit(f"The checkpoint was trained as {train_args['model']}, not {arch}.")
     model_kwargs = args.model_kwargs if args.model_kwargs is not None else dict(train_args.get('model_kwargs') or {})

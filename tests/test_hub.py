@@ -142,6 +142,29 @@ def test_push_publishes_the_validated_ema_weights(published, tmp_path):
                    str(published['results_path']), '--repo-id', REPO_ID, '--output-dir', str(tmp_path / 'other')])
 
 
+def test_push_with_model_kwargs_round_trips_and_names_them_in_the_card(hf_cache, tmp_path):
+    """Weights trained with --model-kwargs: hf-hub: rebuilds that architecture from config.json
+    (same outputs); the card's call by tag name, which builds the default one, names them too."""
+    model = timm.create_model(ARCH, **SMALL).eval()
+    randomize_statistics(model, torch.Generator().manual_seed(3))
+    checkpoint = tmp_path / 'model_best.pth.tar'
+    torch.save(dict(state_dict=model.state_dict(), args=dict(model=ARCH, model_kwargs=SMALL)), checkpoint)
+    results = tmp_path / 'validate.json'
+    results.write_text(json.dumps(dict(model=ARCH, tag=TAG, dataset='torch/cifar10', split='test', num_images=100,
+                                       top1=90.0, top5=99.0, loss=0.3)))
+    folder = tmp_path / 'repo'
+    with contextlib.redirect_stdout(io.StringIO()):
+        load_script('push_to_hub').main(['--checkpoint', str(checkpoint), '--results', str(results),
+                                         '--repo-id', REPO_ID, '--output-dir', str(folder)])
+    add_to_hf_cache(hf_cache, REPO_ID, {n: folder / n for n in ('model.safetensors', 'config.json')})
+    loaded = timm.create_model(f'hf-hub:{REPO_ID}', pretrained=True).eval()
+    image = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert torch.equal(loaded(image), model(image))
+    readme = (folder / 'README.md').read_text()
+    assert f"timm.create_model('{NAME}', pretrained=True, deconv_cfg={{'block': 8}}, block_fc=64)" in readme
+
+
 def test_push_reads_the_arguments_of_timms_train_script(published, tmp_path):
     """timm's train.py records a Namespace: its model kwargs and the card's arguments are read too."""
     checkpoint = tmp_path / 'timm_checkpoint.pth.tar'
@@ -166,6 +189,23 @@ def test_push_refuses_results_that_do_not_fit_the_tag(published, tmp_path, chang
     with pytest.raises(SystemExit, match=message):
         load_script('push_to_hub').main(['--checkpoint', str(published['checkpoint']), '--results', str(results),
                                          '--repo-id', REPO_ID, '--output-dir', str(tmp_path / 'repo')])
+
+
+def test_push_refuses_a_converted_batchnorm_tag(tmp_path):
+    """validate.py reports an ImageNet ResNet's default tag, .tv_in1k, whose name loads timm's converted
+    BN weights under any organisation: weights pushed there were unreachable by name, and their card
+    said they were not trained with deconvolution."""
+    checkpoint = tmp_path / 'model_best.pth.tar'
+    state = timm.create_model('resnet18_deconv', **SMALL).state_dict()
+    torch.save(dict(state_dict=state, args=dict(model='resnet18_deconv', model_kwargs=SMALL)), checkpoint)
+    results = tmp_path / 'validate.json'
+    results.write_text(json.dumps(dict(model='resnet18_deconv', tag='tv_in1k', dataset='', split='validation',
+                                       num_images=50000, top1=70.1, top5=89.4, loss=1.2)))
+    with pytest.raises(SystemExit, match=r"tag 'tv_in1k' of resnet18_deconv loads timm's batch-norm weights "
+                                         r"resnet18.tv_in1k.*--tag in1k"):
+        load_script('push_to_hub').main(['--checkpoint', str(checkpoint), '--results', str(results), '--org', ORG,
+                                         '--output-dir', str(tmp_path / 'repo')])
+    assert not (tmp_path / 'repo').exists()
 
 
 def test_push_without_output_dir_uploads_and_fails_clearly_offline(published, hf_cache):
@@ -268,8 +308,10 @@ def test_features_only_pretrained(cached_repo, published):
 def test_unknown_tag_and_unpublished_tag(hf_cache):
     with pytest.raises(RuntimeError, match='Invalid pretrained tag'):
         timm.create_model(f'{ARCH}.imagenet', pretrained=True)
-    with pytest.raises(NoPublishedWeightsError, match=f"published for '{NAME}'.*hub_org"):
+    with pytest.raises(NoPublishedWeightsError, match=f"published for '{NAME}'.*hub_org") as info:
         timm.create_model(ARCH, pretrained=True)
+    # The checkpoint_path advice is a call of its own: with pretrained=True it raised this error again.
+    assert f"timm.create_model('{NAME}', checkpoint_path='checkpoint.pth.tar')" in str(info.value)
     # The suggested call keeps the tag: without it timm would drop a 100-class classifier.
     with pytest.raises(NoPublishedWeightsError, match=rf"timm.create_model\('{ARCH}.cifar100', pretrained=True"):
         timm.create_model(f'{ARCH}.cifar100', pretrained=True)
@@ -319,6 +361,20 @@ def test_corrupt_files_are_named_on_every_route(hf_cache, published, tmp_path):
     legacy.write_bytes(legacy.read_bytes()[:-1000])
     with pytest.raises(CorruptWeightsError, match='legacy.t7 could not be read as a torch checkpoint'):
         timm.create_model(ARCH, pretrained=True, pretrained_cfg_overlay=dict(file=str(legacy)))
+
+
+def test_non_finite_weights_are_refused(hf_cache, published, tmp_path):
+    """NaN or inf weights (a diverged run) loaded silently and the model answered NaN."""
+    state = dict(published['state'], **{'layer1.0.conv1.weight': published['state']['layer1.0.conv1.weight'].clone(),
+                                        'linear.running_deconv': torch.full((512, 512), float('inf'))})
+    state['layer1.0.conv1.weight'][0, 0, 0, 0] = float('nan')
+    path = tmp_path / 'diverged.safetensors'
+    save_file(state, str(path))
+    with pytest.raises(CorruptWeightsError,
+                       match=f'{path}.*NaN or inf values in 2 tensors: layer1.0.conv1.weight, linear.running_deconv'):
+        timm.create_model(ARCH, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    with pytest.raises(CorruptWeightsError, match='the given state_dict.*NaN or inf'):
+        timm.create_model(ARCH, pretrained=True, pretrained_cfg_overlay=dict(state_dict=state))
 
 
 def test_checkpoint_of_another_architecture_lists_keys(hf_cache, tmp_path):
