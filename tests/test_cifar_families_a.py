@@ -190,6 +190,16 @@ def test_channel_deconv_attribute_names():
     assert channel_deconv('resnext29_32x4d_cifar_deconv') == ['deconv1']
 
 
+def test_channel_deconv_follows_the_conv_settings():
+    """main.py built ChannelDeconv with FastDeconv's --eps, --deconv-iter and --stride (its sampling stride)."""
+    model = timm.create_model('resnet18_cifar_deconv', block_fc=512, delinear=False,
+                              deconv_cfg=dict(eps=1e-3, n_iter=7, sampling_stride=2))
+    layer = model.deconv1
+    assert (layer.block, layer.eps, layer.n_iter, layer.sampling_stride) == (512, 1e-3, 7, 2)
+    layer = timm.create_model('vgg16_cifar_deconv', block_fc=512, delinear=False).channel_deconv
+    assert (layer.eps, layer.n_iter, layer.sampling_stride) == (1e-5, 5, 3)  # the paper's
+
+
 def test_vgg_global_pool_accepts_other_sizes():
     model = timm.create_model('vgg16_cifar', num_classes=3).eval()
     with torch.no_grad():

@@ -176,6 +176,28 @@ def test_fx_feature_extraction_traces(name):
     assert model.feature_info.module_name() == [info['module'] for info in _meta(name).feature_info]
 
 
+@pytest.mark.parametrize('feature_cls', ['list', 'dict', 'hook', 'fx'])
+@pytest.mark.parametrize('name, kwargs', [
+    ('resnet18_deconv', dict(layers=(1, 1, 1, 1))), ('densenet121_deconv', dict(block_config=(1, 1, 1, 1))),
+    ('vgg11_deconv', dict(num_classes=0, global_pool='')),  # no 120M-parameter MLP to build
+])
+def test_module_tapping_extractors_return_the_levels(name, kwargs, feature_cls):
+    """timm's extractors that tap feature_info's modules (VGG and DenseNet tap children of
+    ``features``, which 'list' and 'dict' only find in a flattened Sequential, as timm's own do)."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, **kwargs).eval()
+    torch.manual_seed(0)  # the same weights
+    extractor = timm.create_model(name, features_only=True, feature_cls=feature_cls, **kwargs).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        levels = model.forward_intermediates(x, intermediates_only=True)
+        out = extractor(x)
+    out = list(out.values()) if isinstance(out, dict) else out
+    assert len(out) == len(levels)
+    for got, expected in zip(out, levels):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
 def test_vgg_fx_matches_eager():
     torch.manual_seed(0)
     model = VGG(cfg=[64, 'M', 128, 'M'], num_classes=10).eval()

@@ -63,9 +63,11 @@ def create_classifier(
         delinear: bool = True,
         eps: float = 1e-5,
         n_iter: int = 5,
+        sampling_stride: int = 3,
 ) -> nn.Module:
     """The classifier: a Delinear when ``block_fc > 0`` and ``delinear``, else a Linear
-    (Identity for ``num_classes == 0``)."""
+    (Identity for ``num_classes == 0``). Takes ``classifier_args(...)``, whose ``sampling_stride``
+    is for the head's ChannelDeconv (``create_channel_deconv``); a classifier has none."""
     if num_classes <= 0:
         return nn.Identity()
     if block_fc > 0 and delinear:
@@ -74,16 +76,18 @@ def create_classifier(
 
 
 def classifier_args(block_fc: int, delinear: bool, dconv: Optional[Dict[str, Any]]) -> Dict[str, Any]:
-    """Settings of the decorrelated classifier; eps and iterations follow the conv settings, as
-    the reference's command line used one --eps and --deconv-iter for both."""
+    """Settings of the decorrelated head; eps, iterations and (ChannelDeconv's) sampling stride
+    follow the conv settings, as the reference's command line used one --eps, --deconv-iter and
+    --stride for all of them."""
     settings = dconv or PAPER_DECONV_ARGS
-    return dict(block_fc=block_fc, delinear=delinear, eps=settings['eps'], n_iter=settings['n_iter'])
+    return dict(block_fc=block_fc, delinear=delinear, eps=settings['eps'], n_iter=settings['n_iter'],
+                sampling_stride=settings['sampling_stride'])
 
 
 def create_channel_deconv(block_fc: int = 0, delinear: bool = True, eps: float = 1e-5,
-                          n_iter: int = 5) -> Optional[nn.Module]:
+                          n_iter: int = 5, sampling_stride: int = 3) -> Optional[nn.Module]:
     """The reference's pre-pooling ChannelDeconv, used only with ``block_fc > 0`` and no Delinear.
-    Takes ``classifier_args(...)``: main.py gave it the same --eps and --deconv-iter."""
+    Takes ``classifier_args(...)``: main.py gave it the same --eps, --deconv-iter and --stride."""
     if block_fc > 0 and not delinear:
-        return ChannelDeconv(block_fc, eps=eps, n_iter=n_iter)
+        return ChannelDeconv(block_fc, eps=eps, n_iter=n_iter, sampling_stride=sampling_stride)
     return None

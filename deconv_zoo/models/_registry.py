@@ -73,12 +73,15 @@ def build_zoo_model(
         variant: str,
         pretrained: bool = False,
         hub_org: Optional[str] = None,
+        flatten_sequential: bool = False,
         **kwargs: Any,
 ) -> nn.Module:
     """``build_model_with_cfg`` with the zoo's weight rules and ``features_only`` defaults.
 
     ``hub_org`` (or the DECONV_ZOO_HUB_ORG variable) points the tag at ``<org>/<arch>.<tag>``.
     Weights are verified before loading and adapted by ``loading.filter_pretrained_state_dict``.
+    ``flatten_sequential``: feature_info's modules are children of a top-level Sequential
+    (``features.3``), which timm's 'list' and 'dict' extractors only find when it is flattened.
     """
     if pretrained:
         kwargs = resolve_pretrained_source(variant, hub_org, kwargs)
@@ -87,6 +90,7 @@ def build_zoo_model(
     feature_cls = kwargs.pop('feature_cls', 'getter')
     if feature_cls != 'getter' and not getattr(model_cls, 'features_by_module', False):
         raise ValueError(f"{variant}: features_only supports feature_cls='getter' (the default), not {feature_cls!r}")
-    feature_cfg = dict(feature_cls=feature_cls, out_indices=kwargs.pop('default_out_indices'))
+    feature_cfg = dict(feature_cls=feature_cls, out_indices=kwargs.pop('default_out_indices'),
+                       flatten_sequential=flatten_sequential)
     return build_model_with_cfg(model_cls, variant, pretrained, feature_cfg=feature_cfg,
                                 pretrained_filter_fn=filter_pretrained_state_dict, **kwargs)

@@ -142,7 +142,8 @@ class DenseNet(SequentialLevels, DeconvNet):
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> DenseNet:
-    return build_zoo_model(DenseNet, variant, pretrained, default_out_indices=(0, 1, 2, 3, 4), **kwargs)
+    return build_zoo_model(DenseNet, variant, pretrained, default_out_indices=(0, 1, 2, 3, 4),
+                           flatten_sequential=True, **kwargs)
 
 
 def _cfg(**kwargs: Any) -> Dict[str, Any]:

@@ -176,7 +176,8 @@ class VGG(SequentialLevels, DeconvNet):
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> VGG:
-    return build_zoo_model(VGG, variant, pretrained, default_out_indices=(0, 1, 2, 3, 4, 5), **kwargs)
+    return build_zoo_model(VGG, variant, pretrained, default_out_indices=(0, 1, 2, 3, 4, 5),
+                           flatten_sequential=True, **kwargs)
 
 
 def _cfg(**kwargs: Any) -> Dict[str, Any]:
