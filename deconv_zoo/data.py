@@ -26,7 +26,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset, default_collate
 
 __all__ = [
-    'DIGITS', 'SYNTHETIC', 'DigitsDataset', 'SyntheticDataset', 'check_dataset', 'create_image_dataset',
+    'DIGITS', 'SYNTHETIC', 'SPLITS', 'DigitsDataset', 'SyntheticDataset', 'check_dataset', 'create_image_dataset',
     'dataset_num_classes', 'resolve_input_config', 'ResumableSampler', 'ShardSampler', 'PerSampleSeed',
     'SkipUnreadable', 'collate_readable', 'create_data_loader', 'set_image_transform', 'DatasetError',
     'DatasetNotFoundError',
@@ -50,6 +50,7 @@ class DatasetNotFoundError(FileNotFoundError):
     """A dataset's folder, split or files are not where the arguments say."""
 _TRAIN_SPLITS = ('train', 'training')
 _VAL_SPLITS = ('val', 'validation', 'test')
+SPLITS = _TRAIN_SPLITS + _VAL_SPLITS  # every name a split argument takes
 
 
 def _is_train_split(split: str) -> bool:
@@ -57,7 +58,7 @@ def _is_train_split(split: str) -> bool:
         return True
     if split in _VAL_SPLITS:
         return False
-    raise ValueError(f'unknown split {split!r}: use one of {_TRAIN_SPLITS + _VAL_SPLITS}')
+    raise ValueError(f'unknown split {split!r}: use one of {SPLITS}')
 
 
 class DigitsDataset(Dataset):

@@ -21,7 +21,7 @@ import pickle
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Set, Tuple
 
 import huggingface_hub.constants
 import torch
@@ -43,7 +43,7 @@ from .weights import (
 
 __all__ = ['resolve_pretrained_source', 'fetch_hub_weights', 'verify_weights_file', 'load_torch_checkpoint',
            'file_sha256', 'filter_pretrained_state_dict', 'StateDictMismatch', 'compare_state_dict',
-           'optional_state_keys', 'gray_whitening', 'install_hub_error_messages']
+           'optional_state_keys', 'non_finite_names', 'gray_whitening', 'install_hub_error_messages']
 
 _logger = logging.getLogger(__name__)
 
@@ -235,6 +235,12 @@ def load_torch_checkpoint(path: str, mmap: bool = False) -> Any:
             f'than tensors and plain containers (torch.load: {reason}).') from e
 
 
+def non_finite_names(named_tensors: Iterable[Tuple[str, Tensor]]) -> List[str]:
+    """Names of the floating-point tensors that hold NaN or inf."""
+    return [name for name, tensor in named_tensors
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+
+
 def _listed(keys: List[str], limit: int = 10) -> str:
     """The first ``limit`` of ``keys``, comma-separated, and how many more there are."""
     more = f', ... (+{len(keys) - limit} more)' if len(keys) > limit else ''
@@ -376,7 +382,7 @@ def filter_pretrained_state_dict(state_dict: Dict[str, Tensor], model: nn.Module
             f"num_classes)? Batch-norm weights convert with deconv_zoo.convert.bn_to_deconv; the authors' "
             f"checkpoints with deconv_zoo.convert.convert_reference_checkpoint.")
     # timm loads NaN/inf without a word and the model then answers NaN (e.g. a run that diverged).
-    non_finite = [k for k, v in state_dict.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    non_finite = non_finite_names(state_dict.items())
     if non_finite:
         raise CorruptWeightsError(
             f"Pretrained weights from {source} hold NaN or inf values in {len(non_finite)} tensors: "

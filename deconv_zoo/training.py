@@ -31,7 +31,7 @@ from timm.utils import AverageMeter, ModelEmaV3, dispatch_clip_grad
 from torch.utils.data import DataLoader
 
 from .files import atomic_write
-from .loading import compare_state_dict, load_torch_checkpoint
+from .loading import compare_state_dict, load_torch_checkpoint, non_finite_names
 from .weights import CheckpointMismatchError
 
 __all__ = [
@@ -154,9 +154,9 @@ def _changed_args(recorded: Dict[str, Any], current: Dict[str, Any], keys: Tuple
 def _first_non_finite(model: nn.Module) -> Optional[str]:
     """The first parameter or floating-point buffer (running statistics) holding inf or nan, by name."""
     for kind, named_tensors in (('parameter', model.named_parameters()), ('buffer', model.named_buffers())):
-        for name, tensor in named_tensors:
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                return f'{kind} {name}'
+        names = non_finite_names(named_tensors)
+        if names:
+            return f'{kind} {names[0]}'
     return None
 
 

@@ -27,8 +27,8 @@ from timm.utils import setup_default_logging
 
 import deconv_zoo  # noqa: F401  (registers the zoo's models with timm)
 from deconv_zoo.data import (
-    DIGITS, DatasetError, ShardSampler, SkipUnreadable, collate_readable, create_data_loader, create_image_dataset,
-    dataset_num_classes, resolve_input_config, set_image_transform,
+    DIGITS, SPLITS, DatasetError, ShardSampler, SkipUnreadable, collate_readable, create_data_loader,
+    create_image_dataset, dataset_num_classes, resolve_input_config, set_image_transform,
 )
 from deconv_zoo.evaluation import (
     add_model_arguments, check_input_size, check_model_and_dataset, check_num_classes, evaluate, model_from_args,
@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help='digits (embedded), folder (ImageNet layout in --data-dir) or a timm dataset '
                              'read from a local copy, e.g. torch/cifar10')
     parser.add_argument('--data-dir', default=None, help='dataset root')
-    parser.add_argument('--split', default='validation', choices=('train', 'training', 'validation', 'val', 'test'),
+    parser.add_argument('--split', default='validation', choices=SPLITS,
                         help='split to evaluate (train or validation; val and test name the validation split)')
     parser.add_argument('--limit', type=positive_int, default=None, help='evaluate only the first N images')
     parser.add_argument('--batch-size', '-b', type=positive_int, default=256, help='batch size')
