@@ -7,10 +7,10 @@ from typing import List
 import timm
 
 from . import layers, models
-from .loading import install_hub_error_messages
+from .loading import install_timm_checks
 from .weights import NoPublishedWeightsError
 
-install_hub_error_messages()  # timm's hf-hub: config.json fetch, before any zoo code runs
+install_timm_checks()  # timm's hf-hub: config.json fetch and checkpoint_path loader, before any zoo code runs
 
 __all__ = ['list_models', 'NoPublishedWeightsError', 'layers', 'models']
 

@@ -20,7 +20,9 @@ from timm.utils import accuracy
 from torch.utils.data import DataLoader, Dataset
 
 from .data import DatasetError, DatasetNotFoundError, check_dataset, dataset_num_classes
-from .loading import compare_state_dict, load_torch_checkpoint, optional_state_keys, verify_weights_file
+from .loading import (
+    compare_state_dict, load_torch_checkpoint, optional_state_keys, refuse_non_finite, verify_weights_file,
+)
 from .weights import CheckpointMismatchError, CorruptWeightsError
 
 __all__ = ['ModelArgumentsError', 'BAD_INPUT_ERRORS', 'run_script', 'number_in', 'positive_int', 'non_negative_int',
@@ -126,6 +128,7 @@ def create_model_with_weights(
             raise CheckpointMismatchError(
                 f'{checkpoint} does not fit {model_name} as built (num_classes, in_chans and --model-kwargs must be '
                 f'those it was trained with):\n{mismatch.describe()}')
+        refuse_non_finite(state_dict, checkpoint)
         model.load_state_dict(state_dict)
     return model
 

@@ -10,6 +10,9 @@ model and passes ``filter_pretrained_state_dict`` as timm's ``pretrained_filter_
    classifier whose class count changes (its decorrelation statistics too), adapts the first
    layer's deconvolution statistics to ``in_chans`` (timm adapts only ``.weight``), and rejects a
    checkpoint that does not fit the model, listing the keys, or that holds NaN or inf values.
+
+``install_timm_checks`` (run on import) gives timm's ``checkpoint_path=`` loader the file and
+NaN/inf checks for zoo models.
 """
 import argparse
 import dataclasses
@@ -43,7 +46,8 @@ from .weights import (
 
 __all__ = ['resolve_pretrained_source', 'fetch_hub_weights', 'verify_weights_file', 'load_torch_checkpoint',
            'file_sha256', 'filter_pretrained_state_dict', 'StateDictMismatch', 'compare_state_dict',
-           'optional_state_keys', 'non_finite_names', 'gray_whitening', 'install_hub_error_messages']
+           'optional_state_keys', 'non_finite_names', 'refuse_non_finite', 'gray_whitening',
+           'install_timm_checks']
 
 _logger = logging.getLogger(__name__)
 
@@ -135,10 +139,30 @@ def _explain_config_cache_misses(load_config: Callable) -> Callable:
     return load_model_config_from_hf
 
 
-def install_hub_error_messages() -> None:
-    """Make timm.create_model('hf-hub:...') report offline cache misses clearly (idempotent)."""
+def _check_zoo_checkpoints(load_checkpoint: Callable) -> Callable:
+    """Wrap timm's loader of ``create_model(..., checkpoint_path=...)`` so that a zoo model gets
+    the checks of its pretrained weights: a missing or corrupt file raises ``CorruptWeightsError``
+    naming it (timm: an empty FileNotFoundError, or pickle internals) and NaN or inf values are
+    refused (timm loads them). timm's own models keep timm's behaviour."""
+    @functools.wraps(load_checkpoint)
+    def checked_load_checkpoint(model: nn.Module, checkpoint_path: str, *args: Any, **kwargs: Any) -> Any:
+        if not type(model).__module__.startswith(__package__ + '.'):
+            return load_checkpoint(model, checkpoint_path, *args, **kwargs)
+        verify_weights_file(checkpoint_path)
+        incompatible = load_checkpoint(model, checkpoint_path, *args, **kwargs)
+        refuse_non_finite(model.state_dict(), checkpoint_path)
+        return incompatible
+    checked_load_checkpoint.__wrapped_by_deconv_zoo__ = True
+    return checked_load_checkpoint
+
+
+def install_timm_checks() -> None:
+    """Make timm.create_model('hf-hub:...') report offline cache misses clearly, and its
+    ``checkpoint_path`` check a zoo model's file as pretrained weights are checked (idempotent)."""
     if not getattr(timm_factory.load_model_config_from_hf, '__wrapped_by_deconv_zoo__', False):
         timm_factory.load_model_config_from_hf = _explain_config_cache_misses(timm_factory.load_model_config_from_hf)
+    if not getattr(timm_factory.load_checkpoint, '__wrapped_by_deconv_zoo__', False):
+        timm_factory.load_checkpoint = _check_zoo_checkpoints(timm_factory.load_checkpoint)
 
 
 def fetch_hub_weights(hf_hub_id: str, filename: Optional[str] = None, cache_dir: Optional[str] = None) -> str:
@@ -239,6 +263,16 @@ def non_finite_names(named_tensors: Iterable[Tuple[str, Tensor]]) -> List[str]:
     """Names of the floating-point tensors that hold NaN or inf."""
     return [name for name, tensor in named_tensors
             if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+
+
+def refuse_non_finite(state_dict: Mapping[str, Tensor], source: str) -> None:
+    """Raise ``CorruptWeightsError`` when weights hold NaN or inf: timm and load_state_dict load
+    them without a word and the model then answers NaN (e.g. a run that diverged)."""
+    non_finite = non_finite_names(state_dict.items())
+    if non_finite:
+        raise CorruptWeightsError(
+            f"Weights from {source} hold NaN or inf values in {len(non_finite)} tensors: {_listed(non_finite)}. "
+            f"Were they saved from a run that diverged? Load an earlier checkpoint.")
 
 
 def _listed(keys: List[str], limit: int = 10) -> str:
@@ -381,10 +415,5 @@ def filter_pretrained_state_dict(state_dict: Dict[str, Tensor], model: nn.Module
             f"Is this a checkpoint of another architecture or configuration (deconv vs. BN twin, block_fc, "
             f"num_classes)? Batch-norm weights convert with deconv_zoo.convert.bn_to_deconv; the authors' "
             f"checkpoints with deconv_zoo.convert.convert_reference_checkpoint.")
-    # timm loads NaN/inf without a word and the model then answers NaN (e.g. a run that diverged).
-    non_finite = non_finite_names(state_dict.items())
-    if non_finite:
-        raise CorruptWeightsError(
-            f"Pretrained weights from {source} hold NaN or inf values in {len(non_finite)} tensors: "
-            f"{_listed(non_finite)}. Were they saved from a run that diverged? Load an earlier checkpoint.")
+    refuse_non_finite(state_dict, source)
     return state_dict

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 import deconv_zoo
 from deconv_zoo import weights
+from deconv_zoo.evaluation import create_model_with_weights
 from deconv_zoo.loading import gray_whitening
 from deconv_zoo.weights import (
     ChecksumMismatchError, CheckpointMismatchError, CorruptWeightsError, NoPublishedWeightsError, PublishedWeights,
@@ -375,6 +376,36 @@ def test_non_finite_weights_are_refused(hf_cache, published, tmp_path):
         timm.create_model(ARCH, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
     with pytest.raises(CorruptWeightsError, match='the given state_dict.*NaN or inf'):
         timm.create_model(ARCH, pretrained=True, pretrained_cfg_overlay=dict(state_dict=state))
+
+
+def test_checkpoint_path_and_checkpoint_option_check_the_file(published, tmp_path):
+    """timm's ``checkpoint_path=`` loaded NaN weights silently, said nothing for a missing file
+    (an empty FileNotFoundError) and only pickle internals for a broken one; validate.py's
+    ``--checkpoint`` (create_model_with_weights) loaded NaN weights too."""
+    diverged = dict(published['state'], **{'linear.weight': published['state']['linear.weight'].clone()})
+    diverged['linear.weight'][0, 0] = float('inf')
+    for suffix in ('.safetensors', '.pth'):
+        path = tmp_path / f'diverged{suffix}'
+        if suffix == '.safetensors':
+            save_file(diverged, str(path))
+        else:  # a training checkpoint, as scripts/train.py writes it
+            torch.save({'state_dict': diverged}, path)
+        with pytest.raises(CorruptWeightsError, match=f'{path}.*NaN or inf values in 1 tensors: linear.weight'):
+            timm.create_model(ARCH, checkpoint_path=str(path))
+        with pytest.raises(CorruptWeightsError, match=f'{path}.*NaN or inf values in 1 tensors: linear.weight'):
+            create_model_with_weights(ARCH, checkpoint=str(path))
+    with pytest.raises(CorruptWeightsError, match='not found: /no/such/checkpoint.pth'):
+        timm.create_model(ARCH, checkpoint_path='/no/such/checkpoint.pth')
+    garbage = tmp_path / 'garbage.pth'
+    garbage.write_bytes(os.urandom(4096))
+    with pytest.raises(CorruptWeightsError, match='garbage.pth is not a weights file'):
+        timm.create_model(ARCH, checkpoint_path=str(garbage))
+    good = tmp_path / 'good.safetensors'
+    save_file(published['state'], str(good))
+    assert_state_equal_to_file(good, timm.create_model(ARCH, checkpoint_path=str(good)).state_dict())
+    # timm's own models keep timm's behaviour.
+    with pytest.raises(FileNotFoundError):
+        timm.create_model('resnet10t', checkpoint_path='/no/such/checkpoint.pth')
 
 
 def test_checkpoint_of_another_architecture_lists_keys(hf_cache, tmp_path):
