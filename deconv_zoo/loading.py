@@ -388,7 +388,10 @@ def filter_pretrained_state_dict(state_dict: Dict[str, Tensor], model: nn.Module
     cfg = model.pretrained_cfg
     name = _tagged_name(cfg['architecture'], cfg.get('tag'))
     source = cfg.get('file') or cfg.get('hf_hub_id') or 'the given state_dict'
-    if name in CONVERTED_BN_WEIGHTS and not any(k.endswith('.running_deconv') for k in state_dict):
+    # Converted tags turn timm's BN weights into a deconv model's; a model built with deconv=False
+    # has the BN layout already, and weights without statistics are then its own.
+    converts = name in CONVERTED_BN_WEIGHTS and any(isinstance(m, FastDeconv) for m in model.modules())
+    if converts and not any(k.endswith('.running_deconv') for k in state_dict):
         from .convert import deconv_state_dict_from_bn  # convert builds models: import on use
         state_dict = deconv_state_dict_from_bn(state_dict, CONVERTED_BN_WEIGHTS[name].split('.')[0], model)
 

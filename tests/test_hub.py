@@ -378,6 +378,17 @@ def test_non_finite_weights_are_refused(hf_cache, published, tmp_path):
         timm.create_model(ARCH, pretrained=True, pretrained_cfg_overlay=dict(state_dict=state))
 
 
+def test_own_batch_norm_weights_load_under_the_converted_tag():
+    """A deconv=False VGG (torchvision's layout: no norm) loads its own weights with the default
+    .tv_in1k tag: they were taken for timm's vgg11_bn weights to convert, and refused."""
+    kwargs = dict(deconv=False, num_classes=10, init_weights=False)
+    state = timm.create_model('vgg11_deconv', **kwargs).state_dict()
+    model = timm.create_model('vgg11_deconv', pretrained=True, **kwargs,
+                              pretrained_cfg_overlay=dict(state_dict=state, num_classes=10))
+    assert model.pretrained_cfg['tag'] == 'tv_in1k'
+    assert_state_equal(model, state)
+
+
 def test_checkpoint_path_and_checkpoint_option_check_the_file(published, tmp_path):
     """timm's ``checkpoint_path=`` loaded NaN weights silently, said nothing for a missing file
     (an empty FileNotFoundError) and only pickle internals for a broken one; validate.py's
