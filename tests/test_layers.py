@@ -647,3 +647,88 @@ def test_reset_running_stats_restores_the_initial_statistics(make_layer, input_s
     torch.testing.assert_close(layer(x), fresh(x), rtol=0, atol=0)
     if isinstance(layer, FastDeconv):
         assert layer._reused_deconv is None
+
+
+def test_frozen_steps_hold_no_alias_of_the_running_buffers():
+    """Frozen steps whiten with the running statistics: the graph must not hold the buffers
+    themselves, which the layer's next training call updates in place. Two calls before one
+    backward (a shared encoder on two views, recurrent use) failed with autograd's 'modified by
+    an inplace operation' error on CPU."""
+    shared = FastDeconv(4, 3, 3, padding=1, block=2, freeze=True, freeze_iter=1).double()
+    for seed in range(3):  # calls 1 and 2 are fresh, then frozen
+        shared(random_input((2, 4, 6, 6), seed))
+    separate = copy.deepcopy(shared)
+    x1, x2 = random_input((2, 4, 6, 6), 3), random_input((2, 4, 6, 6), 4)
+    (shared(x1).sum() + shared(x2).square().sum()).backward()
+    separate(x1).sum().backward()
+    separate(x2).square().sum().backward()
+    for param, expected in zip(shared.parameters(), separate.parameters()):
+        assert_rel(param.grad, expected.grad, 1e-12)
+
+
+@pytest.mark.parametrize('name', FOLDING)
+def test_eval_fold_gives_gradients_to_trainable_parameters(name):
+    """Eval-mode fine-tuning with the weight frozen and the bias trained (BitFit, linear probes):
+    the cached fold is a constant, so it is used only when no parameter needs a gradient; the
+    bias used to get none."""
+    layer, x = trained_small(name)
+    layer.eval()
+    reference = copy.deepcopy(layer)
+    layer.weight.requires_grad_(False)
+    with torch.no_grad():
+        layer(x)  # a cached fold from before must not be used either
+    upstream = random_input(reference(x).shape, 5, torch.float32)
+    (layer(x) * upstream).sum().backward()
+    (reference(x) * upstream).sum().backward()
+    assert layer.weight.grad is None
+    assert_rel(layer.bias.grad, reference.bias.grad, 1e-6)
+
+
+@pytest.mark.parametrize('name', FOLDING)
+def test_eval_fold_cached_in_inference_mode_serves_autograd(name):
+    """A fold cached under torch.inference_mode() (validation) is an inference tensor, which
+    autograd refuses to save: a later forward that needs an input gradient (saliency maps,
+    adversarial examples, a trainable layer before a frozen one) used to fail."""
+    layer, x = trained_small(name)
+    layer.eval().requires_grad_(False)
+    with torch.inference_mode():
+        expected = layer(x)
+    x = x.clone().requires_grad_()
+    out = layer(x)
+    out.sum().backward()
+    assert torch.equal(out.detach(), expected) and x.grad is not None
+    with torch.inference_mode():
+        assert torch.equal(layer(x), expected)
+
+
+@pytest.mark.parametrize('dtype', [torch.int64, torch.uint8, torch.bool])
+@pytest.mark.parametrize('training', [True, False], ids=['train', 'eval'])
+@pytest.mark.parametrize('name', SMALL)
+def test_non_floating_input_raises(name, training, dtype):
+    """Integer images (uint8 straight from a decoder) are refused by name; ChannelDeconv used to
+    whiten them and round the result back to integers, FastDeconv and Delinear failed with
+    dtype errors from the convolution or matmul."""
+    layer_cls, kwargs, shape = SMALL[name]
+    layer = layer_cls(**kwargs).train(training)
+    before = copy.deepcopy(layer.state_dict())
+    with pytest.raises(TypeError, match=f'{layer_cls.__name__}: expected a floating-point input, got {dtype}'):
+        layer(torch.ones(shape, dtype=dtype))
+    for key, value in layer.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+@pytest.mark.parametrize('make, message', [
+    (lambda: FastDeconv(4, 3, 3, n_iter=0), 'FastDeconv: n_iter must be an int >= 1, got 0'),
+    (lambda: Delinear(8, 3, n_iter=0), 'Delinear: n_iter must be an int >= 1, got 0'),
+    (lambda: ChannelDeconv(4, n_iter=0), 'ChannelDeconv: n_iter must be an int >= 1, got 0'),
+    (lambda: FastDeconv(4, 3, 3, freeze=True, freeze_iter=0), 'FastDeconv: freeze_iter must be an int >= 1, got 0'),
+    (lambda: FastDeconv(4, 3, 3, sampling_stride=0), 'FastDeconv: sampling_stride must be an int >= 1, got 0'),
+    (lambda: FastDeconv(4, 3, 3, sampling_stride=(2, 2)),
+     r'FastDeconv: sampling_stride must be an int >= 1, got \(2, 2\)'),
+], ids=['fast_n_iter', 'delinear_n_iter', 'channel_n_iter', 'freeze_iter', 'sampling_stride', 'sampling_stride_pair'])
+def test_invalid_settings_raise_up_front(make, message):
+    """Refused when the layer is built, not at the first training call (n_iter), with a
+    ZeroDivisionError (freeze_iter=0), an unfold error (sampling_stride=0), or not at all: a pair
+    of sampling strides was repeated into a nested tuple."""
+    with pytest.raises(ValueError, match=message):
+        make()

@@ -102,6 +102,22 @@ def test_reload_and_dtype_change_start_with_fresh_statistics(monkeypatch):
     assert len(calls) == 3
 
 
+def test_a_matrix_kept_under_inference_mode_is_not_reused_with_autograd(monkeypatch):
+    """A training-mode call under torch.inference_mode() (re-estimating the statistics) keeps an
+    inference tensor, which autograd refuses to save: the next call outside that mode refreshes
+    (it failed in backward-tracked training)."""
+    layer = FastDeconv(**KWARGS).double()
+    calls = count_statistics(monkeypatch)
+    with torch.inference_mode():
+        layer(random_input(SHAPE, 0))
+        layer(random_input(SHAPE, 1))  # reused inside the mode
+    x = random_input(SHAPE, 2).requires_grad_()
+    layer(x).sum().backward()
+    assert len(calls) == 2 and x.grad is not None
+    layer(random_input(SHAPE, 3))  # reused again
+    assert len(calls) == 2
+
+
 def test_eval_uses_running_statistics_and_does_not_advance(monkeypatch):
     layer = FastDeconv(**KWARGS).double()
     calls = count_statistics(monkeypatch)

@@ -4,6 +4,7 @@ Kept apart from the maths (whitening.py): float32 statistics under autocast, the
 guard, the gradient-checkpoint recompute guard, and the eval-mode cache of folded weights.
 """
 import math
+import numbers
 import warnings
 import weakref
 from contextlib import contextmanager
@@ -45,6 +46,21 @@ def check_momentum(layer: str, momentum: float) -> float:
         raise ValueError(f'{layer}: momentum must be a number in [0, 1], got {momentum!r} (momentum=None, '
                          f'the cumulative average of BatchNorm, is not supported)')
     return momentum
+
+
+def check_positive_int(layer: str, name: str, value: int) -> int:
+    """A count or stride setting, refused up front unless it is an int >= 1 (0 used to fail only
+    at the first training call, some with a ZeroDivisionError; a pair was silently mangled)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f'{layer}: {name} must be an int >= 1, got {value!r}')
+    return value
+
+
+def check_floating(layer: str, x: Tensor) -> None:
+    """Refuse integer or boolean input by name: it cannot be whitened in its own dtype (uint8
+    images need converting to float first)."""
+    if not x.is_floating_point():
+        raise TypeError(f'{layer}: expected a floating-point input, got {x.dtype}')
 
 
 @torch.no_grad()
@@ -125,7 +141,8 @@ class FoldCache:
     so an optimizer step, ``load_state_dict``, ``.to()``, a replaced parameter or an in-place
     edit all invalidate it. Edits through ``.data`` do not: PyTorch gives that alias a version
     counter of its own. ``train()`` / ``eval()`` clear the cache, so calling ``model.eval()``
-    after such an edit is enough. Copies and pickles of a layer start with an empty cache.
+    after such an edit is enough. Copies and pickles of a layer start with an empty cache. A fold
+    made under ``torch.inference_mode()`` serves only forwards in that mode.
     """
 
     def __init__(self) -> None:
@@ -134,7 +151,9 @@ class FoldCache:
     @staticmethod
     def key(*tensors: Optional[Tensor]) -> Optional[tuple]:
         """What a fold of ``tensors`` depends on; None where it cannot be told (do not cache)."""
-        parts: list = [_optimizer_steps]
+        # A fold made under inference_mode is an inference tensor, which autograd cannot save:
+        # it must not serve a forward outside that mode.
+        parts: list = [_optimizer_steps, torch.is_inference_mode_enabled()]
         for t in tensors:
             if t is None:
                 parts.append(None)
@@ -178,12 +197,13 @@ class FoldCache:
         self.clear()
 
 
-def use_fold_cache(weight: Tensor) -> bool:
-    """Cache only when no gradient w.r.t. the weight is being taken, and not while compiling
-    (the compiled graph folds on its own; Python-side caching would break the trace)."""
+def use_fold_cache(*tensors: Optional[Tensor]) -> bool:
+    """Cache only when no gradient w.r.t. any of the fold's ``tensors`` is being taken (a cached
+    fold is a constant: a trainable bias next to a frozen weight would get no gradient), and not
+    while compiling (the compiled graph folds on its own; Python-side caching would break the trace)."""
     if torch.compiler.is_compiling():
         return False
-    return not (torch.is_grad_enabled() and weight.requires_grad)
+    return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
 
 
 class WhitenedWeightMixin:
@@ -228,8 +248,8 @@ class WhitenedWeightMixin:
         return weight.to(self.weight.dtype), bias.to(self.weight.dtype)
 
     def _eval_fold(self) -> Tuple[Tensor, Tensor]:
-        cacheable = use_fold_cache(self.weight)
         sources = (self.weight, self.bias, self.running_mean, self.running_deconv)
+        cacheable = use_fold_cache(*sources)
         cached = self._fold_cache.get(*sources) if cacheable else None
         if cached is not None:
             return cached

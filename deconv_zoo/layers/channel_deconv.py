@@ -8,7 +8,8 @@ import torch.nn as nn
 from torch import Tensor
 
 from ._stats import (
-    check_momentum, ensure_finite, float32_statistics, in_backward_recompute, reset_whitening_, warn_once,
+    check_floating, check_momentum, check_positive_int, ensure_finite, float32_statistics, in_backward_recompute,
+    reset_whitening_, warn_once,
 )
 from .whitening import isqrt_newton_schulz
 
@@ -33,7 +34,7 @@ class ChannelDeconv(nn.Module):
             raise ValueError(f'ChannelDeconv: block must be >= 1, got {block}')
         self.block = block
         self.eps = eps
-        self.n_iter = n_iter
+        self.n_iter = check_positive_int('ChannelDeconv', 'n_iter', n_iter)
         self.momentum = check_momentum('ChannelDeconv', momentum)
         self.sampling_stride = sampling_stride
         self.register_buffer('running_mean1', torch.zeros(block, 1))
@@ -64,6 +65,8 @@ class ChannelDeconv(nn.Module):
         # fix: the reference printed an error for 3-D input and then failed obscurely.
         if x.dim() not in (2, 4):
             raise ValueError(f'ChannelDeconv: expected input (N, C) or (N, C, H, W), got shape {tuple(x.shape)}')
+        # fix: integer input used to be whitened in float32 and rounded back to its integer dtype.
+        check_floating('ChannelDeconv', x)
         flat_input = x.dim() == 2
         if flat_input:
             x = x[:, :, None, None]

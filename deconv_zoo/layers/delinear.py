@@ -5,7 +5,9 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ._stats import WhitenedWeightMixin, check_momentum, float32_statistics, resolve_block
+from ._stats import (
+    WhitenedWeightMixin, check_floating, check_momentum, check_positive_int, float32_statistics, resolve_block,
+)
 from .whitening import fold_linear_whitening, isqrt_newton_schulz
 
 __all__ = ['Delinear']
@@ -31,7 +33,7 @@ class Delinear(WhitenedWeightMixin, nn.Linear):
         super().__init__(in_features, out_features, bias=bias)
         self.block = resolve_block(type(self).__name__, in_features, block)
         self.eps = eps
-        self.n_iter = n_iter
+        self.n_iter = check_positive_int(type(self).__name__, 'n_iter', n_iter)
         self.momentum = check_momentum(type(self).__name__, momentum)
         self.track_running_stats = True
         self.register_buffer('running_mean', torch.zeros(self.block))
@@ -53,20 +55,27 @@ class Delinear(WhitenedWeightMixin, nn.Linear):
         return mean, isqrt_newton_schulz(cov, self.n_iter)
 
     def forward(self, x: Tensor) -> Tensor:
+        check_floating(type(self).__name__, x)
         if x.dim() < 1 or x.shape[-1] != self.in_features:
             raise ValueError(
                 f'{type(self).__name__}: expected input (..., {self.in_features}), got shape {tuple(x.shape)}')
         # fix: without track_running_stats, batch statistics are used but not recorded (as BatchNorm).
-        if self.training and x.numel() > 0:
-            with float32_statistics(x) as xs:
-                mean, deconv = self.batch_statistics(xs)
-                self._track(mean, deconv)
-                weight, bias = self._fold_in(mean, deconv)
+        if self.training and self._takes_statistics(x):
+            weight, bias = self._train_fold(x)
         elif self.training:  # an empty batch: an empty output, the state left as it was (as BatchNorm)
             weight, bias = self.weight, self.bias
         else:
             weight, bias = self._eval_fold()
         return nn.functional.linear(x, weight, bias)
+
+    def _takes_statistics(self, x: Tensor) -> bool:
+        return x.numel() > 0
+
+    def _train_fold(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+        with float32_statistics(x) as xs:
+            mean, deconv = self.batch_statistics(xs)
+            self._track(mean, deconv)
+            return self._fold_in(mean, deconv)
 
     def _fold(self, weight: Tensor, bias: Optional[Tensor], mean: Tensor, deconv: Tensor) -> Tuple[Tensor, Tensor]:
         return fold_linear_whitening(weight, bias, mean, deconv)

@@ -10,7 +10,10 @@ import torch.nn as nn
 from torch import Tensor
 from torch.nn.modules.utils import _pair
 
-from ._stats import WhitenedWeightMixin, check_momentum, in_backward_recompute, resolve_block, statistics_dtype
+from ._stats import (
+    WhitenedWeightMixin, check_floating, check_momentum, check_positive_int, in_backward_recompute, resolve_block,
+    statistics_dtype,
+)
 from .whitening import conv_patch_mean, conv_whitening_statistics, fold_conv_whitening
 
 __all__ = ['FastDeconv']
@@ -67,6 +70,10 @@ class FastDeconv(WhitenedWeightMixin, nn.Conv2d):
     ):
         if isinstance(padding, str):
             raise ValueError(f'FastDeconv: padding must be int or a pair of ints, got {padding!r}')
+        name = type(self).__name__
+        check_positive_int(name, 'n_iter', n_iter)
+        check_positive_int(name, 'freeze_iter', freeze_iter)  # the counter runs modulo 10 * freeze_iter
+        check_positive_int(name, 'sampling_stride', sampling_stride)  # one int, multiplied by each stride
         super().__init__(
             in_channels, out_channels, kernel_size, stride=stride, padding=padding,
             dilation=dilation, groups=groups, bias=bias)
@@ -77,12 +84,10 @@ class FastDeconv(WhitenedWeightMixin, nn.Conv2d):
         self.block = block
         self.eps = eps
         self.n_iter = n_iter
-        self.momentum = check_momentum(type(self).__name__, momentum)
+        self.momentum = check_momentum(name, momentum)
         self.freeze = freeze
         self.freeze_iter = freeze_iter
-        if refresh_every < 1:
-            raise ValueError(f'FastDeconv: refresh_every must be >= 1, got {refresh_every}')
-        self.refresh_every = refresh_every
+        self.refresh_every = check_positive_int(name, 'refresh_every', refresh_every)
         self._reused_deconv: Optional[Tensor] = None  # the whitening matrix refresh_every reuses
         self._reuse_count = 0
         self._refreshing = True
@@ -120,6 +125,7 @@ class FastDeconv(WhitenedWeightMixin, nn.Conv2d):
 
     def _check_input(self, x: Tensor) -> None:
         name = type(self).__name__
+        check_floating(name, x)
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f'{name}: expected input (N, {self.in_channels}, H, W), got shape {tuple(x.shape)}')
         padded = [size + 2 * pad for size, pad in zip(x.shape[2:], self.padding)]
@@ -132,7 +138,7 @@ class FastDeconv(WhitenedWeightMixin, nn.Conv2d):
         self._check_input(x)
         # fix: with track_running_stats off, training still uses the batch statistics (as the
         # reference and BatchNorm do); only their recording stops.
-        if self.training and x.shape[0] > 0:
+        if self.training and self._takes_statistics(x):
             weight, bias = self._train_fold(x)
         elif self.training:
             # An empty batch has no statistics: as BatchNorm does, it gives an empty output and
@@ -141,6 +147,9 @@ class FastDeconv(WhitenedWeightMixin, nn.Conv2d):
         else:
             weight, bias = self._eval_fold()
         return self._conv_forward(x, weight, bias)
+
+    def _takes_statistics(self, x: Tensor) -> bool:
+        return x.shape[0] > 0
 
     def _train_fold(self, x: Tensor) -> Tuple[Tensor, Tensor]:
         # Statistics in float32 at least, read straight from x (a float32 copy of a half-precision
@@ -158,7 +167,9 @@ class FastDeconv(WhitenedWeightMixin, nn.Conv2d):
             if frozen is not None and x.device.type == 'cpu' and not torch.compiler.is_compiling() and bool(frozen):
                 # perf: on CPU the schedule costs nothing to read, so frozen steps skip the batch
                 # statistics, as the reference did (same result as the selection below).
-                mean, deconv = self.running_mean.to(dtype), self.running_deconv.to(dtype)
+                # fix: copies, as the graph keeps them: the buffers themselves change in place at
+                # the next training call, maybe before this step's backward (a shared layer).
+                mean, deconv = self.running_mean.to(dtype, copy=True), self.running_deconv.to(dtype, copy=True)
             else:
                 mean, deconv, schedule = self._refreshed_statistics(x, recompute)
                 if frozen is not None:
@@ -194,8 +205,10 @@ class FastDeconv(WhitenedWeightMixin, nn.Conv2d):
         refreshing, schedule = self._refreshing, None
         if not recompute:
             reused = self._reused_deconv
+            # fix: one kept from a call under inference_mode cannot enter an autograd graph.
             refreshing = (reused is None or self._reuse_count + 1 >= self.refresh_every
-                          or reused.device != x.device or reused.dtype != statistics_dtype(x))
+                          or reused.device != x.device or reused.dtype != statistics_dtype(x)
+                          or (reused.is_inference() and not torch.is_inference_mode_enabled()))
             schedule = (refreshing, 0 if refreshing else self._reuse_count + 1)
         if not refreshing:
             geometry = (self.kernel_size, self.dilation, self.padding, self.sampling_stride)
