@@ -16,7 +16,7 @@ import functools
 import logging
 import os
 import random
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 import torch
@@ -84,10 +84,16 @@ class DigitsDataset(Dataset):
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split
 
+        if not 0 < val_fraction < 1:
+            raise ValueError(f'val_fraction must be in (0, 1): {val_fraction} leaves one split empty')
         digits = load_digits()
         indices = np.arange(len(digits.target))
-        train_idx, val_idx = train_test_split(
-            indices, test_size=val_fraction, stratify=digits.target, random_state=split_seed)
+        try:
+            train_idx, val_idx = train_test_split(
+                indices, test_size=val_fraction, stratify=digits.target, random_state=split_seed)
+        except ValueError as error:  # "The test_size = 2 should be greater or equal to the number of classes = 10"
+            raise ValueError(
+                f'val_fraction {val_fraction}: each split needs an image of every digit ({error})') from None
         chosen = train_idx if _is_train_split(split) else val_idx
         self.split = split
         self.images = torch.from_numpy(digits.images[chosen] / 16.0).float()  # (N, 8, 8) in [0, 1]
@@ -177,6 +183,8 @@ def create_image_dataset(
     Other names raise DatasetError (``check_dataset``).
     """
     check_dataset(name, root)
+    if limit is not None and limit < 1:  # Subset(range(0 or less)) would be an empty dataset
+        raise ValueError(f'limit must be at least 1, not {limit}')
     if name == DIGITS:
         dataset = DigitsDataset(split)
     elif name == SYNTHETIC:
@@ -196,22 +204,79 @@ def _timm_dataset(name: str, root: str, split: str) -> Dataset:
     from timm.data import create_dataset
 
     is_training = _is_train_split(split)
+    options = {}
     if name in FOLDER_NAMES:
         _check_image_folder(root, is_training)
+        if not is_training:
+            options['class_map'] = _training_class_map(root)
     try:
         # download=False always: the project never fetches data sets.
         return create_dataset(name, root=root, split='train' if is_training else 'validation',
-                              is_training=is_training, download=False)
+                              is_training=is_training, download=False, **options)
     except RuntimeError as error:
-        if 'download=True' in str(error):
+        if 'download=True' in str(error):  # torchvision: "Dataset not found or corrupted. You can use download=True"
             raise DatasetNotFoundError(
-                f'dataset {name!r} not found under {root!r}; place a local copy there '
-                f'(for torch/cifar10: {root}/cifar-10-batches-py)') from None
+                f'dataset {name!r} not found (or incomplete) under {root!r}; nothing is downloaded: '
+                f'{_local_copy_hint(name, root)}') from None
         if 'Found 0 images' in str(error):  # timm's folder reader: a split without images
             raise DatasetNotFoundError(f'dataset {name!r}: {error}') from None
         raise
     except AssertionError as error:  # timm asserts on names it does not know ("Unknown torchvision dataset x")
         raise DatasetError(f'dataset {name!r}: {error}') from None
+
+
+def _local_copy_hint(name: str, root: str) -> str:
+    """Where torchvision looks for the local copy of a ``torch/`` dataset under ``root``."""
+    from timm.data.dataset_factory import _TORCH_BASIC_DS
+
+    ds_class = _TORCH_BASIC_DS.get(name.lower().split('/', 1)[-1])
+    if ds_class is None:
+        return "place a local copy there in torchvision's layout for that dataset"
+    if hasattr(ds_class, 'base_folder'):  # CIFAR-10 / -100: the extracted python archive
+        folder = ds_class.base_folder
+        return f'place {folder}/ there ({root}/{folder}, extracted from {ds_class.filename})'
+    raw = os.path.join(root, ds_class.__name__, 'raw')  # MNIST and its variants: the unzipped idx files
+    files = ', '.join(os.path.splitext(file)[0] for file, _ in ds_class.resources)
+    return f'place the unzipped idx files of {ds_class.__name__} in {raw}/ ({files})'
+
+
+def _folder_classes(folder: str) -> Set[str]:
+    """The class names timm's folder reader gives the images under ``folder`` (leaf folder names)."""
+    from timm.data import get_img_extensions
+
+    extensions = get_img_extensions(as_set=True)
+    classes = set()
+    for path, _, files in os.walk(folder, followlinks=True):
+        if any(os.path.splitext(f)[1].lower() in extensions for f in files):
+            classes.add(os.path.basename(os.path.relpath(path, folder)) if path != folder else '')
+    return classes
+
+
+def _training_class_map(root: str) -> Optional[Dict[str, int]]:
+    """The training split's class indices for the validation split of an image folder, when the two
+    splits hold other classes; None when they hold the same (timm indexes both alike).
+
+    timm numbers each split's classes on its own, so a validation folder without one of the
+    training classes had every later class shifted by one: labels the model never learnt.
+    Validation classes without training images are a DatasetError (the model has no output for them).
+    """
+    from timm.data.dataset_factory import _search_split
+    from timm.utils.misc import natural_key
+
+    if not os.path.isdir(root):
+        return None
+    train_folder, val_folder = _search_split(root, 'train'), _search_split(root, 'validation')
+    if root in (train_folder, val_folder):  # a single split (checked by _check_image_folder)
+        return None
+    train_classes, val_classes = _folder_classes(train_folder), _folder_classes(val_folder)
+    if not train_classes or val_classes == train_classes:
+        return None
+    unknown = sorted(val_classes - train_classes, key=natural_key)
+    if unknown:
+        raise DatasetError(
+            f'dataset folder {root!r}: validation classes without training images in {train_folder}: '
+            f'{", ".join(unknown[:5])}{", ..." if len(unknown) > 5 else ""} (the two splits must share class folders)')
+    return {name: index for index, name in enumerate(sorted(train_classes, key=natural_key))}
 
 
 def _check_image_folder(root: str, is_training: bool) -> None:
@@ -289,6 +354,11 @@ def set_image_transform(dataset: Dataset, input_config: Dict[str, Any], is_train
     from timm.data import create_transform
     from torchvision import transforms
 
+    chans = input_config['input_size'][0]
+    for key in ('mean', 'std'):
+        if len(input_config[key]) not in (1, chans):  # digits came out with len(mean) channels
+            raise DatasetError(f'{key} {tuple(input_config[key])} does not fit the {chans} channels of input size '
+                               f'{tuple(input_config["input_size"])} (resolve_input_config adapts it to the model)')
     base = dataset.dataset if isinstance(dataset, Subset) else dataset
     if isinstance(base, DigitsDataset):
         base.configure(input_config['input_size'], input_config['mean'], input_config['std'])
@@ -354,6 +424,9 @@ class ShardSampler(Sampler):
     over ranks count every image exactly once)."""
 
     def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0):
+        # As DistributedSampler: a shard would be empty or repeat another's.
+        if num_replicas < 1 or not 0 <= rank < num_replicas:
+            raise ValueError(f'rank {rank} is not one of the {num_replicas} processes (0 to {num_replicas - 1})')
         self.indices = range(rank, len(dataset), num_replicas)
 
     def __iter__(self) -> Iterator[int]:

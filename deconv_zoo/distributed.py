@@ -19,7 +19,8 @@ from .layers import ChannelDeconv, Delinear, FastDeconv, isqrt_newton_schulz, sa
 from .layers._stats import statistics_dtype, warn_once
 from .layers.whitening import pixel_samples
 
-__all__ = ['SyncFastDeconv', 'SyncDelinear', 'convert_sync_deconv', 'global_whitening_statistics', 'average_buffers']
+__all__ = ['SyncFastDeconv', 'SyncDelinear', 'convert_sync_deconv', 'global_whitening_statistics', 'average_buffers',
+           'TooFewSamplesError']
 
 
 class _AllReduceSum(torch.autograd.Function):
@@ -44,27 +45,44 @@ def _is_synced(group: Optional[dist.ProcessGroup]) -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
 
 
-def _global_mean(samples: Tensor, group: Optional[dist.ProcessGroup]) -> Tuple[Tensor, Tensor]:
-    """Mean (G, nf) of the (G, nf, S) sample columns of all processes, and their total count."""
+class TooFewSamplesError(ValueError):
+    """The batches of all processes together hold fewer samples than the statistics need. Raised
+    on every process alike (each sees the same total), so that none is left waiting in an
+    all-reduce."""
+
+    def __init__(self, total: int, needed: int):
+        super().__init__(f'the batches of all processes hold {total} sample(s) in all; the whitening needs {needed}')
+        self.total = total
+
+
+def _global_mean(samples: Tensor, group: Optional[dist.ProcessGroup],
+                 min_count: int = 1) -> Tuple[Tensor, Tensor]:
+    """Mean (G, nf) of the (G, nf, S) sample columns of all processes, and their total count.
+    ``TooFewSamplesError`` when they have fewer than ``min_count`` in all."""
     groups, nf, local_count = samples.shape
     # The count rides along in the statistics' dtype: exact up to 2**24 samples in float32.
     sums = torch.cat([samples.sum(dim=2).reshape(-1), samples.new_full((1,), local_count)])
     sums = _AllReduceSum.apply(sums, group)
     count = sums[-1]
+    # Only a process short of min_count can see a total short of it: the others skip the host sync.
+    if local_count < min_count and count.item() < min_count:
+        raise TooFewSamplesError(int(count.item()), min_count)
     return sums[:-1].reshape(groups, nf) / count, count
 
 
 def global_whitening_statistics(
-        samples: Tensor, eps: float, n_iter: int, group: Optional[dist.ProcessGroup] = None,
+        samples: Tensor, eps: float, n_iter: int, group: Optional[dist.ProcessGroup] = None, min_count: int = 1,
 ) -> Tuple[Tensor, Tensor]:
     """Mean (G, nf) and whitening matrix (G, nf, nf) of the samples of all processes.
 
-    ``samples`` is this process' (G, nf, S) block of sample columns (G independent covariances).
+    ``samples`` is this process' (G, nf, S) block of sample columns (G independent covariances);
+    S may be 0 (an empty local batch still takes part in the all-reduces). Fewer than
+    ``min_count`` samples over all processes raise ``TooFewSamplesError`` on every process.
     Two all-reduces instead of one over (sum, sum of squares): centring on the global mean first
     keeps the covariance as accurate as the single-process computation (no cancellation).
     """
     nf = samples.shape[1]
-    mean, count = _global_mean(samples, group)
+    mean, count = _global_mean(samples, group, min_count)
     centred = samples - mean[:, :, None]
     moment = _AllReduceSum.apply(centred @ centred.transpose(1, 2), group)
     eye = torch.eye(nf, dtype=samples.dtype, device=samples.device)
@@ -78,13 +96,31 @@ def _global_offset(local_count: int, device: torch.device, group: Optional[dist.
     return int(sum(c.item() for c in counts[:dist.get_rank(group)]))
 
 
-class SyncFastDeconv(FastDeconv):
+class _EmptyBatchTakesPart:
+    """For the synced layers: a process whose batch is empty still takes part in the all-reduces,
+    with no samples, and records the global statistics as the others do. FastDeconv and Delinear
+    skip the statistics of an empty batch, which left the other processes waiting for ever.
+    Every batch empty: the layers' own empty output, their state left as it was."""
+    process_group: Optional[dist.ProcessGroup] = None
+
+    def _takes_statistics(self, x: Tensor) -> bool:
+        return super()._takes_statistics(x) or _is_synced(self.process_group)
+
+    def _train_fold(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+        try:
+            return super()._train_fold(x)
+        except TooFewSamplesError as error:
+            if error.total:
+                raise
+            return self.weight, self.bias
+
+
+class SyncFastDeconv(_EmptyBatchTakesPart, FastDeconv):
     """FastDeconv whose training statistics cover the batch of every process in ``process_group``.
 
     Without an initialised process group of more than one process it behaves as FastDeconv.
     Create it with ``convert_sync_deconv``.
     """
-    process_group: Optional[dist.ProcessGroup] = None
 
     def batch_statistics(self, x: Tensor) -> Tuple[Tensor, Tensor]:
         if not _is_synced(self.process_group):
@@ -103,30 +139,47 @@ class SyncFastDeconv(FastDeconv):
         """This process' (G, nf, S) patch samples, in ``statistics_dtype`` as FastDeconv's own."""
         if self.kernel_size == (1, 1):
             patches = self._pixel_samples(x)
+        elif x.shape[0] == 0:
+            patches = _no_columns(x, x.shape[1] * self.kernel_size[0] * self.kernel_size[1])
         else:
             # Patches are sampled per image, so concatenating the processes' samples is the
             # same as sampling the concatenated batch.
             patches = sample_patches(x, self.kernel_size, self.dilation, self.padding, self.sampling_stride)
-        return patches.to(statistics_dtype(x)).reshape(self.groups, self.num_features, -1)
+        columns = patches.numel() // (self.groups * self.num_features)  # not -1: ambiguous when empty
+        return patches.to(statistics_dtype(x)).reshape(self.groups, self.num_features, columns)
 
     def _pixel_samples(self, x: Tensor) -> Tensor:
         """1x1 kernels sample every step-th pixel of the flattened (N, H, W) batch (see
         ``sample_patches``); start where the concatenated batch's sampling grid falls."""
         n, c, h, w = x.shape
         step = self.sampling_stride[0] * self.sampling_stride[1]
-        start = -_global_offset(n * h * w, x.device, self.process_group) % step
-        return pixel_samples(x, step, start)
+        start = -_global_offset(n * h * w, x.device, self.process_group) % step  # every process, empty or not
+        return pixel_samples(x, step, start) if n else _no_columns(x, c)
 
 
-class SyncDelinear(Delinear):
+def _no_columns(x: Tensor, rows: int) -> Tensor:
+    """An empty batch's (rows, 0) sample matrix (the patch reshapes cannot infer a dimension of an
+    empty tensor). A view of ``x``, so that the all-reduces' backward runs on this process too
+    when ``x`` needs a gradient, as on the others."""
+    return x.reshape(-1)[:0].reshape(rows, 0)
+
+
+class SyncDelinear(_EmptyBatchTakesPart, Delinear):
     """Delinear whose training statistics cover the batch of every process in ``process_group``."""
-    process_group: Optional[dist.ProcessGroup] = None
 
     def batch_statistics(self, x: Tensor) -> Tuple[Tensor, Tensor]:
         if not _is_synced(self.process_group):
             return super().batch_statistics(x)
-        samples = x.reshape(-1, self.block).t()[None]  # (1, block, chunks)
-        mean, deconv = global_whitening_statistics(samples, self.eps, self.n_iter, self.process_group)
+        samples = x.reshape(x.numel() // self.block, self.block).t()[None]  # (1, block, chunks); chunks may be 0
+        try:
+            # As Delinear: one chunk has no covariance (the whitening would be about eps^-1/2 * I).
+            mean, deconv = global_whitening_statistics(samples, self.eps, self.n_iter, self.process_group,
+                                                       min_count=2)
+        except TooFewSamplesError as error:
+            if error.total == 0:
+                raise  # every batch empty: see _EmptyBatchTakesPart
+            raise ValueError(f'{type(self).__name__}: the whitening needs more than one {self.block}-feature chunk '
+                             f'in the training batches of all processes, got {error.total}') from None
         return mean[0], deconv[0]
 
 

@@ -10,7 +10,10 @@ import timm
 import torch
 from PIL import Image
 
-from deconv_zoo.data import DatasetError, SkipUnreadable, create_image_dataset, resolve_input_config, set_image_transform
+from deconv_zoo.data import (
+    DatasetError, DigitsDataset, ShardSampler, SkipUnreadable, create_image_dataset, dataset_num_classes,
+    resolve_input_config, set_image_transform,
+)
 
 
 def _input_config(input_size: Sequence[int]) -> Dict[str, Any]:
@@ -111,3 +114,62 @@ def test_unreadable_training_images_are_replaced_by_the_next_one(tmp_path: Path)
     assert SkipUnreadable(dataset)[1] is None
     with pytest.raises(RuntimeError, match='2 consecutive unreadable images from cat/0a.png on'):
         SkipUnreadable(dataset, substitute=True, max_substitutes=1)[1]
+
+
+@pytest.mark.parametrize('name, where', [
+    ('torch/cifar10', 'cifar-10-batches-py/ there ({root}/cifar-10-batches-py, extracted from cifar-10-python.tar.gz)'),
+    ('torch/cifar100', 'cifar-100-python/ there ({root}/cifar-100-python, extracted from cifar-100-python.tar.gz)'),
+    ('torch/mnist', 'place the unzipped idx files of MNIST in {root}/MNIST/raw/ (train-images-idx3-ubyte, '),
+], ids=['cifar10', 'cifar100', 'mnist'])
+def test_a_missing_local_copy_names_where_it_goes(tmp_path: Path, name: str, where: str) -> None:
+    """Every torchvision dataset was told to put its files in cifar-10-batches-py; an incomplete copy
+    (torchvision: "not found or corrupted") gets the same message."""
+    with pytest.raises(FileNotFoundError) as error:
+        create_image_dataset(name, str(tmp_path), 'train')
+    assert 'nothing is downloaded' in str(error.value) and where.format(root=tmp_path) in str(error.value)
+    (tmp_path / 'cifar-10-batches-py').mkdir()
+    (tmp_path / 'cifar-10-batches-py' / 'data_batch_1').write_bytes(b'truncated')
+    with pytest.raises(FileNotFoundError, match=r'not found \(or incomplete\)'):
+        create_image_dataset('torch/cifar10', str(tmp_path), 'validation')
+
+
+def test_validation_labels_are_the_training_split_classes(tmp_path: Path) -> None:
+    """timm numbered each split's class folders on its own: a validation split without 'b' gave
+    'c' the label 1, which the model had learnt as 'b'. A validation class without training
+    images is an error (the model has no output for it)."""
+    pixels = [np.zeros((4, 4, 3), np.uint8)]
+    for name in ('a', 'b', 'c'):
+        _save_images(tmp_path / 'train' / name, pixels)
+    for name in ('a', 'c'):
+        _save_images(tmp_path / 'val' / name, pixels)
+    train, val = (create_image_dataset('folder', str(tmp_path), split) for split in ('train', 'validation'))
+    assert [val.filename(i) for i in range(len(val))] == ['a/0.png', 'c/0.png']
+    assert [target for _, target in val.reader.samples] == [0, 2]
+    assert val.reader.class_to_idx == train.reader.class_to_idx and dataset_num_classes(val) == 3
+    _save_images(tmp_path / 'val' / 'd', pixels)
+    with pytest.raises(DatasetError, match=r'validation classes without training images in .*train: d \('):
+        create_image_dataset('folder', str(tmp_path), 'validation')
+
+
+def test_arguments_that_leave_nothing_are_errors() -> None:
+    """Each was accepted: an empty dataset (limit), a shard of another process count, or
+    scikit-learn's errors about a 'test_size' that DigitsDataset does not have."""
+    with pytest.raises(ValueError, match='limit must be at least 1, not 0'):
+        create_image_dataset('digits', limit=0)
+    with pytest.raises(ValueError, match=r'rank 2 is not one of the 2 processes \(0 to 1\)'):
+        ShardSampler(list(range(10)), num_replicas=2, rank=2)
+    assert [list(ShardSampler(list(range(5)), 2, rank)) for rank in (0, 1)] == [[0, 2, 4], [1, 3]]
+    for fraction in (0, 1.0):
+        with pytest.raises(ValueError, match=f'val_fraction must be in \\(0, 1\\): {fraction} leaves one split empty'):
+            DigitsDataset(val_fraction=fraction)
+    with pytest.raises(ValueError, match='val_fraction 0.001: each split needs an image of every digit'):
+        DigitsDataset(val_fraction=0.001)
+
+
+def test_normalisation_must_fit_the_input_channels() -> None:
+    """3-channel statistics for a 1-channel input gave digits of 3 channels."""
+    dataset = create_image_dataset('digits')
+    with pytest.raises(DatasetError, match=r'mean \(0.5, 0.5, 0.5\) does not fit the 1 channels of input size'):
+        set_image_transform(dataset, dict(_input_config((1, 8, 8)), mean=(0.5,) * 3), is_training=False)
+    set_image_transform(dataset, dict(_input_config((3, 8, 8)), mean=(0.5,), std=(0.5,)), is_training=False)
+    assert dataset[0][0].shape == (3, 8, 8)
