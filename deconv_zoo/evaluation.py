@@ -2,6 +2,7 @@
 throughput; one process or many)."""
 import argparse
 import ast
+import json
 import logging
 import math
 import os
@@ -26,7 +27,8 @@ from .loading import (
 from .weights import CheckpointMismatchError, CorruptWeightsError
 
 __all__ = ['ModelArgumentsError', 'BAD_INPUT_ERRORS', 'run_script', 'number_in', 'positive_int', 'non_negative_int',
-           'non_negative_float', 'positive_float', 'probability', 'proper_fraction', 'ParseLiteralKwargs',
+           'non_negative_float', 'positive_float', 'probability', 'proper_fraction', 'json_object',
+           'ParseLiteralKwargs',
            'create_model_with_weights', 'check_model_name', 'check_model_and_dataset', 'check_num_classes',
            'check_input_size', 'training_data_config', 'add_model_arguments', 'model_from_args', 'evaluate']
 
@@ -80,6 +82,15 @@ non_negative_float = number_in(float, 0)
 positive_float = number_in(float, 0, low_open=True)
 probability = number_in(float, 0, 1)
 proper_fraction = number_in(float, 0, 1, high_open=True)  # rates where 1 leaves nothing: dropout, smoothing
+
+
+def json_object(text: str) -> Dict[str, Any]:
+    """argparse type: a JSON object (keyword arguments or settings by name); a list or number would
+    fail later as ``**kwargs`` or at the first ``.items()``."""
+    value = json.loads(text)  # a JSONDecodeError is a ValueError: argparse's "invalid json_object value"
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f'expected a JSON object such as {{"refresh_every": 4}}, not {text!r}')
+    return value
 
 
 class ParseLiteralKwargs(argparse.Action):

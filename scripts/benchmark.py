@@ -39,7 +39,7 @@ import sys
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import timm
 import torch
@@ -49,6 +49,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import deconv_zoo  # noqa: F401  (registers the zoo's models with timm)
+from deconv_zoo.evaluation import check_model_name, json_object, non_negative_int, positive_int
 from deconv_zoo.files import atomic_write_text
 from deconv_zoo.layers import Delinear, FastDeconv, set_finite_checks
 from deconv_zoo.layers._stats import FoldCache, statistics_dtype
@@ -456,11 +457,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument('--suite', choices=sorted(SUITES), default=None,
                         help="run the rows of issue #5's target table (their pair, batch, size, device and "
                              "dtype override the options) and print the table")
-    parser.add_argument('--deconv-kwargs', type=json.loads, default={},
+    parser.add_argument('--deconv-kwargs', type=json_object, default={},
                         help='JSON keyword arguments for the deconv model, e.g. \'{"deconv_cfg": {"n_iter": 3}}\'')
     parser.add_argument('--device', default='cpu', help='cpu, cuda, cuda:1, ...')
-    parser.add_argument('--batch-size', type=int, default=64)
-    parser.add_argument('--img-size', type=int, default=32)
+    parser.add_argument('--batch-size', type=positive_int, default=64)
+    parser.add_argument('--img-size', type=positive_int, default=32)
     parser.add_argument('--dtype', choices=sorted(AMP_DTYPES), default='float32',
                         help='float32, or automatic mixed precision in bf16 / fp16 (statistics stay float32)')
     parser.add_argument('--channels-last', action='store_true')
@@ -468,15 +469,15 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument('--compile-mode', default=None, help='torch.compile mode, e.g. reduce-overhead (CUDA graphs)')
     parser.add_argument('--no-finite-check', action='store_true',
                         help="turn off the layers' non-finite check (a host sync on GPUs)")
-    parser.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: torch default)')
-    parser.add_argument('--warmup', type=int, default=2, help='untimed steps per model and phase')
-    parser.add_argument('--repeats', type=int, default=5, help='timed steps per model and phase')
+    parser.add_argument('--threads', type=positive_int, default=None, help='torch CPU threads (default: torch default)')
+    parser.add_argument('--warmup', type=non_negative_int, default=2, help='untimed steps per model and phase')
+    parser.add_argument('--repeats', type=positive_int, default=5, help='timed steps per model and phase')
     parser.add_argument('--no-literal', action='store_true', help='skip the literal (authors\') algorithm')
-    parser.add_argument('--freeze-iter', type=int, default=0,
+    parser.add_argument('--freeze-iter', type=non_negative_int, default=0,
                         help='also time a frozen step of the reference\'s freeze schedule (an approximation: '
                              'statistics refreshed on freeze_iter + 1 of every 10 * freeze_iter steps) and '
                              'report the schedule\'s mean cost')
-    parser.add_argument('--refresh-every', type=int, default=1,
+    parser.add_argument('--refresh-every', type=positive_int, default=1,
                         help='also time a step that reuses the statistics under FastDeconv(refresh_every=K) (an '
                              'approximation: statistics recomputed every K training steps) and report the '
                              'schedule\'s mean cost')
@@ -486,7 +487,36 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument('--count-ops', action='store_true',
                         help='print the ATen operators (not views) and views one eager training step dispatches')
     parser.add_argument('--output', default=None, help='write the results as JSON here')
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    check_arguments(parser, args)
+    return args
+
+
+def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """argparse errors for what would otherwise fail in the middle of a run (a traceback) or,
+    for --output, after all of it."""
+    if not args.suite:  # a suite's cases name their own pairs
+        names = args.pair.split(':')
+        if len(names) != 2 or not all(names):
+            parser.error(f'--pair {args.pair!r}: expected deconv_model:bn_model')
+        try:
+            for name in names:
+                check_model_name(name)
+        except ValueError as error:  # ModelArgumentsError
+            parser.error(f'--pair: {error}')
+    cases = [settings for settings, _ in SUITES[args.suite]] if args.suite else [{}]
+    for device in {settings.get('device', args.device) for settings in cases}:
+        try:
+            device = torch.device(device)
+        except RuntimeError as error:  # "Expected one of cpu, cuda, ... device type at start of device string"
+            parser.error(f'--device {device!r}: {error}')
+        if device.type == 'cuda' and not torch.cuda.is_available():
+            option = f'--suite {args.suite}' if args.suite else f'--device {device}'
+            parser.error(f'{option}: CUDA is not available')
+    if args.compile_mode and not args.compile:
+        parser.error('--compile-mode needs --compile')
+    if args.output and not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
+        parser.error(f'--output: no folder for {args.output!r}')
 
 
 def build_runners(args: argparse.Namespace, device: torch.device) -> Dict[str, Runner]:

@@ -28,18 +28,13 @@ import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
+from deconv_zoo import list_models
+from deconv_zoo.evaluation import check_model_name, json_object, non_negative_int, positive_int
 from deconv_zoo.files import atomic_write_text
+from deconv_zoo.layers.create import deconv_args
 
 TRAIN_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py')
 DEFAULT_ARCHS = ('resnet18', 'vgg16', 'preact_resnet18', 'mobilenetv2')
-
-
-def json_object(text: str) -> Dict[str, Any]:
-    """argparse type: a JSON object (FastDeconv settings by name)."""
-    value = json.loads(text)
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f'expected a JSON object such as {{"refresh_every": 4}}, not {text!r}')
-    return value
 
 
 def cfg_label(deconv_cfg: Dict[str, Any]) -> str:
@@ -124,9 +119,9 @@ def main(argv: Optional[List[str]] = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--archs', nargs='+', default=list(DEFAULT_ARCHS),
                         help='CIFAR architectures (the part before _cifar), e.g. resnet18 vgg16')
-    parser.add_argument('--epochs', type=int, nargs='+', default=[1, 5], help='epoch budgets, one run each')
-    parser.add_argument('--img-size', type=int, default=32, help='input size the digits are resized to')
-    parser.add_argument('--seeds', '--seed', type=int, nargs='+', default=[0],
+    parser.add_argument('--epochs', type=positive_int, nargs='+', default=[1, 5], help='epoch budgets, one run each')
+    parser.add_argument('--img-size', type=positive_int, default=32, help='input size the digits are resized to')
+    parser.add_argument('--seeds', '--seed', type=non_negative_int, nargs='+', default=[0],
                         help='seeds; every run is repeated once per seed')
     parser.add_argument('--output', default='output/digits_table', help='folder of the runs')
     parser.add_argument('--markdown-file', default='', help='also write the table here')
@@ -138,6 +133,22 @@ def main(argv: Optional[List[str]] = None) -> str:
     args = parser.parse_args(argv)
     if args.models and 'variant' in args.models and not args.deconv_cfg:
         parser.error('--models variant needs --deconv-cfg')
+    # Each of these was found by train.py only, one failed run at a time, after the other runs had trained.
+    for option in ('archs', 'epochs', 'seeds'):
+        values = getattr(args, option)
+        if len(set(values)) < len(values):  # a repeated value: a whole run again, and a repeated table column
+            parser.error(f'--{option} {" ".join(map(str, values))}: each value once')
+    try:
+        for arch in args.archs:
+            for model in (f'{arch}_cifar_deconv', f'{arch}_cifar'):
+                check_model_name(model)
+    except ValueError as error:  # ModelArgumentsError
+        archs = ' '.join(name[:-len('_cifar_deconv')] for name in list_models('*_cifar_deconv'))
+        parser.error(f'--archs: {error}; the CIFAR architectures: {archs}')
+    try:
+        deconv_args(True, args.deconv_cfg)
+    except ValueError as error:  # "deconv_cfg: unknown FastDeconv settings [...]"
+        parser.error(f'--deconv-cfg: {error}')
     # Checked before the runs: a path that cannot be written would otherwise fail after all of them.
     try:
         os.makedirs(args.output, exist_ok=True)

@@ -181,3 +181,22 @@ def test_cuda_checks_dry_run(tmp_path):
     assert returncode == 1
     for step in steps:
         assert f'== {step}: skipped' in log
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--repeats', '0'], 'argument --repeats: must be at least 1, not 0'),  # was statistics.StatisticsError at the end
+    (['--batch-size', '0'], 'argument --batch-size: must be at least 1, not 0'),
+    (['--refresh-every', '0'], 'argument --refresh-every: must be at least 1, not 0'),  # was ignored
+    (['--pair', 'resnet18_cifar_deconv'], "--pair 'resnet18_cifar_deconv': expected deconv_model:bn_model"),
+    (['--pair', 'resnet18_cifar_deconv:nosuch'], "--pair: unknown model 'nosuch'"),
+    (['--deconv-kwargs', '[1]'], "argument --deconv-kwargs: expected a JSON object"),
+    (['--device', 'bogus'], "--device 'bogus': Expected one of cpu"),
+    (['--compile-mode', 'max-autotune'], '--compile-mode needs --compile'),  # was ignored
+    (['--output', 'no/such/folder/benchmark.json'], "--output: no folder for 'no/such/folder/benchmark.json'"),
+])
+def test_bad_arguments_are_argparse_errors(argv, message, capsys):
+    """Refused before any model is built: each failed mid-run with a traceback, after the whole run
+    (--output), or was accepted and ignored."""
+    with pytest.raises(SystemExit) as exit_info:
+        load_benchmark().parse_args(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err

@@ -74,6 +74,11 @@ def test_models_option_trains_and_tabulates_only_those(monkeypatch, tmp_path):
 @pytest.mark.parametrize('argv, message', [
     (['--deconv-cfg', '[4]'], 'expected a JSON object such as {"refresh_every": 4}'),
     (['--markdown-file', 'no/such/folder/table.md'], "--markdown-file: no folder for 'no/such/folder/table.md'"),
+    # These failed in train.py, one run at a time, or (repeats) trained a whole run again.
+    (['--archs', 'resnet19'], "--archs: unknown model 'resnet19_cifar_deconv'"),
+    (['--deconv-cfg', '{"bogus": 1}'], "--deconv-cfg: deconv_cfg: unknown FastDeconv settings ['bogus']"),
+    (['--epochs', '0'], 'argument --epochs: must be at least 1, not 0'),
+    (['--epochs', '5', '5'], '--epochs 5 5: each value once'),
 ])
 def test_bad_arguments_fail_before_any_run(monkeypatch, tmp_path, capsys, argv, message):
     """A list as --deconv-cfg was an AttributeError in the first variant run; a markdown file in a
