@@ -28,8 +28,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, S
 __all__ = [
     'DIGITS', 'SYNTHETIC', 'SPLITS', 'DigitsDataset', 'SyntheticDataset', 'check_dataset', 'create_image_dataset',
     'dataset_num_classes', 'resolve_input_config', 'ResumableSampler', 'ShardSampler', 'PerSampleSeed',
-    'SkipUnreadable', 'collate_readable', 'create_data_loader', 'set_image_transform', 'DatasetError',
-    'DatasetNotFoundError',
+    'SkipUnreadable', 'collate_readable', 'create_data_loader', 'set_image_transform', 'splits_share_images',
+    'DatasetError', 'DatasetNotFoundError',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -277,6 +277,17 @@ def _training_class_map(root: str) -> Optional[Dict[str, int]]:
             f'dataset folder {root!r}: validation classes without training images in {train_folder}: '
             f'{", ".join(unknown[:5])}{", ..." if len(unknown) > 5 else ""} (the two splits must share class folders)')
     return {name: index for index, name in enumerate(sorted(train_classes, key=natural_key))}
+
+
+def splits_share_images(name: str, root: str) -> bool:
+    """Whether the training and validation splits of a folder dataset are the same images: a root
+    with class folders and neither train/ nor val/, which timm reads for both splits (validation
+    accuracy is then training accuracy)."""
+    from timm.data.dataset_factory import _search_split
+
+    if name not in FOLDER_NAMES or not os.path.isdir(root):
+        return False
+    return _search_split(root, 'train') == _search_split(root, 'validation') == root
 
 
 def _check_image_folder(root: str, is_training: bool) -> None:

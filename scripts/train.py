@@ -40,6 +40,7 @@ import deconv_zoo  # noqa: F401  (registers the zoo's models with timm)
 from deconv_zoo.data import (
     DIGITS, SYNTHETIC, PerSampleSeed, ResumableSampler, ShardSampler, SkipUnreadable, collate_readable,
     create_data_loader, create_image_dataset, dataset_num_classes, resolve_input_config, set_image_transform,
+    splits_share_images,
 )
 from deconv_zoo.distributed import average_buffers, convert_sync_deconv
 from deconv_zoo.evaluation import (
@@ -172,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help='also keep checkpoint-<epoch> every N epochs')
     group.add_argument('--checkpoint-steps', type=non_negative_int, default=0,
                        help='also write last.pth.tar every N steps within an epoch (preemptible jobs)')
-    group.add_argument('--seed', type=int, default=0, help='random seed (data order, initialisation)')
+    group.add_argument('--seed', type=non_negative_int, default=0, help='random seed (data order, initialisation)')
     group.add_argument('--log-tensorboard', action='store_true', help='TensorBoard logs in <run>/tensorboard')
     group.add_argument('--no-progress', action='store_true', help='no progress bar')
     return parser
@@ -281,6 +282,9 @@ def _train(args: argparse.Namespace, device: torch.device, primary: bool) -> Dic
                                      num_classes=args.num_classes, synthetic_size=args.synthetic_size, seed=args.seed)
     val_set = create_image_dataset(args.dataset, args.data_dir, 'validation', limit=args.val_limit,
                                    num_classes=args.num_classes, synthetic_size=args.synthetic_size, seed=args.seed)
+    if primary and splits_share_images(args.dataset, args.data_dir):
+        _logger.warning(f'{args.data_dir} has no train/ and val/ folders: both splits are its images, so the '
+                        f'validation scores the training images (hold some out in val/ for a real one)')
     check_num_classes(args.num_classes, train_set)
     num_classes = args.num_classes or dataset_num_classes(train_set)
     model = create_model_with_weights(

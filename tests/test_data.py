@@ -12,7 +12,7 @@ from PIL import Image
 
 from deconv_zoo.data import (
     DatasetError, DigitsDataset, ShardSampler, SkipUnreadable, create_image_dataset, dataset_num_classes,
-    resolve_input_config, set_image_transform,
+    resolve_input_config, set_image_transform, splits_share_images,
 )
 
 
@@ -47,6 +47,18 @@ def test_missing_folder_and_missing_split_are_named_errors(tmp_path: Path) -> No
     assert len(create_image_dataset('folder', str(tmp_path), 'train')) == 1
     with pytest.raises(FileNotFoundError, match=r'has train/ but no validation split \(val/'):
         create_image_dataset('folder', str(tmp_path), 'validation')
+
+
+def test_a_root_without_split_folders_is_told_apart(tmp_path: Path) -> None:
+    """A root of class folders is both splits (timm reads it for each): train.py warns that its
+    validation then scores the training images."""
+    _save_images(tmp_path / 'flat' / 'cat', [np.zeros((4, 4, 3), np.uint8)])
+    _save_images(tmp_path / 'split' / 'train' / 'cat', [np.zeros((4, 4, 3), np.uint8)])
+    _save_images(tmp_path / 'split' / 'val' / 'cat', [np.zeros((4, 4, 3), np.uint8)])
+    assert splits_share_images('folder', str(tmp_path / 'flat'))
+    assert len(create_image_dataset('folder', str(tmp_path / 'flat'), 'validation')) == 1
+    assert not splits_share_images('folder', str(tmp_path / 'split'))
+    assert not splits_share_images('digits', '')
 
 
 @pytest.mark.parametrize('is_training, crop_padding', [(True, 0), (True, 4), (False, 0)])

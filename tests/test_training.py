@@ -395,6 +395,7 @@ def test_resume_with_another_model_is_a_one_line_error_that_keeps_args_json(tmp_
     ('train', ['--lr', '-1'], 'argument --lr: must be at least 0, not -1'),
     ('train', ['--lr', 'nan'], 'argument --lr: must be at least 0, not nan'),
     ('train', ['--weight-decay=-0.001'], 'argument --weight-decay: must be at least 0, not -0.001'),
+    ('train', ['--seed', '-1'], 'argument --seed: must be at least 0, not -1'),  # np's SeedSequence refused it later
     ('train', ['--clip-grad', '-1'], 'argument --clip-grad: must be above 0, not -1'),
     ('train', ['--smoothing', '1'], 'argument --smoothing: must be in [0, 1), not 1'),
     ('train', ['--drop', '1.5'], 'argument --drop: must be in [0, 1), not 1.5'),
