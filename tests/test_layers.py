@@ -725,10 +725,14 @@ def test_non_floating_input_raises(name, training, dtype):
     (lambda: FastDeconv(4, 3, 3, sampling_stride=0), 'FastDeconv: sampling_stride must be an int >= 1, got 0'),
     (lambda: FastDeconv(4, 3, 3, sampling_stride=(2, 2)),
      r'FastDeconv: sampling_stride must be an int >= 1, got \(2, 2\)'),
-], ids=['fast_n_iter', 'delinear_n_iter', 'channel_n_iter', 'freeze_iter', 'sampling_stride', 'sampling_stride_pair'])
+    (lambda: FastDeconv(4, 3, 3, eps=-1e-5), r'FastDeconv: eps must be a finite number >= 0, got -1e-05'),
+    (lambda: Delinear(8, 3, eps=float('nan')), 'Delinear: eps must be a finite number >= 0, got nan'),
+    (lambda: ChannelDeconv(4, eps=None), 'ChannelDeconv: eps must be a finite number >= 0, got None'),
+], ids=['fast_n_iter', 'delinear_n_iter', 'channel_n_iter', 'freeze_iter', 'sampling_stride', 'sampling_stride_pair',
+        'fast_eps', 'delinear_eps', 'channel_eps'])
 def test_invalid_settings_raise_up_front(make, message):
     """Refused when the layer is built, not at the first training call (n_iter), with a
     ZeroDivisionError (freeze_iter=0), an unfold error (sampling_stride=0), or not at all: a pair
-    of sampling strides was repeated into a nested tuple."""
+    of sampling strides was repeated into a nested tuple, a negative or NaN eps whitened with it."""
     with pytest.raises(ValueError, match=message):
         make()

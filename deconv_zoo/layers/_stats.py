@@ -48,6 +48,14 @@ def check_momentum(layer: str, momentum: float) -> float:
     return momentum
 
 
+def check_eps(layer: str, eps: float) -> float:
+    """The covariance's diagonal shift, refused up front unless finite and >= 0 (a negative or NaN
+    one was taken as given and whitened the batch into NaN)."""
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0 <= eps < math.inf:
+        raise ValueError(f'{layer}: eps must be a finite number >= 0, got {eps!r}')
+    return eps
+
+
 def check_positive_int(layer: str, name: str, value: int) -> int:
     """A count or stride setting, refused up front unless it is an int >= 1 (0 used to fail only
     at the first training call, some with a ZeroDivisionError; a pair was silently mangled)."""

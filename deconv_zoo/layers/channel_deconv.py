@@ -8,8 +8,8 @@ import torch.nn as nn
 from torch import Tensor
 
 from ._stats import (
-    check_floating, check_momentum, check_positive_int, ensure_finite, float32_statistics, in_backward_recompute,
-    reset_whitening_, warn_once,
+    check_eps, check_floating, check_momentum, check_positive_int, ensure_finite, float32_statistics,
+    in_backward_recompute, reset_whitening_, warn_once,
 )
 from .whitening import isqrt_newton_schulz
 
@@ -33,7 +33,7 @@ class ChannelDeconv(nn.Module):
         if block < 1:
             raise ValueError(f'ChannelDeconv: block must be >= 1, got {block}')
         self.block = block
-        self.eps = eps
+        self.eps = check_eps('ChannelDeconv', eps)
         self.n_iter = check_positive_int('ChannelDeconv', 'n_iter', n_iter)
         self.momentum = check_momentum('ChannelDeconv', momentum)
         self.sampling_stride = sampling_stride

@@ -19,16 +19,14 @@ PAPER_DECONV_ARGS: Dict[str, Any] = dict(bias=True, eps=1e-5, n_iter=5, block=64
 
 
 def deconv_args(deconv: bool, deconv_cfg: Optional[Dict[str, Any]] = None) -> Optional[Dict[str, Any]]:
-    """FastDeconv keyword arguments for a model built with ``deconv``, or None for a BN model."""
-    if not deconv:
-        if deconv_cfg:  # it would change nothing: the settings have no layer to go to
-            raise ValueError(f'deconv_cfg {deconv_cfg} given to a batch-norm model (deconv=False), which has no '
-                             f'FastDeconv layers; use the _deconv model')
-        return None
+    """FastDeconv keyword arguments for a model built with ``deconv``, or None for a BN model.
+
+    A BN model checks ``deconv_cfg`` too but has no layer to apply it to: one set of keyword
+    arguments builds both twins."""
     unknown = set(deconv_cfg or {}) - set(PAPER_DECONV_ARGS) - {'momentum', 'freeze', 'freeze_iter', 'refresh_every'}
     if unknown:
         raise ValueError(f'deconv_cfg: unknown FastDeconv settings {sorted(unknown)}')
-    return dict(PAPER_DECONV_ARGS, **(deconv_cfg or {}))
+    return dict(PAPER_DECONV_ARGS, **(deconv_cfg or {})) if deconv else None
 
 
 def create_conv(

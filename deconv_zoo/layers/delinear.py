@@ -6,7 +6,8 @@ import torch.nn as nn
 from torch import Tensor
 
 from ._stats import (
-    WhitenedWeightMixin, check_floating, check_momentum, check_positive_int, float32_statistics, resolve_block,
+    WhitenedWeightMixin, check_eps, check_floating, check_momentum, check_positive_int, float32_statistics,
+    resolve_block,
 )
 from .whitening import fold_linear_whitening, isqrt_newton_schulz
 
@@ -32,7 +33,7 @@ class Delinear(WhitenedWeightMixin, nn.Linear):
     ):
         super().__init__(in_features, out_features, bias=bias)
         self.block = resolve_block(type(self).__name__, in_features, block)
-        self.eps = eps
+        self.eps = check_eps(type(self).__name__, eps)
         self.n_iter = check_positive_int(type(self).__name__, 'n_iter', n_iter)
         self.momentum = check_momentum(type(self).__name__, momentum)
         self.track_running_stats = True

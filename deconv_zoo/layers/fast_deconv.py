@@ -11,8 +11,8 @@ from torch import Tensor
 from torch.nn.modules.utils import _pair
 
 from ._stats import (
-    WhitenedWeightMixin, check_floating, check_momentum, check_positive_int, in_backward_recompute, resolve_block,
-    statistics_dtype,
+    WhitenedWeightMixin, check_eps, check_floating, check_momentum, check_positive_int, in_backward_recompute,
+    resolve_block, statistics_dtype,
 )
 from .whitening import conv_patch_mean, conv_whitening_statistics, fold_conv_whitening
 
@@ -82,7 +82,7 @@ class FastDeconv(WhitenedWeightMixin, nn.Conv2d):
         else:
             block = resolve_block(type(self).__name__, in_channels, block)
         self.block = block
-        self.eps = eps
+        self.eps = check_eps(name, eps)
         self.n_iter = n_iter
         self.momentum = check_momentum(name, momentum)
         self.freeze = freeze
