@@ -260,12 +260,9 @@ def _training_class_map(root: str) -> Optional[Dict[str, int]]:
     training classes had every later class shifted by one: labels the model never learnt.
     Validation classes without training images are a DatasetError (the model has no output for them).
     """
-    from timm.data.dataset_factory import _search_split
     from timm.utils.misc import natural_key
 
-    if not os.path.isdir(root):
-        return None
-    train_folder, val_folder = _search_split(root, 'train'), _search_split(root, 'validation')
+    train_folder, val_folder = _split_folders(root)
     if root in (train_folder, val_folder):  # a single split (checked by _check_image_folder)
         return None
     train_classes, val_classes = _folder_classes(train_folder), _folder_classes(val_folder)
@@ -283,11 +280,15 @@ def splits_share_images(name: str, root: str) -> bool:
     """Whether the training and validation splits of a folder dataset are the same images: a root
     with class folders and neither train/ nor val/, which timm reads for both splits (validation
     accuracy is then training accuracy)."""
+    return name in FOLDER_NAMES and os.path.isdir(root) and _split_folders(root) == (root, root)
+
+
+def _split_folders(root: str) -> Tuple[str, str]:
+    """The folders timm reads for the training and validation splits of an image folder ``root``
+    (``root`` itself where it has no such split folder, or is not a folder)."""
     from timm.data.dataset_factory import _search_split
 
-    if name not in FOLDER_NAMES or not os.path.isdir(root):
-        return False
-    return _search_split(root, 'train') == _search_split(root, 'validation') == root
+    return _search_split(root, 'train'), _search_split(root, 'validation')
 
 
 def _check_image_folder(root: str, is_training: bool) -> None:

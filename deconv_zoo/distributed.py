@@ -139,8 +139,6 @@ class SyncFastDeconv(_EmptyBatchTakesPart, FastDeconv):
         """This process' (G, nf, S) patch samples, in ``statistics_dtype`` as FastDeconv's own."""
         if self.kernel_size == (1, 1):
             patches = self._pixel_samples(x)
-        elif x.shape[0] == 0:
-            patches = _no_columns(x, x.shape[1] * self.kernel_size[0] * self.kernel_size[1])
         else:
             # Patches are sampled per image, so concatenating the processes' samples is the
             # same as sampling the concatenated batch.
@@ -151,17 +149,10 @@ class SyncFastDeconv(_EmptyBatchTakesPart, FastDeconv):
     def _pixel_samples(self, x: Tensor) -> Tensor:
         """1x1 kernels sample every step-th pixel of the flattened (N, H, W) batch (see
         ``sample_patches``); start where the concatenated batch's sampling grid falls."""
-        n, c, h, w = x.shape
+        n, _, h, w = x.shape
         step = self.sampling_stride[0] * self.sampling_stride[1]
         start = -_global_offset(n * h * w, x.device, self.process_group) % step  # every process, empty or not
-        return pixel_samples(x, step, start) if n else _no_columns(x, c)
-
-
-def _no_columns(x: Tensor, rows: int) -> Tensor:
-    """An empty batch's (rows, 0) sample matrix (the patch reshapes cannot infer a dimension of an
-    empty tensor). A view of ``x``, so that the all-reduces' backward runs on this process too
-    when ``x`` needs a gradient, as on the others."""
-    return x.reshape(-1)[:0].reshape(rows, 0)
+        return pixel_samples(x, step, start)
 
 
 class SyncDelinear(_EmptyBatchTakesPart, Delinear):
