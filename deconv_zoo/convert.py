@@ -404,9 +404,15 @@ def calibrate_whitening(model: nn.Module, loader: Iterable[Any], max_batches: Op
                          f'have no bias to take the mean shift of calibrated statistics; build the model with '
                          f'bias=True (the paper\'s setting).')
     sums: Dict[nn.Module, List[Any]] = {m: [0, 0.0, 0.0] for m in layers}
+    names = {m: name for name, m in model.named_modules()}
 
     def record(layer: nn.Module, args: Tuple[Tensor, ...]) -> None:
         mean, deconv = layer.batch_statistics(args[0].float())
+        if not (torch.isfinite(mean).all() and torch.isfinite(deconv).all()):
+            # Refused before any layer is refitted: the model is left as it was.
+            raise FloatingPointError(
+                f'calibrate_whitening: batch {sums[layer][0]} gives {names[layer]} non-finite whitening '
+                f'statistics (NaN or inf in the calibration data, or in the output of an earlier layer).')
         total = sums[layer]
         total[0] += 1
         total[1] = total[1] + mean.double()

@@ -125,6 +125,7 @@ class SyncFastDeconv(_EmptyBatchTakesPart, FastDeconv):
     def batch_statistics(self, x: Tensor) -> Tuple[Tensor, Tensor]:
         if not _is_synced(self.process_group):
             return super().batch_statistics(x)
+        self._check_input(x)
         mean, deconv = global_whitening_statistics(self._samples(x), self.eps, self.n_iter, self.process_group)
         return mean.reshape(-1), (deconv[0] if self.groups == 1 else deconv)
 
@@ -161,6 +162,7 @@ class SyncDelinear(_EmptyBatchTakesPart, Delinear):
     def batch_statistics(self, x: Tensor) -> Tuple[Tensor, Tensor]:
         if not _is_synced(self.process_group):
             return super().batch_statistics(x)
+        self._check_input(x)
         samples = x.reshape(x.numel() // self.block, self.block).t()[None]  # (1, block, chunks); chunks may be 0
         try:
             # As Delinear: one chunk has no covariance (the whitening would be about eps^-1/2 * I).

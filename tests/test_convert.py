@@ -189,6 +189,18 @@ def test_calibration_refuses_layers_without_bias():
     assert_state_equal(model, state)
 
 
+@pytest.mark.parametrize('batch, error, message', [
+    (torch.full((2, 3, 32, 32), float('nan')), FloatingPointError, r'batch 1 gives conv1 non-finite whitening'),
+    (torch.randn(2, 1, 32, 32), ValueError, r'expected input \(N, 3, H, W\), got shape \(2, 1, 32, 32\)'),
+])
+def test_calibration_refuses_bad_batches_and_leaves_the_model_as_it_was(bn_model, batch, error, message):
+    model = bn_to_deconv(bn_model, 'resnet18_cifar_deconv', **SMALL)
+    state = copy.deepcopy(model.state_dict())
+    with pytest.raises(error, match=message):
+        calibrate_whitening(model, [torch.randn(2, 3, 32, 32), batch])
+    assert_state_equal(model, state)
+
+
 def test_pre_activation_networks_are_refused():
     bn = timm.create_model('preact_resnet18_cifar')
     with pytest.raises(CheckpointMismatchError, match=r'cannot be converted exactly: 9 BatchNorms.*layer1\.0\.bn1'):

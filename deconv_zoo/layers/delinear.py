@@ -43,6 +43,7 @@ class Delinear(WhitenedWeightMixin, nn.Linear):
 
     def batch_statistics(self, x: Tensor) -> Tuple[Tensor, Tensor]:
         """Mean and whitening matrix of the input's feature chunks (differentiable)."""
+        self._check_input(x)
         chunks = x.reshape(-1, self.block)
         if chunks.shape[0] < 2:
             # As BatchNorm: one sample has no covariance; it would be centred to zero (the output
@@ -55,11 +56,14 @@ class Delinear(WhitenedWeightMixin, nn.Linear):
         cov = torch.addmm(eye, centred.t(), centred, beta=self.eps, alpha=1.0 / centred.shape[0])
         return mean, isqrt_newton_schulz(cov, self.n_iter)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _check_input(self, x: Tensor) -> None:
         check_floating(type(self).__name__, x)
         if x.dim() < 1 or x.shape[-1] != self.in_features:
             raise ValueError(
                 f'{type(self).__name__}: expected input (..., {self.in_features}), got shape {tuple(x.shape)}')
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
         # fix: without track_running_stats, batch statistics are used but not recorded (as BatchNorm).
         if self.training and self._takes_statistics(x):
             weight, bias = self._train_fold(x)

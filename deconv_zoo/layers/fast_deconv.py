@@ -120,6 +120,7 @@ class FastDeconv(WhitenedWeightMixin, nn.Conv2d):
     def batch_statistics(self, x: Tensor) -> Tuple[Tensor, Tensor]:
         """Patch mean and whitening matrix of one batch (differentiable), in ``statistics_dtype``
         (float32 or better) whatever the dtype of ``x``; call with autocast off."""
+        self._check_input(x)
         return conv_whitening_statistics(x, self.kernel_size, self.dilation, self.padding, self.sampling_stride,
                                          self.groups, self.num_features, self.eps, self.n_iter)
 
