@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from deconv_zoo.layers import set_finite_checks
+from deconv_zoo.layers import Delinear, FastDeconv, set_finite_checks
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
 AUTOCAST_CASES = pytest.mark.parametrize('device, dtype', [
@@ -51,20 +51,17 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
 
 
-@pytest.mark.slow
-def test_compiled_training_step_matches_eager_on_cpu():
-    """fullgraph=True compiles a whole training step, statistics and their running update included;
-    loss, gradients, running statistics and the eval output equal eager's.
+def assert_compiled_step_matches_eager(eager: nn.Module, x: torch.Tensor, backend: str) -> None:
+    """fullgraph=True compiles a whole training step of ``eager``'s copy, statistics and their
+    running update included; loss, gradients, running statistics and the eval output equal eager's.
 
-    In float64: this small model has pre-activations within float32 rounding of a ReLU kink (one in
-    layer4 at 2e-8 of the largest), so in float32 a different but equally accurate order of
-    operations can flip a unit and move every gradient by 4e-3; in float64 nothing that close flips.
+    In float64: a model can have pre-activations within float32 rounding of a ReLU kink (the small
+    ResNet has one in layer4 at 2e-8 of the largest), so in float32 a different but equally
+    accurate order of operations can flip a unit and move every gradient by 4e-3.
     """
-    eager = small_deconv_model().double()
     compiled_model = set_finite_checks(copy.deepcopy(eager), False)
-    compiled = torch.compile(compiled_model, fullgraph=True, dynamic=False)
-    x = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    target = torch.arange(8) % 10
+    compiled = torch.compile(compiled_model, fullgraph=True, dynamic=False, backend=backend)
+    target = torch.arange(len(x)) % 10
     loss, grads = train_step(eager, x, target)
     loss_c, grads_c = train_step(compiled, x, target)
     torch.testing.assert_close(loss_c, loss, rtol=1e-10, atol=1e-12)
@@ -75,6 +72,30 @@ def test_compiled_training_step_matches_eager_on_cpu():
     compiled_model.eval()
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), eager(x), rtol=1e-10, atol=1e-12)
+
+
+def test_whole_model_compiles_without_graph_breaks():
+    """Dynamo and AOT autograd capture the whole model's training step (aot_eager: the captured
+    graphs run eagerly, so this checks capture and the functionalised buffer updates; inductor's
+    code generation for the whole model takes minutes on 2 CPU cores, see the next test)."""
+    x = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    assert_compiled_step_matches_eager(small_deconv_model().double(), x, 'aot_eager')
+
+
+@pytest.mark.slow
+def test_inductor_training_step_matches_eager_on_cpu():
+    """Inductor's generated code for each kind of zoo layer: a 3x3 FastDeconv stem, a strided 3x3
+    and a depthwise FastDeconv, a 1x1 FastDeconv and a Delinear classifier."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        FastDeconv(3, 16, 3, padding=1, block=3), nn.ReLU(),
+        FastDeconv(16, 16, 3, stride=2, padding=1, block=8), nn.ReLU(),
+        FastDeconv(16, 16, 3, padding=1, groups=16), nn.ReLU(),
+        FastDeconv(16, 32, 1, block=16), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), Delinear(32, 10, block=16),
+    ).double()
+    x = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    assert_compiled_step_matches_eager(model, x, 'inductor')
 
 
 @AUTOCAST_CASES
