@@ -40,7 +40,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .deploy import fold_layer_whitening, folded_weight_and_bias
 from .evaluation import ModelArgumentsError, create_model_with_weights
 from .layers import ChannelDeconv, Delinear, FastDeconv
-from .loading import compare_state_dict, load_torch_checkpoint, optional_state_keys, verify_weights_file
+from .loading import (
+    compare_state_dict, load_torch_checkpoint, optional_state_keys, refuse_non_finite, verify_weights_file,
+)
 from .weights import CheckpointMismatchError
 
 __all__ = ['REFERENCE_CHECKPOINT_KEYS', 'read_checkpoint', 'reference_state_dict', 'checkpoint_geometry',
@@ -61,6 +63,11 @@ def read_checkpoint(path: Union[str, os.PathLike]) -> Mapping[str, Any]:
         return load_torch_checkpoint(path)  # checks the file itself
     verify_weights_file(path)
     return load_file(path)
+
+
+def _source_name(checkpoint: Any) -> str:
+    """How error messages name a checkpoint: its path, or what was passed."""
+    return os.fspath(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else f'the {type(checkpoint).__name__}'
 
 
 def _without_data_parallel(key: str) -> str:
@@ -132,10 +139,12 @@ def convert_reference_checkpoint(
     """A zoo model (eval mode) holding an authors' checkpoint, and how its keys were used.
 
     ``num_classes``/``in_chans`` come from the checkpoint unless given. Raises
-    ``CheckpointMismatchError`` listing every missing, unexpected or mis-shaped key, and
-    ``ModelArgumentsError`` for an unknown ``arch`` or arguments it does not take.
+    ``CheckpointMismatchError`` listing every missing, unexpected or mis-shaped key,
+    ``CorruptWeightsError`` for weights holding NaN or inf, and ``ModelArgumentsError`` for an
+    unknown ``arch`` or arguments it does not take.
     """
     state_dict = reference_state_dict(checkpoint)
+    refuse_non_finite(state_dict, _source_name(checkpoint))
     model = create_model_with_weights(arch, **dict(checkpoint_geometry(state_dict, arch), **model_kwargs))
     expected = model.state_dict()
     mismatch = compare_state_dict(state_dict, expected, optional=optional_state_keys(model))
@@ -326,8 +335,9 @@ def bn_to_deconv(
 
     Raises ``CheckpointMismatchError`` for architectures without an exact conversion (see the
     module docstring), for state dicts that do not fit ``bn_arch`` and for weights that do not fit
-    the deconv model as built (``num_classes``, ``in_chans``); ``ModelArgumentsError`` for unknown
-    architectures or arguments the model does not take.
+    the deconv model as built (``num_classes``, ``in_chans``); ``CorruptWeightsError`` for weights
+    holding NaN or inf; ``ModelArgumentsError`` for unknown architectures or arguments the model
+    does not take.
     """
     if not timm.is_model(arch):
         raise ModelArgumentsError(f"Unknown model '{arch}' (is deconv_zoo imported?)")
@@ -347,6 +357,7 @@ def bn_to_deconv(
         bn_model = bn_arch
     model = create_model_with_weights(arch, **dict(checkpoint_geometry(bn_state_dict, bn_arch), **model_kwargs))
     state_dict = deconv_state_dict_from_bn(bn_state_dict, bn_model, model)
+    refuse_non_finite(bn_state_dict, f'the {bn_arch} weights')  # after the structure checks, which take meta models
     mismatch = compare_state_dict(state_dict, model.state_dict())
     if mismatch:
         raise CheckpointMismatchError(

@@ -27,7 +27,7 @@ from .loading import (
 from .weights import CheckpointMismatchError, CorruptWeightsError
 
 __all__ = ['ModelArgumentsError', 'BAD_INPUT_ERRORS', 'run_script', 'number_in', 'positive_int', 'non_negative_int',
-           'non_negative_float', 'positive_float', 'probability', 'proper_fraction', 'json_object',
+           'non_negative_float', 'positive_float', 'probability', 'proper_fraction', 'file_to_write', 'json_object',
            'ParseLiteralKwargs',
            'create_model_with_weights', 'check_model_name', 'check_model_and_dataset', 'check_num_classes',
            'check_input_size', 'training_data_config', 'add_model_arguments', 'model_from_args', 'evaluate']
@@ -82,6 +82,14 @@ non_negative_float = number_in(float, 0)
 positive_float = number_in(float, 0, low_open=True)
 probability = number_in(float, 0, 1)
 proper_fraction = number_in(float, 0, 1, high_open=True)  # rates where 1 leaves nothing: dropout, smoothing
+
+
+def file_to_write(path: str) -> str:
+    """argparse type: a file the script will write, in a folder that exists (checked at parse time:
+    otherwise the write fails after all the work). An empty string (no file) passes."""
+    if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        raise argparse.ArgumentTypeError(f'no folder for {path!r}')
+    return path
 
 
 def json_object(text: str) -> Dict[str, Any]:

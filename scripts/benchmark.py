@@ -49,7 +49,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import deconv_zoo  # noqa: F401  (registers the zoo's models with timm)
-from deconv_zoo.evaluation import check_model_name, json_object, non_negative_int, positive_int
+from deconv_zoo.evaluation import check_model_name, file_to_write, json_object, non_negative_int, positive_int
 from deconv_zoo.files import atomic_write_text
 from deconv_zoo.layers import Delinear, FastDeconv, set_finite_checks
 from deconv_zoo.layers._stats import FoldCache, statistics_dtype
@@ -486,7 +486,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         help="print the multiply-adds of the convolutions and of the deconvolution's extra work")
     parser.add_argument('--count-ops', action='store_true',
                         help='print the ATen operators (not views) and views one eager training step dispatches')
-    parser.add_argument('--output', default=None, help='write the results as JSON here')
+    parser.add_argument('--output', default=None, type=file_to_write, help='write the results as JSON here')
     args = parser.parse_args(argv)
     check_arguments(parser, args)
     return args
@@ -515,8 +515,6 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
             parser.error(f'{option}: CUDA is not available')
     if args.compile_mode and not args.compile:
         parser.error('--compile-mode needs --compile')
-    if args.output and not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
-        parser.error(f'--output: no folder for {args.output!r}')
 
 
 def build_runners(args: argparse.Namespace, device: torch.device) -> Dict[str, Runner]:

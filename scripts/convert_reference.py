@@ -20,7 +20,7 @@ from safetensors.torch import save as safetensors_bytes
 
 import deconv_zoo  # noqa: F401  (registers the models)
 from deconv_zoo.convert import bn_to_deconv, convert_reference_checkpoint, reference_state_dict
-from deconv_zoo.evaluation import BAD_INPUT_ERRORS, ParseLiteralKwargs
+from deconv_zoo.evaluation import BAD_INPUT_ERRORS, ParseLiteralKwargs, file_to_write
 from deconv_zoo.files import atomic_write
 
 
@@ -33,7 +33,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                              'vgg16_bn): fold it into --model')
     parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseLiteralKwargs,
                         help='model arguments the checkpoint was trained with, e.g. block_fc=0')
-    parser.add_argument('--output', required=True, help='weights file to write (.safetensors or .pth)')
+    parser.add_argument('--output', required=True, type=file_to_write, help='weights file to write (.safetensors or .pth)')
     return parser.parse_args(argv)
 
 

@@ -29,7 +29,7 @@ import time
 from typing import Any, Dict, List, Optional, Sequence
 
 from deconv_zoo import list_models
-from deconv_zoo.evaluation import check_model_name, json_object, non_negative_int, positive_int
+from deconv_zoo.evaluation import check_model_name, file_to_write, json_object, non_negative_int, positive_int
 from deconv_zoo.files import atomic_write_text
 from deconv_zoo.layers.create import deconv_args
 
@@ -124,7 +124,7 @@ def main(argv: Optional[List[str]] = None) -> str:
     parser.add_argument('--seeds', '--seed', type=non_negative_int, nargs='+', default=[0],
                         help='seeds; every run is repeated once per seed')
     parser.add_argument('--output', default='output/digits_table', help='folder of the runs')
-    parser.add_argument('--markdown-file', default='', help='also write the table here')
+    parser.add_argument('--markdown-file', default='', type=file_to_write, help='also write the table here')
     parser.add_argument('--deconv-cfg', type=json_object, default=None,
                         help='JSON FastDeconv settings of a third model per architecture, e.g. \'{"refresh_every": 4}\'')
     parser.add_argument('--models', nargs='+', choices=('deconv', 'variant', 'bn'), default=None,
@@ -154,8 +154,6 @@ def main(argv: Optional[List[str]] = None) -> str:
         os.makedirs(args.output, exist_ok=True)
     except OSError as error:
         parser.error(f'--output: cannot create {args.output!r}: {error}')
-    if args.markdown_file and not os.path.isdir(os.path.dirname(os.path.abspath(args.markdown_file))):
-        parser.error(f'--markdown-file: no folder for {args.markdown_file!r}')
 
     results: Dict[str, Dict[str, Dict[int, Runs]]] = {}
     for arch in args.archs:

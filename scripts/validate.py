@@ -31,8 +31,8 @@ from deconv_zoo.data import (
     create_image_dataset, dataset_num_classes, resolve_input_config, set_image_transform,
 )
 from deconv_zoo.evaluation import (
-    add_model_arguments, check_input_size, check_model_and_dataset, check_num_classes, evaluate, model_from_args,
-    non_negative_int, positive_int, run_script, training_data_config,
+    add_model_arguments, check_input_size, check_model_and_dataset, check_num_classes, evaluate, file_to_write,
+    model_from_args, non_negative_int, positive_int, run_script, training_data_config,
 )
 from deconv_zoo.files import atomic_write_text
 from deconv_zoo.loading import file_sha256
@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--amp', action='store_true', help='automatic mixed precision')
     parser.add_argument('--amp-dtype', default='bfloat16', choices=('bfloat16', 'float16'), help='AMP dtype')
     parser.add_argument('--channels-last', action='store_true', help='channels_last memory format')
-    parser.add_argument('--results-file', default='', help='write the results as JSON here')
+    parser.add_argument('--results-file', default='', type=file_to_write, help='write the results as JSON here')
     return parser
 
 

@@ -15,7 +15,6 @@ import argparse
 import io
 import logging
 import math
-import os
 from typing import List, Optional
 
 import torch.nn as nn
@@ -26,7 +25,7 @@ from torchvision.utils import make_grid, save_image
 
 import deconv_zoo  # noqa: F401  (registers the zoo's models with timm)
 from deconv_zoo.deploy import folded_weight_and_bias
-from deconv_zoo.evaluation import add_model_arguments, model_from_args, run_script
+from deconv_zoo.evaluation import add_model_arguments, file_to_write, model_from_args, run_script
 from deconv_zoo.files import atomic_write
 from deconv_zoo.layers import FastDeconv
 
@@ -93,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help='effective: folded W D; deconv: rows of the whitening matrix D')
     parser.add_argument('--zoom', type=int, default=8, help='screen pixels per kernel pixel')
     parser.add_argument('--max-filters', type=int, default=64, help='draw at most this many filters')
-    parser.add_argument('--output', default='filters.png', help='PNG file to write')
+    parser.add_argument('--output', default='filters.png', type=file_to_write, help='PNG file to write')
     return parser
 
 
@@ -103,8 +102,6 @@ def main(argv: Optional[List[str]] = None) -> str:
     args = parser.parse_args(argv)
     if args.zoom < 1 or args.max_filters < 1:
         parser.error(f'--zoom and --max-filters must be at least 1, not {args.zoom} and {args.max_filters}')
-    if not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
-        parser.error(f'--output: no folder for {args.output!r}')
     setup_default_logging()
     model = model_from_args(args).eval()
     try:

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from deconv_zoo.convert import bn_to_deconv, calibrate_whitening, checkpoint_geometry, convert_reference_checkpoint, \
     deconv_state_dict_from_bn
 from deconv_zoo.evaluation import ModelArgumentsError
-from deconv_zoo.weights import CheckpointMismatchError
+from deconv_zoo.weights import CheckpointMismatchError, CorruptWeightsError
 from weight_helpers import SMALL, assert_close, assert_state_equal, load_script, randomize_batchnorm, \
     randomize_statistics
 
@@ -128,6 +128,29 @@ def test_convert_reference_script_bad_model_arguments(zoo_model, tmp_path, argv,
     with pytest.raises(ModelArgumentsError, match=message):
         load_script('convert_reference').main([str(path), *argv, '--output', str(tmp_path / 'out.safetensors')])
     assert not (tmp_path / 'out.safetensors').exists()
+
+
+def test_convert_reference_script_refuses_an_output_without_a_folder(tmp_path, capsys):
+    """Checked when the arguments are parsed: the write failed only after the conversion."""
+    with pytest.raises(SystemExit):
+        load_script('convert_reference').main([str(tmp_path / 'ckpt.pth'), '--model', 'resnet18_cifar_deconv',
+                                               '--output', str(tmp_path / 'no' / 'out.safetensors')])
+    assert "argument --output: no folder for" in capsys.readouterr().err
+
+
+def test_non_finite_weights_are_not_converted(zoo_model, tmp_path):
+    """A diverged run's NaN converted into a weights file without a word (the model answered NaN)."""
+    checkpoint = reference_style(zoo_model)
+    checkpoint['net']['module.layer1.0.conv1.weight'] = checkpoint['net']['module.layer1.0.conv1.weight'].clone()
+    checkpoint['net']['module.layer1.0.conv1.weight'][0, 0, 0, 0] = float('nan')
+    path = tmp_path / 'ckpt.pth'
+    torch.save(checkpoint, path)
+    with pytest.raises(CorruptWeightsError, match=rf'{path} hold NaN or inf values in 1 tensors: layer1\.0\.conv1\.weight'):
+        convert_reference_checkpoint(str(path), 'resnet18_cifar_deconv', deconv_cfg={'block': 8}, block_fc=64)
+    bn_state = timm.create_model('resnet18_cifar').state_dict()
+    bn_state['bn1.running_var'][0] = float('inf')
+    with pytest.raises(CorruptWeightsError, match=r'resnet18_cifar weights hold NaN or inf values in 1 tensors: bn1\.running_var'):
+        bn_to_deconv(bn_state, 'resnet18_cifar_deconv', **SMALL)
 
 
 @pytest.fixture(scope='module')

@@ -737,6 +737,14 @@ def test_validate_refuses_fewer_classes_than_the_dataset(tmp_path: Path) -> None
     assert not (tmp_path / 'results.json').exists()
 
 
+def test_validate_refuses_a_results_file_without_a_folder(tmp_path: Path, capsys) -> None:
+    """Checked when the arguments are parsed: the write failed only after the whole validation."""
+    with pytest.raises(SystemExit):
+        load_script('validate').main(['--model', 'resnet18_cifar', '--img-size', '8', '--limit', '8',
+                                      '--results-file', str(tmp_path / 'no' / 'results.json')])
+    assert 'argument --results-file: no folder for' in capsys.readouterr().err
+
+
 def test_validate_digits_with_a_training_checkpoint(tmp_path: Path) -> None:
     import timm
 
