@@ -27,7 +27,7 @@ from timm.models import get_arch_pretrained_cfgs
 import deconv_zoo  # noqa: F401  (registers the models)
 from deconv_zoo.convert import convert_reference_checkpoint, read_checkpoint
 from deconv_zoo.evaluation import BAD_INPUT_ERRORS, ParseLiteralKwargs
-from deconv_zoo.hub import published_entry_source, push_hub_folder, save_hub_folder, tag_mismatch
+from deconv_zoo.hub import RESULT_FIELDS, published_entry_source, push_hub_folder, save_hub_folder, tag_mismatch
 from deconv_zoo.loading import file_sha256
 from deconv_zoo.weights import CONVERTED_BN_WEIGHTS, HUB_ORG_ENV
 
@@ -54,6 +54,27 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument('--private', action='store_true', help='create the Hub repo as private')
     parser.add_argument('--token', help='Hub token (default: the logged-in one)')
     return parser.parse_args(argv)
+
+
+def read_results(path: str) -> Dict[str, Any]:
+    """The JSON that scripts/validate.py --results-file wrote, with the fields the card and the
+    published entry need (SystemExit naming the problem otherwise)."""
+    try:
+        with open(path, encoding='utf-8') as f:
+            results = json.load(f)
+    except OSError as error:
+        raise SystemExit(f'--results {path}: {error.strerror or error}') from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise SystemExit(f'--results {path} is not JSON ({error}): give the file scripts/validate.py '
+                         f'--results-file wrote.') from None
+    if not isinstance(results, dict):
+        raise SystemExit(f'--results {path} holds a JSON {type(results).__name__}, not the object scripts/validate.py '
+                         f'writes.')
+    missing = [field for field in RESULT_FIELDS if field not in ('model', 'tag') and field not in results]
+    if missing:
+        raise SystemExit(f'--results {path} lacks {", ".join(missing)}: give the file scripts/validate.py '
+                         f'--results-file wrote.')
+    return results
 
 
 def build_model(args: argparse.Namespace, results: Dict[str, Any]) -> Tuple[nn.Module, str, Dict[str, Any]]:
@@ -100,8 +121,7 @@ def build_model(args: argparse.Namespace, results: Dict[str, Any]) -> Tuple[nn.M
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
-    with open(args.results, encoding='utf-8') as f:
-        results = json.load(f)
+    results = read_results(args.results)
     if not args.repo_id and not args.org:
         raise SystemExit(f'Give --repo-id or --org (or set {HUB_ORG_ENV}).')
     model, name, train_args = build_model(args, results)

@@ -192,6 +192,24 @@ def test_push_refuses_results_that_do_not_fit_the_tag(published, tmp_path, chang
                                          '--repo-id', REPO_ID, '--output-dir', str(tmp_path / 'repo')])
 
 
+@pytest.mark.parametrize('content, message', [
+    (None, r'--results .*validate\.json: No such file or directory'),
+    ('{"top1": 95.1', r'--results .*validate\.json is not JSON \(Expecting'),
+    ('[95.1]', r'holds a JSON list, not the object scripts/validate\.py writes'),
+    ('{"dataset": "torch/cifar10", "top1": 95.1}', r'lacks split, num_images, top5, loss'),
+], ids=['missing', 'not_json', 'not_an_object', 'fields_missing'])
+def test_push_names_a_results_file_it_cannot_use(published, tmp_path, content, message):
+    """A missing or malformed --results file was a traceback (FileNotFoundError, JSONDecodeError,
+    AttributeError, or a KeyError once the model card was being written)."""
+    results = tmp_path / 'validate.json'
+    if content is not None:
+        results.write_text(content)
+    with pytest.raises(SystemExit, match=message):
+        load_script('push_to_hub').main(['--checkpoint', str(published['checkpoint']), '--results', str(results),
+                                         '--repo-id', REPO_ID, '--output-dir', str(tmp_path / 'repo')])
+    assert not (tmp_path / 'repo').exists()
+
+
 def test_push_refuses_a_converted_batchnorm_tag(tmp_path):
     """validate.py reports an ImageNet ResNet's default tag, .tv_in1k, whose name loads timm's converted
     BN weights under any organisation: weights pushed there were unreachable by name, and their card
