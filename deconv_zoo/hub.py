@@ -15,6 +15,7 @@ from huggingface_hub import EvalResult, HfApi, ModelCard
 from timm.models import save_for_hf
 from timm.models._hub import generate_readme
 
+from .files import atomic_write_text
 from .loading import file_sha256
 from .weights import PublishedWeights
 
@@ -160,8 +161,7 @@ def save_hub_folder(
     save_for_hf(model, output_dir, safe_serialization=True)
     name = f"{results['model']}.{results['tag']}"
     readme = _readme(model_card(model, repo_id, results, train_command, train_args), name, results)
-    with open(os.path.join(output_dir, 'README.md'), 'w', encoding='utf-8') as f:
-        f.write(readme)
+    atomic_write_text(os.path.join(output_dir, 'README.md'), readme)
     return PublishedWeights(hf_hub_id=repo_id, top1=float(results['top1']), top5=float(results['top5']),
                             sha256=file_sha256(os.path.join(output_dir, 'model.safetensors')))
 
