@@ -209,6 +209,9 @@ def _timm_dataset(name: str, root: str, split: str) -> Dataset:
         _check_image_folder(root, is_training)
         if not is_training:
             options['class_map'] = _training_class_map(root)
+        # The files stay in their own mode until set_image_transform's conversion, which reads
+        # 16-bit greyscale correctly; timm's conversion to RGB here would clip it at 255 first.
+        options['input_img_mode'] = None
     try:
         # download=False always: the project never fetches data sets.
         return create_dataset(name, root=root, split='train' if is_training else 'validation',
@@ -353,6 +356,16 @@ def _model_in_chans(model: torch.nn.Module) -> Optional[int]:
 _IMAGE_MODES = {1: 'L', 3: 'RGB'}  # PIL mode by input channels
 
 
+def convert_image(image: Image.Image, mode: str) -> Image.Image:
+    """``image`` in PIL ``mode``, with 16-bit greyscale (PNG, TIFF) scaled to 8 bits first: PIL's
+    own conversion clips it at 255, which turns most such images white."""
+    # A 16-bit greyscale PNG opens as 'I;16' (older Pillow: 'I', the only PNG mode of that name).
+    if image.mode.startswith('I;16') or (image.mode == 'I' and image.format == 'PNG'):
+        pixels = np.asarray(image, dtype=np.float32) * (255 / 65535)
+        image = Image.fromarray(np.rint(pixels).astype(np.uint8), 'L')
+    return image.convert(mode)
+
+
 def set_image_transform(dataset: Dataset, input_config: Dict[str, Any], is_training: bool, **aug: Any) -> None:
     """Prepare a dataset from ``create_image_dataset`` for a model's ``input_config``.
 
@@ -382,7 +395,7 @@ def set_image_transform(dataset: Dataset, input_config: Dict[str, Any], is_train
     if chans not in _IMAGE_MODES:
         raise DatasetError(f'image datasets give 1- or 3-channel images, not the {chans} channels of the model input')
     # The images in the model's channel count: greyscale files (MNIST) for an RGB model, colour ones for in_chans=1.
-    to_mode = functools.partial(Image.Image.convert, mode=_IMAGE_MODES[chans])
+    to_mode = functools.partial(convert_image, mode=_IMAGE_MODES[chans])
     crop_padding = aug.pop('crop_padding', 0)
     if is_training and crop_padding > 0:
         from timm.data.transforms import str_to_interp_mode

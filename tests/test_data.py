@@ -128,6 +128,39 @@ def test_unreadable_training_images_are_replaced_by_the_next_one(tmp_path: Path)
         SkipUnreadable(dataset, substitute=True, max_substitutes=1)[1]
 
 
+def test_sixteen_bit_greyscale_images_are_scaled_not_clipped(tmp_path: Path) -> None:
+    """A 16-bit greyscale PNG (medical and scientific images) went through PIL's conversion to RGB,
+    which clips at 255: every pixel above 255 of 65535 came out white. It is now scaled to 8 bits."""
+    ramp = np.linspace(0, 65535, 16).astype(np.uint16).reshape(4, 4)
+    _save_images(tmp_path / 'train' / 'scan', [ramp])
+    _save_images(tmp_path / 'val' / 'scan', [np.full((4, 4, 3), 255, np.uint8)])  # an 8-bit RGB file beside it
+    expected = torch.from_numpy(np.rint(ramp / 257.0)).float() / 255  # the 8-bit value of each pixel
+    for split, input_size in (('train', (3, 4, 4)), ('train', (1, 4, 4)), ('validation', (1, 4, 4))):
+        dataset = create_image_dataset('folder', str(tmp_path), split)
+        config = dict(_input_config(input_size), mean=(0.0,) * input_size[0], std=(1.0,) * input_size[0])
+        set_image_transform(dataset, config, is_training=False)
+        image = dataset[0][0]
+        assert image.shape == input_size
+        if split == 'train':
+            assert torch.allclose(image, expected.expand(input_size), atol=1.5 / 255), split
+        else:
+            assert torch.equal(image, torch.ones(input_size))
+
+
+def test_images_that_fail_to_decode_are_replaced_too(tmp_path: Path) -> None:
+    """A truncated file opens (its header is whole) and fails when its pixels are decoded, which now
+    happens in the transform: it is still replaced by the next image, as one that does not open is."""
+    _save_images(tmp_path / 'train' / 'cat', [np.full((64, 64, 3), value, np.uint8) for value in (0, 100)])
+    whole = (tmp_path / 'train' / 'cat' / '0.png').read_bytes()
+    (tmp_path / 'train' / 'cat' / '0.png').write_bytes(whole[:len(whole) // 2])
+    dataset = create_image_dataset('folder', str(tmp_path), 'train')
+    set_image_transform(dataset, _input_config((3, 8, 8)), is_training=False)
+    with pytest.raises(OSError):
+        dataset[0]
+    assert torch.equal(SkipUnreadable(dataset, substitute=True)[0][0], dataset[1][0])
+    assert SkipUnreadable(dataset)[0] is None
+
+
 @pytest.mark.parametrize('name, where', [
     ('torch/cifar10', 'cifar-10-batches-py/ there ({root}/cifar-10-batches-py, extracted from cifar-10-python.tar.gz)'),
     ('torch/cifar100', 'cifar-100-python/ there ({root}/cifar-100-python, extracted from cifar-100-python.tar.gz)'),
