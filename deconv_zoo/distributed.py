@@ -106,13 +106,13 @@ class _EmptyBatchTakesPart:
     def _takes_statistics(self, x: Tensor) -> bool:
         return super()._takes_statistics(x) or _is_synced(self.process_group)
 
-    def _train_fold(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+    def _train_forward(self, x: Tensor) -> Tensor:
         try:
-            return super()._train_fold(x)
+            return super()._train_forward(x)
         except TooFewSamplesError as error:
             if error.total:
                 raise
-            return self.weight, self.bias
+            return self._apply_weights(x, self.weight, self.bias)
 
 
 class SyncFastDeconv(_EmptyBatchTakesPart, FastDeconv):

@@ -84,6 +84,9 @@ ORACLE_CASES = {
     'delinear_block_exceeds_features': linear((20, 6), 6, 3),
     'delinear_no_bias': linear((16, 12), 12, 5, block=3, bias=False),
     'delinear_sequence': linear((3, 5, 8), 8, 4, block=4),
+    # Fewer rows than outputs: the training step whitens the input instead of folding the weight.
+    'delinear_few_rows': linear((6, 12), 12, 16, block=4),
+    'delinear_few_rows_no_bias': linear((2, 3, 8), 8, 9, block=4, bias=False),
     'channel': channel((3, 8, 6, 7), block=4),
     'channel_leftover': channel((3, 10, 6, 6), block=4),
     'channel_map_below_stride': channel((4, 10, 2, 2), block=4),
@@ -482,6 +485,26 @@ def test_autocast_keeps_no_float32_copy_of_the_input():
     assert not [t for t in saved if t.shape == x.shape and t.dtype != x.dtype]
     out.float().sum().backward()
     assert x.grad.dtype == torch.bfloat16 and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize('batch, weight_sized', [(4, 0), (64, 1)], ids=['few_rows', 'many_rows'])
+def test_delinear_training_step_keeps_no_folded_weight_when_rows_are_few(batch, weight_sized):
+    """With fewer input rows than outputs (a big classifier: VGG's 25088 x 4096), the training step
+    whitens the input instead of folding the whitening into the weight: the backward pass then
+    keeps no weight-sized tensor besides the weight itself. With many rows the fold is cheaper and
+    stays, keeping the folded weight once (before: twice, as the bias shift was a product with it)."""
+    layer = Delinear(64, 32, block=16)
+    x = random_input((batch, 64), 0, torch.float32).requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = layer(x)
+    weight_storage = layer.weight.untyped_storage().data_ptr()  # the weight itself, or a view of it
+    kept = [t for t in saved if t.numel() == layer.weight.numel() and t.untyped_storage().data_ptr() != weight_storage]
+    assert len(kept) == weight_sized
+    out.square().sum().backward()
+    assert torch.isfinite(layer.weight.grad).all() and torch.isfinite(x.grad).all()
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        assert layer(x).dtype == torch.bfloat16  # the linear map itself runs under autocast, as nn.Linear
 
 
 @pytest.mark.parametrize('input_dtype', [torch.float32, torch.bfloat16], ids=['f32_input', 'bf16_input'])

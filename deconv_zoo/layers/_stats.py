@@ -218,7 +218,9 @@ class WhitenedWeightMixin:
     """Training-step bookkeeping and the eval-mode fold shared by FastDeconv and Delinear.
 
     The host class has ``weight``, ``bias``, ``running_mean``, ``running_deconv``, ``momentum``,
-    ``track_running_stats`` and implements ``_fold(weight, bias, mean, deconv) -> (weight, bias)``.
+    ``track_running_stats`` and implements ``_check_input(x)``, ``_takes_statistics(x)``,
+    ``_train_forward(x)`` (a training call with batch statistics), ``_apply_weights(x, weight,
+    bias)`` (its convolution or linear map) and ``_fold(weight, bias, mean, deconv) -> (weight, bias)``.
     """
     # Turn off to run under CUDA graphs / fullgraph compile: the check synchronises the device.
     check_finite: bool = True
@@ -229,6 +231,17 @@ class WhitenedWeightMixin:
     def train(self, mode: bool = True):
         self._fold_cache.clear()
         return super().train(mode)
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        # fix: with track_running_stats off, training still uses the batch statistics (as the
+        # reference and BatchNorm do); only their recording stops.
+        if self.training and self._takes_statistics(x):
+            return self._train_forward(x)
+        # An empty training batch has no statistics: as BatchNorm does, it gives an empty output and
+        # leaves the layer's state as it was.
+        weight, bias = (self.weight, self.bias) if self.training else self._eval_fold()
+        return self._apply_weights(x, weight, bias)
 
     def _fold(self, weight: Tensor, bias: Optional[Tensor], mean: Tensor, deconv: Tensor) -> Tuple[Tensor, Tensor]:
         raise NotImplementedError

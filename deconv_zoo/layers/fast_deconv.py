@@ -135,22 +135,14 @@ class FastDeconv(WhitenedWeightMixin, nn.Conv2d):
             raise ValueError(f'{name}: input of {x.shape[2]}x{x.shape[3]} pixels ({padded[0]}x{padded[1]} padded) '
                              f'is smaller than the {window[0]}x{window[1]} window of the (dilated) kernel')
 
-    def forward(self, x: Tensor) -> Tensor:
-        self._check_input(x)
-        # fix: with track_running_stats off, training still uses the batch statistics (as the
-        # reference and BatchNorm do); only their recording stops.
-        if self.training and self._takes_statistics(x):
-            weight, bias = self._train_fold(x)
-        elif self.training:
-            # An empty batch has no statistics: as BatchNorm does, it gives an empty output and
-            # leaves the layer's state as it was.
-            weight, bias = self.weight, self.bias
-        else:
-            weight, bias = self._eval_fold()
+    def _apply_weights(self, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
         return self._conv_forward(x, weight, bias)
 
     def _takes_statistics(self, x: Tensor) -> bool:
         return x.shape[0] > 0
+
+    def _train_forward(self, x: Tensor) -> Tensor:
+        return self._conv_forward(x, *self._train_fold(x))
 
     def _train_fold(self, x: Tensor) -> Tuple[Tensor, Tensor]:
         # Statistics in float32 at least, read straight from x (a float32 copy of a half-precision

@@ -41,6 +41,7 @@ __all__ = [
     'isqrt_newton_schulz', 'newton_schulz_iteration', 'newton_schulz_eigh', 'newton_schulz_polynomial',
     'PatchMoments', 'symmetric_gram', 'sample_patches', 'patches_adjoint', 'whitening_statistics',
     'conv_whitening_statistics', 'conv_patch_mean', 'fold_conv_whitening', 'fold_linear_whitening',
+    'whiten_linear_chunks',
 ]
 
 # From this matrix size on, the eigendecomposition route is the faster one on CPU (forward +
@@ -488,9 +489,20 @@ def fold_conv_whitening(
 
 
 def fold_linear_whitening(weight: Tensor, bias: Tensor, mean: Tensor, deconv: Tensor) -> Tuple[Tensor, Tensor]:
-    """Fold the decorrelation of contiguous feature chunks into a linear layer (Delinear)."""
+    """Fold the decorrelation of contiguous feature chunks into a linear layer (Delinear):
+    returns (W D, b - W D mu) with D acting on every chunk."""
     block = deconv.shape[-1]
     with record_function('deconv::fold'):
         w = weight.reshape(-1, block) @ deconv
-        shift = (w @ mean).reshape(weight.shape[0], -1).sum(dim=1)
+        # The chunks of a row share D and mu, so the shift is (sum of W's chunks) D mu: no product
+        # with the folded weight, whose gradient would then be one more weight-sized tensor.
+        shift = weight.reshape(weight.shape[0], -1, block).sum(dim=1) @ (deconv @ mean)
         return w.reshape(weight.shape), (-shift if bias is None else bias - shift)
+
+
+def whiten_linear_chunks(x: Tensor, mean: Tensor, deconv: Tensor) -> Tensor:
+    """x -> D (x - mu) on every contiguous chunk of x (..., F): what ``fold_linear_whitening``
+    folds into the weight, applied to the input instead."""
+    block = deconv.shape[-1]
+    with record_function('deconv::fold'):
+        return ((x.reshape(-1, block) - mean) @ deconv.t()).reshape(x.shape)
