@@ -19,7 +19,8 @@ class Delinear(WhitenedWeightMixin, nn.Linear):
 
     The ``in_features`` inputs are cut into contiguous chunks of ``block`` features; all chunks
     of all samples share one ``block x block`` covariance whose Newton-Schulz inverse square root
-    is folded into the weight. Running statistics are tracked with ``momentum`` for eval.
+    is folded into the weight (or, in a training call with fewer input rows than outputs, applied
+    to the input chunks: the same function). Running statistics are tracked with ``momentum`` for eval.
     """
     def __init__(
             self,
