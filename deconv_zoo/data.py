@@ -356,7 +356,7 @@ def _model_in_chans(model: torch.nn.Module) -> Optional[int]:
 _IMAGE_MODES = {1: 'L', 3: 'RGB'}  # PIL mode by input channels
 
 
-def convert_image(image: Image.Image, mode: str) -> Image.Image:
+def _convert_image(image: Image.Image, mode: str) -> Image.Image:
     """``image`` in PIL ``mode``, with 16-bit greyscale (PNG, TIFF) scaled to 8 bits first: PIL's
     own conversion clips it at 255, which turns most such images white."""
     # A 16-bit greyscale PNG opens as 'I;16' (older Pillow: 'I', the only PNG mode of that name).
@@ -395,7 +395,7 @@ def set_image_transform(dataset: Dataset, input_config: Dict[str, Any], is_train
     if chans not in _IMAGE_MODES:
         raise DatasetError(f'image datasets give 1- or 3-channel images, not the {chans} channels of the model input')
     # The images in the model's channel count: greyscale files (MNIST) for an RGB model, colour ones for in_chans=1.
-    to_mode = functools.partial(convert_image, mode=_IMAGE_MODES[chans])
+    to_mode = functools.partial(_convert_image, mode=_IMAGE_MODES[chans])
     crop_padding = aug.pop('crop_padding', 0)
     if is_training and crop_padding > 0:
         from timm.data.transforms import str_to_interp_mode

@@ -76,8 +76,8 @@ class Delinear(WhitenedWeightMixin, nn.Linear):
             if x.numel() < self.in_features * self.out_features:
                 # perf: fewer input rows than outputs, so whitening the input (rows x in x block
                 # multiply-adds) is cheaper than folding D into the weight (out x in x block), and
-                # the backward pass keeps no weight-sized copy: VGG's 25088 x 4096 classifier's
-                # training step went from 2.1-2.5 s to 0.4-0.9 s on 2 cores at batch 8 to 64.
+                # the backward pass keeps no weight-sized copy (VGG's 25088 x 4096 classifier: a
+                # quarter of the time; README, Performance).
                 x, weight, bias = whiten_linear_chunks(xs, mean, deconv).to(x.dtype), self.weight, self.bias
             else:
                 weight, bias = self._fold_in(mean, deconv)

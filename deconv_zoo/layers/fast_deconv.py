@@ -142,7 +142,7 @@ class FastDeconv(WhitenedWeightMixin, nn.Conv2d):
         return x.shape[0] > 0
 
     def _train_forward(self, x: Tensor) -> Tensor:
-        return self._conv_forward(x, *self._train_fold(x))
+        return self._apply_weights(x, *self._train_fold(x))
 
     def _train_fold(self, x: Tensor) -> Tuple[Tensor, Tensor]:
         # Statistics in float32 at least, read straight from x (a float32 copy of a half-precision
