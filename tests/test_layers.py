@@ -751,11 +751,15 @@ def test_non_floating_input_raises(name, training, dtype):
     (lambda: FastDeconv(4, 3, 3, eps=-1e-5), r'FastDeconv: eps must be a finite number >= 0, got -1e-05'),
     (lambda: Delinear(8, 3, eps=float('nan')), 'Delinear: eps must be a finite number >= 0, got nan'),
     (lambda: ChannelDeconv(4, eps=None), 'ChannelDeconv: eps must be a finite number >= 0, got None'),
+    (lambda: ChannelDeconv(4, sampling_stride=0), 'ChannelDeconv: sampling_stride must be an int >= 1, got 0'),
+    (lambda: ChannelDeconv(4, sampling_stride=(3, 3)),
+     r'ChannelDeconv: sampling_stride must be an int >= 1, got \(3, 3\)'),
 ], ids=['fast_n_iter', 'delinear_n_iter', 'channel_n_iter', 'freeze_iter', 'sampling_stride', 'sampling_stride_pair',
-        'fast_eps', 'delinear_eps', 'channel_eps'])
+        'fast_eps', 'delinear_eps', 'channel_eps', 'channel_sampling_stride', 'channel_sampling_stride_pair'])
 def test_invalid_settings_raise_up_front(make, message):
     """Refused when the layer is built, not at the first training call (n_iter), with a
     ZeroDivisionError (freeze_iter=0), an unfold error (sampling_stride=0), or not at all: a pair
-    of sampling strides was repeated into a nested tuple, a negative or NaN eps whitened with it."""
+    of sampling strides was repeated into a nested tuple (ChannelDeconv failed at its first call with
+    one, and silently took 0 as no subsampling), a negative or NaN eps whitened with it."""
     with pytest.raises(ValueError, match=message):
         make()

@@ -30,13 +30,11 @@ class ChannelDeconv(nn.Module):
     def __init__(self, block: int, eps: float = 1e-2, n_iter: int = 5, momentum: float = 0.1,
                  sampling_stride: int = 3):
         super().__init__()
-        if block < 1:
-            raise ValueError(f'ChannelDeconv: block must be >= 1, got {block}')
-        self.block = block
+        self.block = check_positive_int('ChannelDeconv', 'block', block)
         self.eps = check_eps('ChannelDeconv', eps)
         self.n_iter = check_positive_int('ChannelDeconv', 'n_iter', n_iter)
         self.momentum = check_momentum('ChannelDeconv', momentum)
-        self.sampling_stride = sampling_stride
+        self.sampling_stride = check_positive_int('ChannelDeconv', 'sampling_stride', sampling_stride)
         self.register_buffer('running_mean1', torch.zeros(block, 1))
         self.register_buffer('running_deconv', torch.eye(block))
         self.register_buffer('running_mean2', torch.zeros(1, 1))
