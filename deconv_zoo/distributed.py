@@ -129,12 +129,11 @@ class SyncFastDeconv(_EmptyBatchTakesPart, FastDeconv):
         mean, deconv = global_whitening_statistics(self._samples(x), self.eps, self.n_iter, self.process_group)
         return mean.reshape(-1), (deconv[0] if self.groups == 1 else deconv)
 
-    def _refreshed_statistics(self, x: Tensor, recompute: bool) -> Tuple[Tensor, Tensor, Optional[Tuple[bool, int]]]:
-        mean, deconv, schedule = super()._refreshed_statistics(x, recompute)
-        if deconv is self._reused_deconv and _is_synced(self.process_group):
+    def _refreshed_statistics(self, x: Tensor, reused_deconv: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+        if reused_deconv is not None and _is_synced(self.process_group):
             # refresh_every reuses the whitening with this process' patch mean: use the global batch's.
-            mean = _global_mean(self._samples(x), self.process_group)[0].reshape(-1)
-        return mean, deconv, schedule
+            return _global_mean(self._samples(x), self.process_group)[0].reshape(-1), reused_deconv
+        return super()._refreshed_statistics(x, reused_deconv)
 
     def _samples(self, x: Tensor) -> Tensor:
         """This process' (G, nf, S) patch samples, in ``statistics_dtype`` as FastDeconv's own."""

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from deconv_zoo.layers import ChannelDeconv, Delinear, FastDeconv, _stats, isqrt_newton_schulz
+from deconv_zoo.layers import ChannelDeconv, Delinear, FastDeconv, _stats, fast_deconv, isqrt_newton_schulz
 from oracle import OracleChannelDeconv, OracleDelinear, OracleFastDeconv, oracle_newton_schulz
 
 
@@ -645,6 +645,48 @@ def test_checkpoint_tracks_statistics_once(name):
         plain_state = plain.state_dict()
         for key, value in ckpt.state_dict().items():
             assert torch.equal(value, plain_state[key]), key
+
+
+@pytest.mark.parametrize('reentrant', [False, True], ids=['nonreentrant', 'reentrant'])
+@pytest.mark.parametrize('name', ['fast_deconv', 'fast_deconv_refresh'])
+def test_checkpoint_repeats_each_of_several_calls_per_step(name, reentrant):
+    """Two calls of one layer before a backward pass (two views, a shared layer), checkpointed: each
+    recompute must repeat its own call's choice of frozen or fresh statistics (refresh_every: fresh
+    or reused whitening), also where the two calls chose differently. Recomputes used to repeat the
+    latest call's choice: wrong gradients (reentrant) or a CheckpointError (non-reentrant). A second
+    backward pass through the same graph (retain_graph) recomputes them again."""
+    layer_cls, kwargs, shape = CHECKPOINTED[name]
+    plain = layer_cls(**kwargs).double()
+    ckpt = copy.deepcopy(plain)
+    for layer in (plain, ckpt):  # one call first, so that some steps' two calls choose differently
+        layer(random_input(shape, 99))
+    for step in range(8):  # freeze_iter=3: calls 1..4 fresh, 5..30 frozen; refresh_every=3
+        first, second = random_input(shape, 2 * step), random_input(shape, 2 * step + 1) * 2
+        grads = []
+        for layer, run in ((plain, lambda x: layer(x)),
+                           (ckpt, lambda x: checkpoint(layer, x, use_reentrant=reentrant))):
+            views = [first.clone().requires_grad_(), second.clone().requires_grad_()]
+            loss = (run(views[0]) * 1.3).sum() + run(views[1]).square().sum()
+            loss.backward(retain_graph=True)
+            loss.backward()  # doubles every gradient, through a second round of recomputes
+            grads.append([v.grad for v in views] + [p.grad.clone() for p in layer.parameters()])
+            layer.zero_grad()
+        for actual, expected in zip(*reversed(grads)):
+            assert_rel(actual, expected, 1e-12)
+        plain_state = plain.state_dict()
+        for key, value in ckpt.state_dict().items():
+            assert torch.equal(value, plain_state[key]), key
+
+
+def test_checkpoint_recompute_beyond_the_recorded_calls_is_an_error():
+    """More checkpointed calls of one scheduled layer before a backward pass than it records: the
+    recompute of an early call cannot know its choice, and says so instead of guessing."""
+    layer_cls, kwargs, shape = CHECKPOINTED['fast_deconv']
+    layer = layer_cls(**kwargs).double()
+    views = [random_input(shape, i).requires_grad_() for i in range(fast_deconv.RECORDED_CALLS + 1)]
+    loss = sum(checkpoint(layer, x, use_reentrant=False).sum() for x in views)
+    with pytest.raises(RuntimeError, match='recompute found no record of the training call it repeats'):
+        loss.backward()
 
 
 @pytest.mark.parametrize('make_layer, input_shape', [

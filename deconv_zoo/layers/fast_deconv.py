@@ -3,7 +3,8 @@
 Arguments, defaults, parameter and buffer names follow the authors' ``models/deconv.py`` so that
 their checkpoints load unchanged. Runtime bugs of the reference are fixed where marked "fix:".
 """
-from typing import Optional, Tuple, Union
+import collections
+from typing import Deque, NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -25,6 +26,18 @@ _size_2_t = Union[int, Tuple[int, int]]
 # few samples per batch a reused whitening is far off the next batch's: on digits, SENet-18 did
 # not learn with its SE gates on the schedule (10% top-1) and reached 97.5% without them.
 REFRESH_MIN_FEATURES = 128
+
+# How many training calls of one layer may precede a backward pass under gradient checkpointing
+# with the freeze or refresh_every schedules (each record holds that call's running statistics or
+# reused whitening matrix).
+RECORDED_CALLS = 8
+
+
+class _TrainingCall(NamedTuple):
+    """What a training call chose, for a gradient-checkpoint recompute of it to choose the same."""
+    frozen: Optional[Tensor]  # freeze schedule: whether it used the running statistics (0-dim bool)
+    running: Optional[Tuple[Tensor, Tensor]]  # freeze schedule: those statistics, as the call read them
+    reused_deconv: Optional[Tensor]  # refresh_every: the whitening matrix it reused (None: fresh or no schedule)
 
 
 class FastDeconv(WhitenedWeightMixin, nn.Conv2d):
@@ -48,6 +61,9 @@ class FastDeconv(WhitenedWeightMixin, nn.Conv2d):
     the statistics in use every step. The schedule restarts with
     a fresh computation after a reload or a device or dtype change. Layers with ``freeze=True``
     follow the freeze schedule instead, and compiled graphs compute fresh statistics every call.
+
+    Under gradient checkpointing a recompute repeats the choices of the call it recomputes (frozen
+    or fresh, reused or fresh), for up to ``RECORDED_CALLS`` calls of the layer before one backward.
     """
     def __init__(
             self,
@@ -90,7 +106,10 @@ class FastDeconv(WhitenedWeightMixin, nn.Conv2d):
         self.refresh_every = check_positive_int(name, 'refresh_every', refresh_every)
         self._reused_deconv: Optional[Tensor] = None  # the whitening matrix refresh_every reuses
         self._reuse_count = 0
-        self._refreshing = True
+        # The choices of the latest training calls, for gradient-checkpoint recomputes to repeat
+        # (several calls of one layer may precede a backward pass: two views, a shared layer).
+        self._calls: Deque[_TrainingCall] = collections.deque(maxlen=RECORDED_CALLS)
+        self._replays = (-1, 0)  # (backward pass, how many of its recomputes of this layer ran so far)
         self.track_running_stats = True
         # fix: the reference accepted only int kernel/stride; pairs work the same way.
         self.sampling_stride = tuple(sampling_stride * s for s in _pair(stride))
@@ -148,65 +167,83 @@ class FastDeconv(WhitenedWeightMixin, nn.Conv2d):
         # Statistics in float32 at least, read straight from x (a float32 copy of a half-precision
         # x would be kept for the backward pass); only the convolution runs under autocast.
         with torch.autocast(device_type=x.device.type, enabled=False):
-            dtype = statistics_dtype(x)
             recompute = in_backward_recompute()
-            advance = self.freeze and self.track_running_stats
-            frozen, schedule = None, None
-            if self.freeze:
-                # fix: a checkpoint recompute runs after its forward advanced the counter; it must
-                # decide on the value that forward saw, or the step's gradients are wrong.
-                counter = (self.counter - 1).remainder(10 * self.freeze_iter) if recompute and advance else self.counter
-                frozen = counter > self.freeze_iter
-            if frozen is not None and x.device.type == 'cpu' and not torch.compiler.is_compiling() and bool(frozen):
+            call = self._replayed_call() if recompute else self._new_call(x)
+            if call.frozen is not None and x.device.type == 'cpu' and not torch.compiler.is_compiling() \
+                    and bool(call.frozen):
                 # perf: on CPU the schedule costs nothing to read, so frozen steps skip the batch
                 # statistics, as the reference did (same result as the selection below).
-                # fix: copies, as the graph keeps them: the buffers themselves change in place at
-                # the next training call, maybe before this step's backward (a shared layer).
-                mean, deconv = self.running_mean.to(dtype, copy=True), self.running_deconv.to(dtype, copy=True)
+                mean, deconv = call.running
             else:
-                mean, deconv, schedule = self._refreshed_statistics(x, recompute)
-                if frozen is not None:
+                mean, deconv = self._refreshed_statistics(x, call.reused_deconv)
+                if call.frozen is not None:
                     # Frozen steps reuse the running statistics. Selecting with a tensor condition
                     # keeps the step free of host syncs and torch.compile recompiles.
-                    mean = torch.where(frozen, self.running_mean.to(mean.dtype), mean)
-                    deconv = torch.where(frozen, self.running_deconv.to(deconv.dtype), deconv)
+                    mean = torch.where(call.frozen, call.running[0], mean)
+                    deconv = torch.where(call.frozen, call.running[1], deconv)
             # lerp(r, r, m) == r exactly, so frozen steps leave the running buffers untouched.
-            fresh = schedule is not None and schedule[0]
-            self._track(mean, deconv, kept=fresh)
-            if schedule is not None:
-                # Advanced once _track accepted the batch: a failed call leaves the schedule as it was.
-                self._refreshing, self._reuse_count = schedule
-                if fresh:
-                    self._reused_deconv = deconv.detach()
-            if advance and not recompute:
-                # fix: advanced after _track accepted the batch, so a non-finite one leaves it unchanged.
-                self.counter.add_(1).remainder_(10 * self.freeze_iter)
+            refreshed = self._follows_refresh_schedule() and call.reused_deconv is None
+            self._track(mean, deconv, kept=refreshed and not recompute)
+            if not recompute:
+                # Advanced once _track accepted the batch: a failed call leaves the schedules as they were.
+                if self._follows_refresh_schedule():
+                    self._reuse_count = 0 if refreshed else self._reuse_count + 1
+                    if refreshed:
+                        self._reused_deconv = deconv.detach()
+                if self.freeze and self.track_running_stats:
+                    self.counter.add_(1).remainder_(10 * self.freeze_iter)
+                if (self.freeze or self._follows_refresh_schedule()) and not torch.compiler.is_compiling():
+                    self._calls.append(call)
             return self._fold_in(mean, deconv)
+
+    def _new_call(self, x: Tensor) -> _TrainingCall:
+        """The choices of a training call: frozen or fresh statistics (the freeze schedule, which
+        takes precedence where set: most stems), fresh or reused whitening (refresh_every)."""
+        if self.freeze:
+            dtype = statistics_dtype(x)
+            # fix: copies, as the graph keeps them: the buffers themselves change in place at the
+            # next training call, maybe before this step's backward (a shared layer).
+            running = (self.running_mean.to(dtype, copy=True), self.running_deconv.to(dtype, copy=True))
+            return _TrainingCall(self.counter > self.freeze_iter, running, None)
+        if not self._follows_refresh_schedule():
+            return _TrainingCall(None, None, None)
+        reused = self._reused_deconv
+        # fix: one kept from a call under inference_mode cannot enter an autograd graph.
+        if (reused is None or self._reuse_count + 1 >= self.refresh_every
+                or reused.device != x.device or reused.dtype != statistics_dtype(x)
+                or (reused.is_inference() and not torch.is_inference_mode_enabled())):
+            reused = None
+        return _TrainingCall(None, None, reused)
+
+    def _replayed_call(self) -> _TrainingCall:
+        """The choices of the call a gradient-checkpoint recompute repeats (a recompute must make
+        them again, or its gradients are wrong). Autograd runs the nodes of one backward pass later
+        ones first, so its k-th recompute of this layer repeats the k-th latest call; a further
+        backward pass through the same graph (``retain_graph``) starts from the latest again."""
+        if not (self.freeze or self._follows_refresh_schedule()):
+            return _TrainingCall(None, None, None)  # nothing to choose
+        task = torch._C._current_graph_task_id()
+        last_task, replayed = self._replays
+        replayed = replayed if task == last_task else 0
+        if replayed >= len(self._calls):
+            raise RuntimeError(
+                f'{type(self).__name__}: a gradient-checkpoint recompute found no record of the training call it '
+                f'repeats (the last {self._calls.maxlen} calls of a layer before one backward pass are kept)')
+        self._replays = (task, replayed + 1)
+        return self._calls[-1 - replayed]
 
     def _follows_refresh_schedule(self) -> bool:
         # The reference's freeze schedule, where set (most stems), takes precedence.
         return (self.refresh_every > 1 and self.num_features >= REFRESH_MIN_FEATURES and not self.freeze
                 and not torch.compiler.is_compiling())
 
-    def _refreshed_statistics(self, x: Tensor, recompute: bool) -> Tuple[Tensor, Tensor, Optional[Tuple[bool, int]]]:
-        """This training call's statistics under ``refresh_every``: fresh ones, or this call's mean
-        with the last whitening matrix; and the schedule's next state (whether these are fresh,
-        the count of reusing calls), None outside the schedule and in a recompute, which repeats
-        the choice its forward made."""
-        if not self._follows_refresh_schedule():
-            return self.batch_statistics(x) + (None,)
-        refreshing, schedule = self._refreshing, None
-        if not recompute:
-            reused = self._reused_deconv
-            # fix: one kept from a call under inference_mode cannot enter an autograd graph.
-            refreshing = (reused is None or self._reuse_count + 1 >= self.refresh_every
-                          or reused.device != x.device or reused.dtype != statistics_dtype(x)
-                          or (reused.is_inference() and not torch.is_inference_mode_enabled()))
-            schedule = (refreshing, 0 if refreshing else self._reuse_count + 1)
-        if not refreshing:
-            geometry = (self.kernel_size, self.dilation, self.padding, self.sampling_stride)
-            return conv_patch_mean(x, geometry, self.groups, self.num_features), self._reused_deconv, schedule
-        return self.batch_statistics(x) + (schedule,)
+    def _refreshed_statistics(self, x: Tensor, reused_deconv: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+        """This training call's statistics: fresh ones, or under ``refresh_every`` this call's patch
+        mean with the whitening matrix it reuses."""
+        if reused_deconv is None:
+            return self.batch_statistics(x)
+        geometry = (self.kernel_size, self.dilation, self.padding, self.sampling_stride)
+        return conv_patch_mean(x, geometry, self.groups, self.num_features), reused_deconv
 
     def _fold(self, weight: Tensor, bias: Optional[Tensor], mean: Tensor, deconv: Tensor) -> Tuple[Tensor, Tensor]:
         return fold_conv_whitening(weight, bias, mean, deconv, self.groups)
