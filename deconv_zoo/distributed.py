@@ -197,17 +197,18 @@ def convert_sync_deconv(module: nn.Module, process_group: Optional[dist.ProcessG
     return module
 
 
-def average_buffers(module: nn.Module) -> None:
+def average_buffers(module: nn.Module, average: bool = True) -> None:
     """Make every process hold the same buffers: floating-point ones (running statistics) are
     averaged, the others (step counters) taken from rank 0. Call it at the end of an epoch when
     any statistics are per-process (layers that neither ``convert_sync_deconv`` nor SyncBatchNorm
-    converted); timm's ``distribute_bn`` only knows buffers named running_mean/running_var."""
+    converted); timm's ``distribute_bn`` only knows buffers named running_mean/running_var.
+    ``average=False`` takes every buffer from rank 0, as DistributedDataParallel's next forward does."""
     if not _is_synced(None):
         return
     world_size = dist.get_world_size()
     with torch.no_grad():
         for buffer in module.buffers():
-            if buffer.is_floating_point():
+            if average and buffer.is_floating_point():
                 dist.all_reduce(buffer)
                 buffer.div_(world_size)
             else:

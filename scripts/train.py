@@ -367,8 +367,8 @@ def _train(args: argparse.Namespace, device: torch.device, primary: bool) -> Dic
         train_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device] if device.type == 'cuda' else None)
     if args.compile:
-        # Static shapes: a batch of another size recompiles instead of switching to dynamic shapes,
-        # under which inductor fails on the deconvolution's strided im2col (torch 2.14).
+        # Static shapes: the deconvolution layers branch on shapes, so a dynamic graph would recompile
+        # for every new batch size anyway.
         train_model = torch.compile(train_model, backend=args.compile, dynamic=False)
     trainer = Trainer(
         train_model, optimizer, criterion.to(device), device, checkpoints, scheduler=scheduler,
@@ -408,10 +408,13 @@ def _train(args: argparse.Namespace, device: torch.device, primary: bool) -> Dic
         train_set.set_epoch(epoch)
         sampler.set_epoch(epoch, skip=position.step_in_epoch * args.batch_size)
         train_metrics = trainer.train_epoch(train_loader, position, steps_per_epoch)
+        epoch_done = position.step_in_epoch >= steps_per_epoch
         if args.distributed:
             # Per-process running statistics (batch norm beside synced deconvolutions too) -> one set
             # for eval and checkpoints; averaging the synced ones, equal on every process, keeps them equal.
-            average_buffers(model)
+            # A run stopped mid-epoch (--max-steps) takes rank 0's instead, as DDP's next forward would
+            # have: its checkpoint then resumes exactly as the run would have gone on.
+            average_buffers(model, average=epoch_done)
         eval_metrics = evaluate(model, val_loader, device, amp_autocast, args.channels_last, args.distributed)
         if model_ema is not None:
             eval_metrics = evaluate(model_ema.module, val_loader, device, amp_autocast, args.channels_last,
@@ -419,7 +422,6 @@ def _train(args: argparse.Namespace, device: torch.device, primary: bool) -> Dic
         skipped = len(val_set) - eval_metrics['num_images']
         if primary and skipped:
             _logger.warning(f'validation: {skipped} unreadable image(s) skipped (named above)')
-        epoch_done = position.step_in_epoch >= steps_per_epoch
         lr = optimizer.param_groups[0]['lr']
         if primary:
             # Throughput is left out (it depends on the interruption). After a mid-epoch resume the

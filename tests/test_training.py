@@ -630,20 +630,6 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_train_under_torchrun_with_two_cpu_processes(tmp_path: Path) -> None:
-    command = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_addr', '127.0.0.1',
-               '--master_port', str(_free_port()), str(REPO / 'scripts' / 'train.py')] + SMALL_DECONV + [
-        '--sync-deconv', '--max-steps', '2', '--batch-size', '16', '--train-limit', '96', '--val-limit', '32',
-        '--output', str(tmp_path), '--experiment', 'ddp']
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    checkpoint = torch.load(tmp_path / 'ddp' / LAST, weights_only=True)
-    assert checkpoint['global_step'] == 2 and checkpoint['args']['world_size'] == 2
-    assert len(checkpoint['rng']) == 2  # both processes' RNG states, for an exact resume
-    assert 'val_top1' in done.stderr + done.stdout
-
-
-@pytest.mark.slow
 def test_torchrun_validates_the_model_it_saves(tmp_path: Path) -> None:
     """--sync-deconv on a model with batch norm (efficientnet_b0_cifar_deconv keeps it in its blocks):
     the per-process BN statistics were not averaged, so each process validated its shard with
@@ -659,6 +645,34 @@ def test_torchrun_validates_the_model_it_saves(tmp_path: Path) -> None:
         '--model', 'resnet18_cifar', '--model-kwargs', 'layers=(1,1,1,1)', '--checkpoint', str(tmp_path / 'ddp' / LAST),
         '--limit', '32', '--workers', '0'])
     assert float(summary_rows(tmp_path / 'ddp')[0]['eval_loss']) == pytest.approx(validated['loss'], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_torchrun_run_stopped_mid_epoch_resumes_exactly(tmp_path: Path) -> None:
+    """A two-process run (synced deconvolutions beside per-process batch norm: EfficientNet-B0 keeps
+    BN in its blocks) stopped by --max-steps mid-epoch and resumed ends with the uninterrupted run's
+    weights and buffers. The stop used to average the per-process batch-norm statistics into its
+    checkpoint, where the uninterrupted run carries rank 0's on (DDP broadcasts them every step)."""
+    def train(experiment: str, *extra: str) -> str:
+        command = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_addr',
+                   '127.0.0.1', '--master_port', str(_free_port()), str(REPO / 'scripts' / 'train.py'), '--model',
+                   'efficientnet_b0_cifar_deconv', '--img-size', '8', '--no-progress', '--workers', '0',
+                   '--sync-deconv', '--epochs', '1', '--batch-size', '8', '--train-limit', '48', '--val-limit', '16',
+                   '--output', str(tmp_path), '--experiment', experiment, *extra]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stderr + done.stdout
+
+    train('whole')
+    assert 'val_top1' in train('stopped', '--max-steps', '1')
+    stopped = torch.load(tmp_path / 'stopped' / LAST, weights_only=True)
+    assert stopped['global_step'] == 1 and stopped['args']['world_size'] == 2
+    assert len(stopped['rng']) == 2  # both processes' RNG states, for an exact resume
+    train('stopped', '--resume', 'auto')
+    whole, resumed = (torch.load(tmp_path / name / LAST, weights_only=True) for name in ('whole', 'stopped'))
+    assert resumed['global_step'] == whole['global_step'] == 3
+    for key, value in whole['state_dict'].items():
+        assert torch.equal(resumed['state_dict'][key], value), key
 
 
 # ------------------------------------------------------------------------------ validate, filters
