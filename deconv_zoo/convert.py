@@ -241,6 +241,7 @@ def bn_twin_names(arch: str) -> Tuple[str, ...]:
 
 def deconv_state_dict_from_bn(
         bn_state_dict: Mapping[str, Tensor], bn_model: Union[str, nn.Module], deconv_model: nn.Module,
+        headless: bool = False,
 ) -> Dict[str, Tensor]:
     """State dict for ``deconv_model`` computing what the BN model computes in eval with ``bn_state_dict``.
 
@@ -250,7 +251,9 @@ def deconv_state_dict_from_bn(
     indices differ), folded BatchNorms disappear, BatchNorms the deconv model keeps (ImageNet
     ResNet's downsample) are copied by name, and deconvolution statistics are set to identity.
     Weights keep the state dict's shapes, so a model built with other ``num_classes``/``in_chans``
-    can adapt them afterwards (timm's pretrained loading does).
+    can adapt them afterwards (timm's pretrained loading does). ``headless``: the deconv model was
+    built without a classifier (``num_classes=0``; VGG's MLP too with ``global_pool=''``), so the BN
+    model's last layers, which it lacks, are left out.
     """
     if isinstance(bn_model, str):
         bn_model = _bn_structure(bn_state_dict, bn_model)
@@ -265,6 +268,11 @@ def deconv_state_dict_from_bn(
     deconv_modules = dict(deconv_model.named_modules())
     bn_layers = [n for n, m in bn_modules.items() if _is_weight_layer(m)]
     deconv_layers = [n for n, m in deconv_modules.items() if _is_weight_layer(m)]
+    used = set()
+    if headless and len(bn_layers) > len(deconv_layers):
+        # The head is the last of the weight layers in module order: the pairing below still checks shapes.
+        used = {k for layer in bn_layers[len(deconv_layers):] for k in bn_state_dict if k.startswith(f'{layer}.')}
+        bn_layers = bn_layers[:len(deconv_layers)]
     if len(bn_layers) != len(deconv_layers):
         raise CheckpointMismatchError(
             f'{bn_arch} has {len(bn_layers)} convolution/linear layers, {type(deconv_model).__name__} has '
@@ -281,7 +289,6 @@ def deconv_state_dict_from_bn(
             f'cannot express.')
 
     state_dict: Dict[str, Tensor] = {}
-    used = set()
     for bn_layer, deconv_layer in zip(bn_layers, deconv_layers):
         weight = bn_state_dict[f'{bn_layer}.weight']
         bias = bn_state_dict.get(f'{bn_layer}.bias', weight.new_zeros(weight.shape[0]))

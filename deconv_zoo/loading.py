@@ -393,7 +393,8 @@ def filter_pretrained_state_dict(state_dict: Dict[str, Tensor], model: nn.Module
     converts = name in CONVERTED_BN_WEIGHTS and any(isinstance(m, FastDeconv) for m in model.modules())
     if converts and not any(k.endswith('.running_deconv') for k in state_dict):
         from .convert import deconv_state_dict_from_bn  # convert builds models: import on use
-        state_dict = deconv_state_dict_from_bn(state_dict, CONVERTED_BN_WEIGHTS[name].split('.')[0], model)
+        state_dict = deconv_state_dict_from_bn(state_dict, CONVERTED_BN_WEIGHTS[name].split('.')[0], model,
+                                               headless=model.num_classes == 0)
 
     expected = model.state_dict()
     optional = optional_state_keys(model)

@@ -465,3 +465,27 @@ def test_converted_bn_tag_loads_timm_batchnorm_weights(hf_cache, tmp_path):
         assert_close(model(image), bn_model(image), rel=1e-4)
     tuned = timm.create_model('resnet18_deconv.tv_in1k', pretrained=True, num_classes=10, in_chans=1)
     assert torch.allclose(tuned.conv1.weight, model.conv1.weight.sum(dim=1, keepdim=True))
+
+
+@pytest.mark.parametrize('arch, bn_arch, kwargs', [
+    ('resnet18_deconv', 'resnet18', dict(num_classes=0)),
+    ('vgg11_deconv', 'vgg11_bn', dict(num_classes=0)),
+    ('vgg11_deconv', 'vgg11_bn', dict(num_classes=0, global_pool='')),
+], ids=['resnet', 'vgg', 'vgg_no_mlp'])
+def test_converted_bn_tag_loads_as_a_headless_backbone(hf_cache, tmp_path, arch, bn_arch, kwargs):
+    """num_classes=0 (timm's backbone call) on a converted tag: the BN model's classifier (VGG's MLP
+    too, without pooling) has no place in the model and is left out. The conversion paired layers by
+    count and refused: 'resnet18 has 21 convolution/linear layers, ResNet has 20'."""
+    generator = torch.Generator().manual_seed(3)
+    bn_model = timm.create_model(bn_arch).eval()
+    randomize_batchnorm(bn_model, generator)
+    path = tmp_path / 'model.safetensors'
+    save_file(bn_model.state_dict(), str(path))
+    add_to_hf_cache(hf_cache, f'timm/{bn_arch}.tv_in1k', {'model.safetensors': path})
+    model = timm.create_model(arch, pretrained=True, **kwargs).eval()
+    image = torch.randn(1, 3, 64, 64, generator=generator)
+    with torch.no_grad():
+        assert_close(model.forward_features(image), bn_model.forward_features(image), rel=1e-4)
+        if not kwargs.get('global_pool') == '':
+            assert_close(model(image), bn_model.forward_head(bn_model.forward_features(image), pre_logits=True),
+                         rel=1e-4)
