@@ -331,15 +331,25 @@ def resolve_input_config(model: torch.nn.Module, args: Optional[Dict[str, Any]] 
     """
     from timm.data import resolve_data_config
 
-    config = resolve_data_config(args or {}, model=model)
+    args = dict(args or {})
+    # Checked here against the model's channels (timm asserts on its own count, 3 unless told).
+    given = {key: args.pop(key, None) for key in ('mean', 'std')}
+    config = resolve_data_config(args, model=model)
     chans = _model_in_chans(model)
     if chans is not None and config['input_size'][0] != chans:
         config['input_size'] = (chans, *config['input_size'][1:])
-    # Also when the size came with the channels (``in_chans`` in ``args``): timm keeps 3-channel statistics.
     chans = config['input_size'][0]
-    for key in ('mean', 'std'):
-        if len(config[key]) != chans:
-            config[key] = (sum(config[key]) / len(config[key]),) * chans
+    for key, value in given.items():
+        if value is None:
+            # Also when the size came with the channels (``in_chans`` in ``args``): timm keeps 3-channel statistics.
+            if len(config[key]) != chans:
+                config[key] = (sum(config[key]) / len(config[key]),) * chans
+        elif len(value) in (1, chans):
+            config[key] = tuple(value) * (chans // len(value))
+        else:
+            counts = '1 value' if chans == 1 else f'1 or {chans} values'
+            raise DatasetError(f'--{key} takes {counts} (the model input has {chans} channel(s)), '
+                               f'got {len(value)}: {tuple(value)}')
     return config
 
 

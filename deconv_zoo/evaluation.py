@@ -30,10 +30,11 @@ __all__ = ['ModelArgumentsError', 'BAD_INPUT_ERRORS', 'run_script', 'number_in',
            'non_negative_float', 'positive_float', 'probability', 'proper_fraction', 'file_to_write', 'json_object',
            'ParseLiteralKwargs',
            'create_model_with_weights', 'check_model_name', 'check_model_and_dataset', 'check_num_classes',
-           'check_input_size', 'training_data_config', 'add_model_arguments', 'model_from_args', 'evaluate']
+           'check_input_size', 'training_data_config', 'add_model_arguments', 'input_channels', 'model_from_args',
+           'evaluate']
 
 # The data-config arguments a training run records (scripts/train.py and timm's train.py alike).
-_DATA_CONFIG_ARGS = ('img_size', 'input_size', 'mean', 'std', 'interpolation', 'crop_pct')
+_DATA_CONFIG_ARGS = ('in_chans', 'img_size', 'input_size', 'mean', 'std', 'interpolation', 'crop_pct')
 
 
 class ModelArgumentsError(ValueError):
@@ -197,7 +198,7 @@ def check_input_size(model: nn.Module, input_size: Sequence[int]) -> None:
 
 
 def training_data_config(checkpoint: str) -> Dict[str, Any]:
-    """The input size, normalisation, interpolation and crop arguments that the run which wrote a
+    """The input channels and size, normalisation, interpolation and crop arguments that the run which wrote a
     training checkpoint was given (those it set); {} for a safetensors file or a checkpoint that
     records no arguments."""
     if os.path.splitext(checkpoint)[1].lower() in ('.safetensors', '.sft'):
@@ -223,11 +224,17 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help='extra create_model arguments (Python literals)')
 
 
+def input_channels(args: argparse.Namespace) -> Optional[int]:
+    """The input channels the arguments ask for (None: the model's): --input-size's C overrides
+    --in-chans, as in timm's train.py."""
+    return args.input_size[0] if getattr(args, 'input_size', None) else args.in_chans
+
+
 def model_from_args(args: argparse.Namespace, num_classes: Optional[int] = None) -> nn.Module:
     """The model the ``add_model_arguments`` options describe; ``num_classes`` is the default
     when --num-classes is not given (else the model's own)."""
     return create_model_with_weights(args.model, args.pretrained, args.checkpoint, args.use_ema,
-                                     num_classes=args.num_classes or num_classes, in_chans=args.in_chans,
+                                     num_classes=args.num_classes or num_classes, in_chans=input_channels(args),
                                      **args.model_kwargs)
 
 

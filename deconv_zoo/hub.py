@@ -7,6 +7,7 @@ tested offline is what gets published. The returned ``PublishedWeights`` (sha256
 safetensors file) is the entry to add to ``deconv_zoo.weights.PUBLISHED_WEIGHTS``.
 """
 import json
+import math
 import os
 from typing import Any, Dict, Mapping, Optional
 
@@ -54,9 +55,14 @@ def _hub_dataset(results: Mapping[str, Any]) -> str:
 NAMED_DATASETS = ('digits', 'cifar10', 'cifar100')
 
 
+def _as_tuple(value: Any) -> tuple:
+    return tuple(value) if isinstance(value, (list, tuple)) else (value,)
+
+
 def tag_mismatch(results: Mapping[str, Any], tag: str, pretrained_cfg: Mapping[str, Any]) -> Optional[str]:
     """Why weights validated as ``results`` say do not belong under ``tag`` (None if they do): a
-    named dataset other than the tag's, or an input size other than the tag's config."""
+    named dataset other than the tag's, or an input size or preprocessing (mean, std, crop, interpolation)
+    other than the tag's config."""
     validated = _validated_dataset(results)
     if tag in TAG_DATASETS and validated in NAMED_DATASETS and validated != TAG_DATASETS[tag]:
         return f"validated on {results['dataset']}, but tag '{tag}' is for {TAG_DATASETS[tag]}"
@@ -64,6 +70,19 @@ def tag_mismatch(results: Mapping[str, Any], tag: str, pretrained_cfg: Mapping[s
     if size is not None and tuple(size) != tuple(pretrained_cfg['input_size']):
         return (f"validated at input size {tuple(size)}, but tag '{tag}' declares "
                 f"{tuple(pretrained_cfg['input_size'])}")
+    # The preprocessing the top-1 was measured with: the tag's config is what its users get.
+    for key in ('mean', 'std', 'crop_pct', 'interpolation'):
+        validated, declared = results.get(key), pretrained_cfg.get(key)
+        if validated is None or declared is None:
+            continue
+        if isinstance(declared, str):
+            same = validated == declared
+        else:
+            validated, declared = _as_tuple(validated), _as_tuple(declared)
+            same = len(validated) == len(declared) and all(
+                math.isclose(a, b, rel_tol=1e-6) for a, b in zip(validated, declared))
+        if not same:
+            return f"validated with {key} {results[key]}, but tag '{tag}' declares {pretrained_cfg[key]}"
     return None
 
 

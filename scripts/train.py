@@ -45,8 +45,8 @@ from deconv_zoo.data import (
 from deconv_zoo.distributed import average_buffers, convert_sync_deconv
 from deconv_zoo.evaluation import (
     ParseLiteralKwargs, check_input_size, check_model_and_dataset, check_num_classes, create_model_with_weights,
-    evaluate, non_negative_float, non_negative_int, positive_float, positive_int, probability, proper_fraction,
-    run_script,
+    evaluate, input_channels, non_negative_float, non_negative_int, positive_float, positive_int, probability,
+    proper_fraction, run_script,
 )
 from deconv_zoo.files import atomic_write_text
 from deconv_zoo.training import LAST, RECIPES, CheckpointManager, Trainer, TrainingStopped, TrainPosition, resolve_resume
@@ -289,7 +289,7 @@ def _train(args: argparse.Namespace, device: torch.device, primary: bool) -> Dic
     num_classes = args.num_classes or dataset_num_classes(train_set)
     model = create_model_with_weights(
         args.model, pretrained=args.pretrained, checkpoint=args.initial_checkpoint, num_classes=num_classes,
-        in_chans=args.in_chans, drop_rate=args.drop, drop_path_rate=args.drop_path, **args.model_kwargs)
+        in_chans=input_channels(args), drop_rate=args.drop, drop_path_rate=args.drop_path, **args.model_kwargs)
     input_config = resolve_input_config(model, vars(args))
     check_input_size(model, input_config['input_size'])
     aug = dict(hflip=args.hflip, scale=args.scale, ratio=args.ratio, color_jitter=args.color_jitter,

@@ -100,8 +100,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
 
     dataset = create_image_dataset(args.dataset, args.data_dir, args.split, limit=args.limit)
     check_num_classes(args.num_classes, dataset)
+    use_training_data_config(args)  # before the model: its channel count may be recorded
     model = model_from_args(args, num_classes=dataset_num_classes(dataset))
-    use_training_data_config(args)
     input_config = resolve_input_config(model, vars(args))
     check_input_size(model, input_config['input_size'])
     model.to(device).eval()
@@ -136,6 +136,10 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         pretrained=args.pretrained,
         use_ema=args.use_ema,
         input_size=list(input_config['input_size']),
+        mean=list(input_config['mean']),
+        std=list(input_config['std']),
+        crop_pct=input_config['crop_pct'],
+        interpolation=input_config['interpolation'],
         param_count=sum(p.numel() for p in model.parameters()),
         batch_size=args.batch_size,
         device=str(device),

@@ -90,6 +90,20 @@ def test_input_config_statistics_follow_the_model_channels(args: Dict[str, Any])
     assert config['mean'][0] == pytest.approx(sum(model.pretrained_cfg['mean']) / 3)
 
 
+def test_input_config_takes_one_or_a_channel_count_of_statistics() -> None:
+    """Another count of --mean/--std values ended the scripts with timm's bare AssertionError; the count
+    is the model's channels (a 1-channel model asserted against timm's default of 3)."""
+    with torch.device('meta'):
+        grey, colour = (timm.create_model('resnet18_cifar', in_chans=c) for c in (1, 3))
+    assert resolve_input_config(grey, dict(mean=(0.5,), std=(0.25,)))['mean'] == (0.5,)
+    assert resolve_input_config(colour, dict(mean=(0.5,)))['mean'] == (0.5,) * 3
+    assert resolve_input_config(colour, dict(std=(0.1, 0.2, 0.3)))['std'] == (0.1, 0.2, 0.3)
+    with pytest.raises(DatasetError, match=r'--mean takes 1 or 3 values \(the model input has 3 channel\(s\)\), got 2'):
+        resolve_input_config(colour, dict(mean=(0.5, 0.5)))
+    with pytest.raises(DatasetError, match=r'--std takes 1 value \(the model input has 1 channel\(s\)\), got 3'):
+        resolve_input_config(grey, dict(std=(0.2, 0.2, 0.2)))
+
+
 def test_cifar_crop_augmentation_works_at_any_image_size(tmp_path: Path) -> None:
     """The padded random crop (the CIFAR recipe) cut an input-sized window out of the image as it
     was: a 16x16 window of a 64x64 image, and an error for a 4x4 one. The image is now resized to

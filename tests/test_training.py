@@ -797,6 +797,28 @@ def test_validate_takes_the_input_size_a_training_checkpoint_records(
     assert validate.main(argv + ['--img-size', '16'])['input_size'] == [3, 16, 16]  # the command line wins
 
 
+def test_input_size_channels_build_the_model_in_train_and_validate(tmp_path: Path) -> None:
+    """--input-size C H W sets the model's input channels, as its help says (and timm's train.py does):
+    train.py built a 3-channel model for --input-size 1 8 8 and silently fed it 3-channel digits;
+    validate.py takes the channels a training checkpoint records."""
+    import timm
+    from safetensors.torch import save_file
+
+    result = load_script('train').main(SMALL_DECONV + [
+        '--input-size', '1', '8', '8', '--epochs', '1', '--batch-size', '16', '--train-limit', '32',
+        '--val-limit', '16', '--output', str(tmp_path), '--experiment', 'grey'])
+    checkpoint = torch.load(Path(result['run_folder']) / LAST, weights_only=True)
+    assert checkpoint['state_dict']['conv1.weight'].shape[1] == 1
+    validated = load_script('validate').main([
+        '--model', 'resnet18_cifar_deconv', '--model-kwargs', 'layers=(1,1,1,1)', "deconv_cfg={'block': 16}",
+        '--checkpoint', str(Path(result['run_folder']) / LAST), '--limit', '16', '--workers', '0'])
+    assert validated['input_size'] == [1, 8, 8]
+    safetensors = tmp_path / 'grey.safetensors'
+    save_file(timm.create_model('resnet18_cifar', in_chans=1).state_dict(), str(safetensors))
+    assert load_script('validate').main(['--model', 'resnet18_cifar', '--checkpoint', str(safetensors),
+                                         '--input-size', '1', '8', '8', '--limit', '8'])['input_size'] == [1, 8, 8]
+
+
 def test_model_table_rows_and_a_filter_matching_nothing(capsys: pytest.CaptureFixture) -> None:
     """A pattern without wildcards (--filter resnet18) matched no zoo model: a silent empty table."""
     model_table = load_script('model_table')
