@@ -1,4 +1,5 @@
 """Every registered deconv-zoo model through timm's API (mirrors timm's own model tests)."""
+import copy
 import importlib.util
 import os
 
@@ -129,6 +130,25 @@ def test_features_subset_keeps_only_what_it_runs(name):
     with torch.no_grad():
         final, intermediates = plain.forward_intermediates(x, indices=[0, 1], stop_early=True)
     assert final is intermediates[-1]
+
+
+def test_feature_extractor_takes_grad_checkpointing():
+    """timm's list extractor has set_grad_checkpointing, its getter (the zoo's default) had not: an
+    AttributeError. Checkpointed levels give the same features and gradients."""
+    torch.manual_seed(0)
+    model = timm.create_model('resnet18_cifar_deconv', features_only=True, out_indices=(1, 2),
+                              layers=(1, 1, 1, 1), deconv_cfg=dict(block=16))
+    checkpointed = copy.deepcopy(model)
+    checkpointed.set_grad_checkpointing(True)
+    assert checkpointed.model.grad_checkpointing
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    grads = []
+    for m in (model.double(), checkpointed.double()):
+        outs = m(x)
+        sum(out.square().sum() for out in outs).backward()
+        grads.append([o.detach() for o in outs] + [p.grad for p in m.parameters()])
+    for actual, expected in zip(*grads):
+        torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize('name', ALL_MODELS)

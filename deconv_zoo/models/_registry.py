@@ -3,6 +3,7 @@ from typing import Any, Dict, Optional, Type
 
 import torch.nn as nn
 from timm.models import build_model_with_cfg, generate_default_cfgs, get_pretrained_cfg
+from timm.models._features import FeatureGetterNet
 
 from ..loading import filter_pretrained_state_dict, resolve_pretrained_source
 from ..weights import CONVERTED_BN_WEIGHTS, hub_repo_id
@@ -68,6 +69,14 @@ def zoo_default_cfgs(cfgs: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
     return generate_default_cfgs(sourced)
 
 
+class CheckpointingFeatureGetter(FeatureGetterNet):
+    """timm's 'getter' feature extractor (the zoo's default), with the wrapped model's
+    ``set_grad_checkpointing``, which timm's 'list' extractor has and its getter lacks."""
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.model.set_grad_checkpointing(enable)
+
+
 def build_zoo_model(
         model_cls: Type[nn.Module],
         variant: str,
@@ -90,6 +99,8 @@ def build_zoo_model(
     feature_cls = kwargs.pop('feature_cls', 'getter')
     if feature_cls != 'getter' and not getattr(model_cls, 'features_by_module', False):
         raise ValueError(f"{variant}: features_only supports feature_cls='getter' (the default), not {feature_cls!r}")
+    if feature_cls == 'getter':
+        feature_cls = CheckpointingFeatureGetter
     feature_cfg = dict(feature_cls=feature_cls, out_indices=kwargs.pop('default_out_indices'),
                        flatten_sequential=flatten_sequential)
     return build_model_with_cfg(model_cls, variant, pretrained, feature_cfg=feature_cfg,
