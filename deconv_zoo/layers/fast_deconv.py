@@ -40,6 +40,9 @@ class _TrainingCall(NamedTuple):
     reused_deconv: Optional[Tensor]  # refresh_every: the whitening matrix it reused (None: fresh or no schedule)
 
 
+_UNSCHEDULED = _TrainingCall(None, None, None)  # a call of a layer without either schedule: nothing to choose
+
+
 class FastDeconv(WhitenedWeightMixin, nn.Conv2d):
     """Convolution with network deconvolution (Ye et al. 2020, Alg. 1).
 
@@ -182,17 +185,18 @@ class FastDeconv(WhitenedWeightMixin, nn.Conv2d):
                     mean = torch.where(call.frozen, call.running[0], mean)
                     deconv = torch.where(call.frozen, call.running[1], deconv)
             # lerp(r, r, m) == r exactly, so frozen steps leave the running buffers untouched.
-            refreshed = self._follows_refresh_schedule() and call.reused_deconv is None
+            refresh_schedule = self._follows_refresh_schedule()
+            refreshed = refresh_schedule and call.reused_deconv is None
             self._track(mean, deconv, kept=refreshed and not recompute)
             if not recompute:
                 # Advanced once _track accepted the batch: a failed call leaves the schedules as they were.
-                if self._follows_refresh_schedule():
+                if refresh_schedule:
                     self._reuse_count = 0 if refreshed else self._reuse_count + 1
                     if refreshed:
                         self._reused_deconv = deconv.detach()
                 if self.freeze and self.track_running_stats:
                     self.counter.add_(1).remainder_(10 * self.freeze_iter)
-                if (self.freeze or self._follows_refresh_schedule()) and not torch.compiler.is_compiling():
+                if call is not _UNSCHEDULED and not torch.compiler.is_compiling():
                     self._calls.append(call)
             return self._fold_in(mean, deconv)
 
@@ -206,7 +210,7 @@ class FastDeconv(WhitenedWeightMixin, nn.Conv2d):
             running = (self.running_mean.to(dtype, copy=True), self.running_deconv.to(dtype, copy=True))
             return _TrainingCall(self.counter > self.freeze_iter, running, None)
         if not self._follows_refresh_schedule():
-            return _TrainingCall(None, None, None)
+            return _UNSCHEDULED
         reused = self._reused_deconv
         # fix: one kept from a call under inference_mode cannot enter an autograd graph.
         if (reused is None or self._reuse_count + 1 >= self.refresh_every
@@ -221,7 +225,7 @@ class FastDeconv(WhitenedWeightMixin, nn.Conv2d):
         ones first, so its k-th recompute of this layer repeats the k-th latest call; a further
         backward pass through the same graph (``retain_graph``) starts from the latest again."""
         if not (self.freeze or self._follows_refresh_schedule()):
-            return _TrainingCall(None, None, None)  # nothing to choose
+            return _UNSCHEDULED
         task = torch._C._current_graph_task_id()
         last_task, replayed = self._replays
         replayed = replayed if task == last_task else 0
