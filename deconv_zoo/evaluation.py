@@ -30,11 +30,14 @@ __all__ = ['ModelArgumentsError', 'BAD_INPUT_ERRORS', 'run_script', 'number_in',
            'non_negative_float', 'positive_float', 'probability', 'proper_fraction', 'file_to_write', 'json_object',
            'ParseLiteralKwargs',
            'create_model_with_weights', 'check_model_name', 'check_model_and_dataset', 'check_num_classes',
-           'check_input_size', 'training_data_config', 'add_model_arguments', 'input_channels', 'model_from_args',
+           'check_input_size', 'training_arguments', 'is_unset', 'add_model_arguments', 'input_channels', 'model_from_args',
            'evaluate']
 
-# The data-config arguments a training run records (scripts/train.py and timm's train.py alike).
-_DATA_CONFIG_ARGS = ('in_chans', 'img_size', 'input_size', 'mean', 'std', 'interpolation', 'crop_pct')
+# The arguments of a training run (scripts/train.py and timm's train.py record them alike) that
+# evaluating its checkpoint needs: what the model was built with, and the data config.
+_RECORDED_ARGS = ('num_classes', 'in_chans', 'model_kwargs', 'img_size', 'input_size', 'mean', 'std',
+                  'interpolation', 'crop_pct')
+_UNSET = (None, '', {})  # an argument not given (the command line's defaults)
 
 
 class ModelArgumentsError(ValueError):
@@ -197,10 +200,10 @@ def check_input_size(model: nn.Module, input_size: Sequence[int]) -> None:
         model.train(was_training)
 
 
-def training_data_config(checkpoint: str) -> Dict[str, Any]:
-    """The input channels and size, normalisation, interpolation and crop arguments that the run which wrote a
-    training checkpoint was given (those it set); {} for a safetensors file or a checkpoint that
-    records no arguments."""
+def training_arguments(checkpoint: str) -> Dict[str, Any]:
+    """The class count, input channels, model kwargs, input size, normalisation, interpolation and
+    crop arguments that the run which wrote a training checkpoint was given (those it set); {} for
+    a safetensors file or a checkpoint that records no arguments."""
     if os.path.splitext(checkpoint)[1].lower() in ('.safetensors', '.sft'):
         return {}
     state = load_torch_checkpoint(checkpoint, mmap=True)  # the weights are loaded with the model, later
@@ -209,7 +212,12 @@ def training_data_config(checkpoint: str) -> Dict[str, Any]:
         args = vars(args)
     if not isinstance(args, dict):
         return {}
-    return {key: args[key] for key in _DATA_CONFIG_ARGS if args.get(key) not in (None, '')}
+    return {key: args[key] for key in _RECORDED_ARGS if not is_unset(args.get(key))}
+
+
+def is_unset(value: Any) -> bool:
+    """Whether a command-line value is its default of "not given" (None, '', or no kwargs)."""
+    return value in _UNSET
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:

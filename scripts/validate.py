@@ -10,7 +10,8 @@ The weights come from the published tag (--pretrained), a training checkpoint or
 file (--checkpoint). Images are prepared with timm's eval transform from the model's pretrained
 config, except that a training checkpoint's recorded input size, mean, std, interpolation and
 crop fraction are used where the command line does not set them (a model trained at 16x16 is
-validated at 16x16); unreadable or corrupt images are skipped, counted and named in the log.
+validated at 16x16), as are its class count, input channels and --model-kwargs for building the
+model; unreadable or corrupt images are skipped, counted and named in the log.
 The JSON (read by the publishing script) holds model, tag, dataset, split, num_images,
 num_skipped, top1, top5, loss, img_per_sec, checkpoint and its sha256.
 """
@@ -32,7 +33,7 @@ from deconv_zoo.data import (
 )
 from deconv_zoo.evaluation import (
     add_model_arguments, check_input_size, check_model_and_dataset, check_num_classes, evaluate, file_to_write,
-    model_from_args, non_negative_int, positive_int, run_script, training_data_config,
+    is_unset, model_from_args, non_negative_int, positive_int, run_script, training_arguments,
 )
 from deconv_zoo.files import atomic_write_text
 from deconv_zoo.loading import file_sha256
@@ -76,14 +77,15 @@ def format_table(results: Dict[str, Any]) -> str:
     return '\n'.join(f'{key:<{width}}  {value}' for key, value in rows)
 
 
-def use_training_data_config(args: argparse.Namespace) -> None:
-    """Fill the data-config arguments not given from the training checkpoint's recorded ones
-    (--img-size and --input-size count as one: either given, neither is taken)."""
-    recorded = training_data_config(args.checkpoint) if args.checkpoint else {}
+def use_training_arguments(args: argparse.Namespace) -> None:
+    """Fill the model and data-config arguments not given from those the training checkpoint
+    records (--img-size and --input-size count as one: either given, neither is taken; a
+    --model-kwargs given replaces the recorded ones whole)."""
+    recorded = training_arguments(args.checkpoint) if args.checkpoint else {}
     if args.img_size is not None or args.input_size is not None:
         recorded.pop('img_size', None)
         recorded.pop('input_size', None)
-    taken = {key: value for key, value in recorded.items() if getattr(args, key) in (None, '')}
+    taken = {key: value for key, value in recorded.items() if is_unset(getattr(args, key))}
     if taken:
         vars(args).update(taken)
         _logger.info('as recorded in the training checkpoint: '
@@ -99,8 +101,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     device = torch.device(args.device)
 
     dataset = create_image_dataset(args.dataset, args.data_dir, args.split, limit=args.limit)
+    use_training_arguments(args)  # before the model: how it was built may be recorded
     check_num_classes(args.num_classes, dataset)
-    use_training_data_config(args)  # before the model: its channel count may be recorded
     model = model_from_args(args, num_classes=dataset_num_classes(dataset))
     input_config = resolve_input_config(model, vars(args))
     check_input_size(model, input_config['input_size'])

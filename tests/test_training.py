@@ -784,17 +784,25 @@ def test_validate_names_the_keys_of_a_checkpoint_that_does_not_fit(tmp_path: Pat
 
 def test_validate_takes_the_input_size_a_training_checkpoint_records(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """And how the model was built: its class count and --model-kwargs (validate.py built the
+    default model, which the checkpoint did not fit, unless they were given again)."""
     import timm
 
+    model = timm.create_model('resnet18_cifar', num_classes=12, layers=(1, 1, 1, 1))
     checkpoint = tmp_path / 'ckpt.pth.tar'
-    atomic_save(dict(state_dict=timm.create_model('resnet18_cifar').state_dict(), epoch=0,
-                     args=dict(img_size=8, input_size=None)), str(checkpoint))
+    atomic_save(dict(state_dict=model.state_dict(), epoch=0, args=dict(
+        img_size=8, input_size=None, num_classes=12, model_kwargs={'layers': (1, 1, 1, 1)})), str(checkpoint))
     validate = load_script('validate')
     argv = ['--model', 'resnet18_cifar', '--checkpoint', str(checkpoint), '--limit', '8']
     with caplog.at_level(logging.INFO):
-        assert validate.main(argv)['input_size'] == [3, 8, 8]
-    assert 'as recorded in the training checkpoint: img_size 8' in caplog.text
+        results = validate.main(argv)
+    assert results['input_size'] == [3, 8, 8]
+    assert results['param_count'] == sum(p.numel() for p in model.parameters())
+    assert ("as recorded in the training checkpoint: num_classes 12, model_kwargs {'layers': (1, 1, 1, 1)}, img_size 8"
+            in caplog.text)
     assert validate.main(argv + ['--img-size', '16'])['input_size'] == [3, 16, 16]  # the command line wins
+    with pytest.raises(CheckpointMismatchError):  # a --model-kwargs given replaces the recorded ones
+        validate.main(argv + ['--model-kwargs', 'drop_rate=0.1'])
 
 
 def test_input_size_channels_build_the_model_in_train_and_validate(tmp_path: Path) -> None:
@@ -809,9 +817,8 @@ def test_input_size_channels_build_the_model_in_train_and_validate(tmp_path: Pat
         '--val-limit', '16', '--output', str(tmp_path), '--experiment', 'grey'])
     checkpoint = torch.load(Path(result['run_folder']) / LAST, weights_only=True)
     assert checkpoint['state_dict']['conv1.weight'].shape[1] == 1
-    validated = load_script('validate').main([
-        '--model', 'resnet18_cifar_deconv', '--model-kwargs', 'layers=(1,1,1,1)', "deconv_cfg={'block': 16}",
-        '--checkpoint', str(Path(result['run_folder']) / LAST), '--limit', '16', '--workers', '0'])
+    validated = load_script('validate').main([  # the channels and model kwargs recorded
+        '--model', 'resnet18_cifar_deconv', '--checkpoint', str(Path(result['run_folder']) / LAST), '--limit', '16', '--workers', '0'])
     assert validated['input_size'] == [1, 8, 8]
     safetensors = tmp_path / 'grey.safetensors'
     save_file(timm.create_model('resnet18_cifar', in_chans=1).state_dict(), str(safetensors))
