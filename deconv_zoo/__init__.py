@@ -7,12 +7,13 @@ from typing import List
 import timm
 
 from . import layers, models
+from .finetuning import freeze, unfreeze
 from .loading import install_timm_checks
 from .weights import NoPublishedWeightsError
 
 install_timm_checks()  # timm's hf-hub: config.json fetch and checkpoint_path loader, before any zoo code runs
 
-__all__ = ['list_models', 'NoPublishedWeightsError', 'layers', 'models']
+__all__ = ['list_models', 'freeze', 'unfreeze', 'NoPublishedWeightsError', 'layers', 'models']
 
 
 def list_models(pattern: str = '') -> List[str]:

@@ -11,7 +11,9 @@ import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from deconv_zoo.layers import ChannelDeconv, Delinear, FastDeconv, _stats, fast_deconv, isqrt_newton_schulz
+from deconv_zoo.layers import (
+    ChannelDeconv, Delinear, FastDeconv, _stats, fast_deconv, freeze_whitening, isqrt_newton_schulz,
+)
 from oracle import OracleChannelDeconv, OracleDelinear, OracleFastDeconv, oracle_newton_schulz
 
 
@@ -689,12 +691,15 @@ def test_checkpoint_recompute_beyond_the_recorded_calls_is_an_error():
         loss.backward()
 
 
-@pytest.mark.parametrize('make_layer, input_shape', [
+EVERY_KIND_OF_LAYER = pytest.mark.parametrize('make_layer, input_shape', [
     (lambda: FastDeconv(8, 4, 3, padding=1, block=4, freeze=True, freeze_iter=1), (4, 8, 6, 6)),
     (lambda: FastDeconv(8, 8, 3, padding=1, groups=2, block=4, refresh_every=2), (4, 8, 6, 6)),
     (lambda: Delinear(8, 3, block=4), (4, 8)),
     (lambda: ChannelDeconv(4), (4, 6, 5, 5)),
 ], ids=['fast-freeze', 'fast-grouped-refresh', 'delinear', 'channel'])
+
+
+@EVERY_KIND_OF_LAYER
 def test_reset_running_stats_restores_the_initial_statistics(make_layer, input_shape):
     """BatchNorm's reset_running_stats(): the buffers (and schedules) of a fresh layer, and its eval
     output, whatever the training steps before; the eval fold cache sees the reset."""
@@ -712,6 +717,37 @@ def test_reset_running_stats_restores_the_initial_statistics(make_layer, input_s
     torch.testing.assert_close(layer(x), fresh(x), rtol=0, atol=0)
     if isinstance(layer, FastDeconv):
         assert layer._reused_deconv is None
+
+
+@EVERY_KIND_OF_LAYER
+def test_frozen_whitening_trains_with_the_running_statistics(make_layer, input_shape):
+    """freeze_whitening (timm's FrozenBatchNorm2d for deconvolution): training-mode calls compute
+    the eval-mode function, with its gradients, and leave the state as it was; unfrozen, they
+    whiten with the batch's statistics and track them again."""
+    torch.manual_seed(0)
+    layer = make_layer().double()
+    x = random_input(input_shape, 0) * 3
+    for _ in range(3):
+        layer(x)
+    reference = copy.deepcopy(layer).eval()
+    state = copy.deepcopy(layer.state_dict())
+    freeze_whitening(layer)
+    x = random_input(input_shape, 1).requires_grad_()
+    reference_x = x.detach().clone().requires_grad_()
+    upstream = random_input(reference(reference_x).shape, 2)
+    (layer(x) * upstream).sum().backward()
+    (reference(reference_x) * upstream).sum().backward()
+    assert layer.training
+    assert_rel(x.grad, reference_x.grad, 1e-12)
+    for param, expected in zip(layer.parameters(), reference.parameters()):
+        assert_rel(param.grad, expected.grad, 1e-12)
+    for key, value in layer.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    freeze_whitening(layer, False)
+    output = layer(x)
+    if not getattr(layer, 'freeze', False):  # the freeze schedule's own frozen steps are eval-like too
+        assert not torch.allclose(output, reference(x))
+    assert any(not torch.equal(value, state[key]) for key, value in layer.state_dict().items())
 
 
 def test_frozen_steps_hold_no_alias_of_the_running_buffers():

@@ -226,6 +226,42 @@ def test_deconv_cfg_is_checked(family):
             timm.create_model(twin.pop('name'), deconv_cfg={'refresh_evry': 4}, **twin)
 
 
+def test_freeze_keeps_the_frozen_part_and_its_statistics_while_the_rest_trains():
+    """deconv_zoo.freeze: timm.utils.freeze's parameters and batch norm, and the deconvolution
+    layers' whitening statistics too, which timm's freeze leaves whitening every batch and moving
+    (here the stem's freeze schedule, on fresh statistics for its first 101 calls); unfreeze undoes it."""
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    torch.manual_seed(0)
+    model = timm.create_model('efficientnet_b0_cifar_deconv', num_classes=10)
+    frozen = ['conv1', 'layers.0']  # a FastDeconv stem and a block of convolutions with batch norm
+    x, target = torch.randn(4, 3, 16, 16), torch.arange(4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def states():
+        return {name: copy.deepcopy(model.get_submodule(name).state_dict()) for name in frozen + ['linear']}
+
+    def train_steps():
+        before = states()
+        for _ in range(2):
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), target).backward()
+            optimizer.step()
+        after = states()
+        return {name: any(not torch.equal(value, after[name][key]) for key, value in state.items())
+                for name, state in before.items()}
+
+    timm.utils.freeze(model, frozen)
+    assert train_steps() == {'conv1': True, 'layers.0': False, 'linear': True}  # the stem's statistics moved
+    deconv_zoo.freeze(model, frozen)
+    assert isinstance(model.layers[0].bn1, FrozenBatchNorm2d)
+    assert train_steps() == {'conv1': False, 'layers.0': False, 'linear': True}
+    assert model.conv1.counter.item() == 2  # the freeze schedule waits too
+    deconv_zoo.unfreeze(model, frozen)
+    assert type(model.layers[0].bn1) is torch.nn.BatchNorm2d
+    assert train_steps() == {'conv1': True, 'layers.0': True, 'linear': True}
+
+
 def test_grad_checkpointing_updates_statistics_once():
     """Checkpointed training recomputes forwards in backward; statistics must move once."""
     torch.manual_seed(0)

@@ -130,16 +130,34 @@ def _count_optimizer_step(*_) -> None:
 register_optimizer_step_post_hook(_count_optimizer_step)
 
 
+def _set_on_layers(module: torch.nn.Module, attribute: str, value: bool) -> torch.nn.Module:
+    """Set ``attribute`` on every deconvolution layer in ``module`` (those that have it); returns ``module``."""
+    for layer in module.modules():
+        if hasattr(layer, attribute):
+            setattr(layer, attribute, value)
+    return module
+
+
 def set_finite_checks(model: torch.nn.Module, enabled: bool) -> torch.nn.Module:
     """Turn the non-finite check of every deconvolution layer in ``model`` on or off.
 
     The check reads a value back from the device; off, a training step has no host sync, so it can
     be captured whole by CUDA graphs or compiled with ``fullgraph=True``. Returns ``model``.
     """
-    for module in model.modules():
-        if hasattr(module, 'check_finite'):
-            module.check_finite = enabled
-    return model
+    return _set_on_layers(model, 'check_finite', enabled)
+
+
+def freeze_whitening(module: torch.nn.Module, frozen: bool = True) -> torch.nn.Module:
+    """Freeze (or, with ``frozen=False``, unfreeze) the whitening statistics of every
+    deconvolution layer in ``module``: what timm's ``freeze_batch_norm_2d`` does for batch norm.
+
+    A frozen layer whitens with its running statistics in training mode too, as in eval, and no
+    longer updates them: fine-tuning then keeps the function a pretrained backbone computes, where
+    training-mode calls would otherwise whiten with each batch's statistics and move the running
+    ones. Its weights still train unless their ``requires_grad`` is off (``deconv_zoo.freeze``
+    does both). Returns ``module``.
+    """
+    return _set_on_layers(module, 'whitening_frozen', frozen)
 
 
 class FoldCache:
@@ -224,6 +242,8 @@ class WhitenedWeightMixin:
     """
     # Turn off to run under CUDA graphs / fullgraph compile: the check synchronises the device.
     check_finite: bool = True
+    # freeze_whitening: the running statistics serve training calls too, and stay as they are.
+    whitening_frozen: bool = False
 
     def _init_fold_cache(self) -> None:
         self._fold_cache = FoldCache()
@@ -236,11 +256,12 @@ class WhitenedWeightMixin:
         self._check_input(x)
         # fix: with track_running_stats off, training still uses the batch statistics (as the
         # reference and BatchNorm do); only their recording stops.
-        if self.training and self._takes_statistics(x):
+        batch_statistics = self.training and not self.whitening_frozen
+        if batch_statistics and self._takes_statistics(x):
             return self._train_forward(x)
         # An empty training batch has no statistics: as BatchNorm does, it gives an empty output and
         # leaves the layer's state as it was.
-        weight, bias = (self.weight, self.bias) if self.training else self._eval_fold()
+        weight, bias = (self.weight, self.bias) if batch_statistics else self._eval_fold()
         return self._apply_weights(x, weight, bias)
 
     def _fold(self, weight: Tensor, bias: Optional[Tensor], mean: Tensor, deconv: Tensor) -> Tuple[Tensor, Tensor]:

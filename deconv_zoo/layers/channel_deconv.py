@@ -26,6 +26,7 @@ class ChannelDeconv(nn.Module):
     initialises the running statistics, later ones update them with ``momentum``.
     """
     check_finite: bool = True
+    whitening_frozen: bool = False  # freeze_whitening: the running statistics serve training calls too
 
     def __init__(self, block: int, eps: float = 1e-2, n_iter: int = 5, momentum: float = 0.1,
                  sampling_stride: int = 3):
@@ -78,7 +79,7 @@ class ChannelDeconv(nn.Module):
                       f'only a scalar standardisation is applied.')
         # An empty batch has no statistics: as BatchNorm does, it gives an empty output and leaves
         # the state as it was (here by taking the eval path).
-        training = self.training and x.numel() > 0
+        training = self.training and not self.whitening_frozen and x.numel() > 0
         first = training and int(self.num_batches_tracked) == 0
         record = training and not in_backward_recompute()
         parts, tracked = [], []
