@@ -115,6 +115,19 @@ class _EmptyBatchTakesPart:
             return self._apply_weights(x, self.weight, self.bias)
 
 
+def _synced_statistics(layer: nn.Module, samples: Tensor, sample_name: str) -> Tuple[Tensor, Tensor]:
+    """``global_whitening_statistics`` of a synced layer's (G, nf, S) samples. As in one process, one
+    sample in all has no covariance (the whitening would be about eps^-1/2 * I): a ValueError naming
+    the layer; no sample at all is ``TooFewSamplesError`` (see ``_EmptyBatchTakesPart``)."""
+    try:
+        return global_whitening_statistics(samples, layer.eps, layer.n_iter, layer.process_group, min_count=2)
+    except TooFewSamplesError as error:
+        if error.total == 0:
+            raise
+        raise ValueError(f'{type(layer).__name__}: the whitening needs more than one {sample_name} in the training '
+                         f'batches of all processes, got {error.total}') from None
+
+
 class SyncFastDeconv(_EmptyBatchTakesPart, FastDeconv):
     """FastDeconv whose training statistics cover the batch of every process in ``process_group``.
 
@@ -126,7 +139,7 @@ class SyncFastDeconv(_EmptyBatchTakesPart, FastDeconv):
         if not _is_synced(self.process_group):
             return super().batch_statistics(x)
         self._check_input(x)
-        mean, deconv = global_whitening_statistics(self._samples(x), self.eps, self.n_iter, self.process_group)
+        mean, deconv = _synced_statistics(self, self._samples(x), 'sample')
         return mean.reshape(-1), (deconv[0] if self.groups == 1 else deconv)
 
     def _refreshed_statistics(self, x: Tensor, reused_deconv: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
@@ -163,15 +176,7 @@ class SyncDelinear(_EmptyBatchTakesPart, Delinear):
             return super().batch_statistics(x)
         self._check_input(x)
         samples = x.reshape(x.numel() // self.block, self.block).t()[None]  # (1, block, chunks); chunks may be 0
-        try:
-            # As Delinear: one chunk has no covariance (the whitening would be about eps^-1/2 * I).
-            mean, deconv = global_whitening_statistics(samples, self.eps, self.n_iter, self.process_group,
-                                                       min_count=2)
-        except TooFewSamplesError as error:
-            if error.total == 0:
-                raise  # every batch empty: see _EmptyBatchTakesPart
-            raise ValueError(f'{type(self).__name__}: the whitening needs more than one {self.block}-feature chunk '
-                             f'in the training batches of all processes, got {error.total}') from None
+        mean, deconv = _synced_statistics(self, samples, f'{self.block}-feature chunk')
         return mean[0], deconv[0]
 
 

@@ -106,6 +106,7 @@ def resolve_pretrained_source(variant: str, org: Optional[str], kwargs: Dict[str
             f"No pretrained weights are published for '{name}'. Train your own "
             f"(scripts/train.py --model {variant}) and load them with "
             f"timm.create_model('{name}', pretrained=True, pretrained_cfg_overlay=dict(file='model.safetensors')) "
+            f"(with num_classes=N in the overlay for another class count) "
             f"or timm.create_model('{name}', checkpoint_path='checkpoint.pth.tar'); weights you pushed to the Hub "
             f"load with {HUB_ORG_ENV}=<your-org> or hub_org='<your-org>' (repo <your-org>/{name}).")
     return dict(kwargs, pretrained_cfg_overlay=overlay)

@@ -49,6 +49,7 @@ from deconv_zoo.evaluation import (
     proper_fraction, run_script,
 )
 from deconv_zoo.files import atomic_write_text
+from deconv_zoo.layers import smallest_training_batch
 from deconv_zoo.training import LAST, RECIPES, CheckpointManager, Trainer, TrainingStopped, TrainPosition, resolve_resume
 
 _logger = logging.getLogger('train')
@@ -320,9 +321,16 @@ def _train(args: argparse.Namespace, device: torch.device, primary: bool) -> Dic
     train_set = PerSampleSeed(SkipUnreadable(train_set, substitute=True), args.seed)
     sampler = ResumableSampler(train_set, args.world_size, args.rank, shuffle=True, seed=args.seed,
                                drop_last=drop_last)
-    # A last batch of one sample has no covariance (Delinear, ChannelDeconv and BatchNorm1d refuse
-    # it): dropped, as timm's loaders drop every incomplete training batch.
-    drop_last_batch = drop_last or len(sampler) % args.batch_size == 1
+    # A whitening needs two samples per training batch (fewer raise, as BatchNorm1d does for one
+    # value): a batch of one image has too few for Delinear or ChannelDeconv, and layers that
+    # subsample small maps need more images (SENet-18's SE gates: 10). A last batch short of that is
+    # dropped, as timm's loaders drop every incomplete training batch.
+    min_batch, needing = smallest_training_batch(model, input_config['input_size'])
+    if args.batch_size < min_batch:
+        build_parser().error(
+            f'--batch-size {args.batch_size} is too small for {args.model} at input {input_config["input_size"]}: '
+            f'{needing} needs {min_batch} images per training batch (per process) for two samples in its whitening')
+    drop_last_batch = drop_last or 0 < len(sampler) % args.batch_size < max(min_batch, 2)
     train_loader = create_data_loader(train_set, args.batch_size, sampler, workers, args.pin_mem,
                                       drop_last=drop_last_batch)
     val_set = SkipUnreadable(val_set)

@@ -80,7 +80,6 @@ ORACLE_CASES = {
     'fast_k7_stem': fast((2, 3, 15, 13), 3, 5, 7, stride=2, padding=3),
     'fast_k3_map1_batch1': fast((1, 4, 1, 1), 4, 3, 3, padding=1, block=2),
     'fast_k3_map2': fast((2, 4, 2, 2), 4, 3, 3, padding=1),
-    'fast_k1_stride2_map1_batch1': fast((1, 4, 1, 1), 4, 3, 1, stride=2),
     'delinear': linear((16, 12), 12, 5, block=4),
     'delinear_gcd_block': linear((16, 12), 12, 5, block=8),
     'delinear_block_exceeds_features': linear((20, 6), 6, 3),
@@ -430,9 +429,14 @@ def test_channel_deconv_needs_two_values_for_the_leftover_variance():
 
 @pytest.mark.parametrize('make, shape, message', [
     (lambda: Delinear(8, 3, block=8), (1, 8), r'more than one 8-feature chunk per training batch'),
+    (lambda: FastDeconv(4, 3, 1, stride=2), (1, 4, 1, 1), r'more than one sample per training batch, got 1 from'),
+    # SE gates: a 1x1 FastDeconv on a pooled map takes every 9th image (one of nine here).
+    (lambda: FastDeconv(4, 3, 1), (9, 4, 1, 1), r'more than one sample per training batch, got 1 from'),
+    (lambda: FastDeconv(4, 3, 3, padding=1, block=4), (1, 4, 2, 2), r'more than one sample per training batch'),
     (lambda: ChannelDeconv(4), (1, 4), r'whitened blocks need more than one value per feature'),
     (lambda: ChannelDeconv(4), (1, 4, 3, 3), r'whitened blocks need more than one value per feature'),  # subsampled
-], ids=['delinear', 'channel_deconv', 'channel_deconv_subsampled'])
+], ids=['delinear', 'fast_deconv', 'fast_deconv_subsampled', 'fast_deconv_k3', 'channel_deconv',
+        'channel_deconv_subsampled'])
 def test_single_sample_training_batch_raises(make, shape, message):
     """As BatchNorm ('Expected more than 1 value per channel'): one sample has no covariance. Less
     its own mean it is zero, so the output ignored the input, and it added about eps^-1/2 * I to the

@@ -22,6 +22,12 @@ CHEAP_WHITENING = dict(deconv_cfg=dict(block=16))
 HEAVY = {n for n in ALL_MODELS if n.startswith(('dpn92', 'densenet121')) or not n.endswith(('_cifar', '_cifar_deconv'))}
 
 
+def _training_batch(name: str) -> int:
+    """A small training batch: 2 images, 10 for SENet-18, whose SE gates whiten a pooled 1x1 map
+    with every 9th pixel, so one sample per 9 images (too few: a ValueError, as in BatchNorm)."""
+    return 10 if name.startswith('senet') else 2
+
+
 def _input_size(name: str, batch: int = 2):
     """A small input: 32x32 (the CIFAR size; every ImageNet model still has a 1x1 map there)."""
     return batch, 3, 32, 32
@@ -40,9 +46,9 @@ def test_train_steps_then_eval(name):
     torch.manual_seed(0)
     model = timm.create_model(name, num_classes=5, **(CHEAP_WHITENING if name in HEAVY else {}))
     # ImageNet-scale nets subsample every 36th pixel of their last stage: at 32x32 and batch 2 that
-    # is one sample per 1x1 covariance (degenerate, running statistics blow up), so they get more.
+    # is one sample per 1x1 covariance (too few), so they get more.
     imagenet_scale = timm.models.get_pretrained_cfg(name).input_size[-1] > 32
-    batch, size = (8, 96) if imagenet_scale else (2, 32)
+    batch, size = (8, 96) if imagenet_scale else (_training_batch(name), 32)
     x = torch.randn(batch, 3, size, size)
     target = torch.arange(batch) % 5
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
@@ -122,7 +128,7 @@ def test_features_subset_keeps_only_what_it_runs(name):
     returns the last level run, not forward_final of it."""
     kwargs = CHEAP_WHITENING if name in HEAVY else {}
     model = timm.create_model(name, features_only=True, out_indices=(0, 1), **kwargs)
-    x = torch.randn(2, 3, 16, 16)
+    x = torch.randn(_training_batch(name), 3, 16, 16)
     sum(out.sum() for out in model(x)).backward()
     assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
     assert model.model.num_features == model.feature_info.channels()[-1]

@@ -479,6 +479,21 @@ def test_a_last_batch_of_one_sample_is_dropped(tmp_path: Path) -> None:
     assert result['global_step'] == 2
 
 
+def test_batches_too_small_for_a_whitening_are_refused_or_dropped(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """SENet-18's SE gates whiten a pooled 1x1 map with every 9th image: a batch of 9 or fewer has
+    one sample there, a ValueError at the first step (or, as a last batch, at the end of an epoch)."""
+    train = load_script('train')
+    senet = ['--model', 'senet18_cifar_deconv', '--model-kwargs', "deconv_cfg={'block': 16}", '--img-size', '8',
+             '--no-progress', '--workers', '0', '--epochs', '1', '--val-limit', '8', '--output', str(tmp_path)]
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(senet + ['--batch-size', '8', '--train-limit', '16'])
+    assert exit_info.value.code == 2
+    assert ('--batch-size 8 is too small for senet18_cifar_deconv at input (3, 8, 8): layer1.0.fc2 needs 10 images '
+            'per training batch') in capsys.readouterr().err
+    assert train.main(senet + ['--batch-size', '10', '--train-limit', '25'])['global_step'] == 2  # 10, 10, not 5
+
+
 def test_a_restart_after_a_kill_before_the_first_checkpoint_keeps_one_summary_row_per_epoch(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """summary.csv gets the epoch's row before its checkpoint: a kill in between, before the first

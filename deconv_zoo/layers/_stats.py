@@ -8,7 +8,7 @@ import numbers
 import warnings
 import weakref
 from contextlib import contextmanager
-from typing import Iterator, Optional, Set, Tuple
+from typing import Iterator, Optional, Sequence, Set, Tuple
 
 import torch
 from torch import Tensor
@@ -158,6 +158,43 @@ def freeze_whitening(module: torch.nn.Module, frozen: bool = True) -> torch.nn.M
     does both). Returns ``module``.
     """
     return _set_on_layers(module, 'whitening_frozen', frozen)
+
+
+def smallest_training_batch(model: torch.nn.Module, input_size: Sequence[int]) -> Tuple[int, str]:
+    """The fewest images of ``input_size`` (C, H, W) in a training batch of ``model`` that give every
+    whitening the two samples it needs (fewer raise a ValueError, as BatchNorm does for one value
+    per channel), and the name of the layer that needs the most ('' when one image is enough).
+
+    Layers that subsample small maps need several images: a 1x1 FastDeconv takes every 9th pixel
+    of the batch (SENet-18's SE gates, on pooled 1x1 maps, one sample per 9 images). Read from the
+    layers' input shapes in one eval-mode forward of a blank image, which changes no state.
+    """
+    layers = {name: m for name, m in model.named_modules() if hasattr(m, 'samples_per_whitening')}
+    shapes = {}
+
+    def record(name: str):
+        def hook(layer: torch.nn.Module, args: Tuple[Tensor, ...]) -> None:
+            shapes.setdefault(name, args[0].shape)
+        return hook
+
+    hooks = [layer.register_forward_pre_hook(record(name)) for name, layer in layers.items()]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(1, *input_size, device=next(model.parameters()).device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    smallest, needing = 1, ''
+    for name, shape in shapes.items():
+        batch = 1  # a few steps at most: past sh * sw images every layer has two samples
+        while layers[name].samples_per_whitening((batch, *shape[1:])) < 2:
+            batch += 1
+        if batch > smallest:
+            smallest, needing = batch, name
+    return smallest, needing
 
 
 class FoldCache:

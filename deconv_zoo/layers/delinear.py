@@ -1,4 +1,5 @@
 """Delinear: a linear layer that decorrelates its input features (the paper's classifier)."""
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -46,7 +47,7 @@ class Delinear(WhitenedWeightMixin, nn.Linear):
         """Mean and whitening matrix of the input's feature chunks (differentiable)."""
         self._check_input(x)
         chunks = x.reshape(-1, self.block)
-        if chunks.shape[0] < 2:
+        if self.samples_per_whitening(x.shape) < 2:
             # As BatchNorm: one sample has no covariance; it would be centred to zero (the output
             # the bias alone) and add about eps^-1/2 * I to the running whitening.
             raise ValueError(f'{type(self).__name__}: the whitening needs more than one {self.block}-feature chunk '
@@ -56,6 +57,10 @@ class Delinear(WhitenedWeightMixin, nn.Linear):
         eye = torch.eye(self.block, dtype=x.dtype, device=x.device)
         cov = torch.addmm(eye, centred.t(), centred, beta=self.eps, alpha=1.0 / centred.shape[0])
         return mean, isqrt_newton_schulz(cov, self.n_iter)
+
+    def samples_per_whitening(self, x_shape: torch.Size) -> int:
+        """The samples of the covariance for an input of ``x_shape``: its ``block``-feature chunks."""
+        return math.prod(x_shape) // self.block
 
     def _check_input(self, x: Tensor) -> None:
         check_floating(type(self).__name__, x)

@@ -15,7 +15,7 @@ from ._stats import (
     WhitenedWeightMixin, check_eps, check_floating, check_momentum, check_positive_int, in_backward_recompute,
     resolve_block, statistics_dtype,
 )
-from .whitening import conv_patch_mean, conv_whitening_statistics, fold_conv_whitening
+from .whitening import conv_patch_mean, conv_whitening_statistics, fold_conv_whitening, patch_sample_count
 
 __all__ = ['FastDeconv']
 
@@ -143,8 +143,24 @@ class FastDeconv(WhitenedWeightMixin, nn.Conv2d):
         """Patch mean and whitening matrix of one batch (differentiable), in ``statistics_dtype``
         (float32 or better) whatever the dtype of ``x``; call with autocast off."""
         self._check_input(x)
+        samples = self.samples_per_whitening(x.shape)
+        if samples < 2:
+            # As BatchNorm: one sample has no covariance. Less its own mean it is zero, so the whitening
+            # would be about eps^-1/2 * I (a gain of 250 at block 64), moving the running one towards it.
+            raise ValueError(
+                f'{type(self).__name__}: the whitening needs more than one sample per training batch, got {samples} '
+                f'from input shape {tuple(x.shape)} (patches taken every {self.sampling_stride} pixels; a 1x1 '
+                f'kernel takes every {self.sampling_stride[0] * self.sampling_stride[1]}th pixel of the batch): '
+                f'train with a larger batch, or a smaller sampling_stride')
         return conv_whitening_statistics(x, self.kernel_size, self.dilation, self.padding, self.sampling_stride,
                                          self.groups, self.num_features, self.eps, self.n_iter)
+
+    def samples_per_whitening(self, x_shape: torch.Size) -> int:
+        """The samples of each covariance for an input of ``x_shape``: the sampled patches, times the
+        channel blocks that share the covariance (groups == 1)."""
+        geometry = (self.kernel_size, self.dilation, self.padding, self.sampling_stride)
+        blocks = self.in_channels // self.block if self.groups == 1 else 1
+        return patch_sample_count(x_shape, geometry) * blocks
 
     def _check_input(self, x: Tensor) -> None:
         name = type(self).__name__

@@ -39,7 +39,7 @@ from ._stats import statistics_dtype
 
 __all__ = [
     'isqrt_newton_schulz', 'newton_schulz_iteration', 'newton_schulz_eigh', 'newton_schulz_polynomial',
-    'PatchMoments', 'symmetric_gram', 'sample_patches', 'patches_adjoint', 'whitening_statistics',
+    'PatchMoments', 'symmetric_gram', 'sample_patches', 'patch_sample_count', 'patches_adjoint', 'whitening_statistics',
     'conv_whitening_statistics', 'conv_patch_mean', 'fold_conv_whitening', 'fold_linear_whitening',
     'whiten_linear_chunks',
 ]
@@ -278,6 +278,17 @@ def _sample_view(x: Tensor, geometry: Geometry) -> Tensor:
         return pixel_samples(x, sh * sw)
     padded = F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
     return _patch_view(padded, geometry)
+
+
+def patch_sample_count(x_shape: torch.Size, geometry: Geometry) -> int:
+    """How many patches ``sample_patches`` takes from an input of ``x_shape`` (N, C, H, W)."""
+    (kh, kw), (dh, dw), (ph, pw), (sh, sw) = geometry
+    n, _, h, w = x_shape
+    if (kh, kw) == (1, 1):
+        return -(-n * h * w // (sh * sw))  # every (sh*sw)-th pixel of the flattened batch, from the first
+    rows = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    cols = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    return n * rows * cols
 
 
 def sample_patches(
