@@ -175,6 +175,18 @@ def test_per_layer_settings(name, stem, overrides):
         assert _settings(layer) == dict(expected, sampling_stride=(3 * stride, 3 * stride)), layer_name
 
 
+@pytest.mark.parametrize('name, stem', [
+    ('senet18_cifar_deconv', 'conv1'), ('resnext29_32x4d_cifar_deconv', 'conv1'), ('mobilenetv2_cifar_deconv', 'conv1'),
+    ('resnet18_deconv', 'conv1'), ('vgg11_deconv', 'features.0'), ('densenet121_deconv', 'features.conv0'),
+])
+def test_deconv_cfg_applies_to_every_layer_over_its_own_settings(name, stem):
+    """deconv_cfg reached every FastDeconv but the stems, whose reference settings won: a fine-tune
+    with deconv_cfg={'freeze': False} kept the stem's freeze schedule (not recommended, README)."""
+    layers = _fast_deconvs(timm.create_model(name, deconv_cfg=dict(freeze=False, n_iter=3)))
+    assert {(layer.freeze, layer.n_iter) for layer in layers.values()} == {(False, 3)}
+    assert layers[stem].block == 3 and timm.create_model(name).get_submodule(stem).freeze  # the rest stays
+
+
 def test_channel_deconv_attribute_names():
     def channel_deconv(name, **kwargs):
         model = timm.create_model(name, block_fc=512, delinear=False, **kwargs)

@@ -106,11 +106,15 @@ def test_mobilenetv2_per_layer_settings():
     assert model.conv2.n_iter == 5 and model.conv2.block == 64
 
 
-def test_deconv_cfg_does_not_override_per_layer_settings():
+def test_deconv_cfg_overrides_per_layer_settings_it_names():
+    """The reference's per-layer settings are defaults: a deconv_cfg key applies to every layer."""
     model = timm.create_model('mobilenetv2_cifar_deconv', deconv_cfg=dict(n_iter=3))
-    assert model.conv1.n_iter == 10
+    assert model.conv1.n_iter == 3 and model.conv1.freeze  # the stem's freeze schedule is not named
     assert model.layers[0].conv1.n_iter == 3 and model.conv2.n_iter == 3
-    assert model.layers[0].conv2.n_iter == 1 and model.layers[0].conv3.n_iter == 1
+    assert model.layers[0].conv2.n_iter == 3 and model.layers[0].conv3.n_iter == 3
+    assert model.layers[0].conv3.block == 32  # the projection's own block (its input width)
+    default = timm.create_model('mobilenetv2_cifar_deconv')
+    assert default.conv1.n_iter == 10 and default.layers[0].conv2.n_iter == 1 and default.layers[0].conv3.n_iter == 1
 
 
 def test_inverted_residual_adds_the_input_on_stride_one_only():

@@ -135,9 +135,9 @@ def test_vgg_layer_settings(name, conv_indices):
     _assert_delinear_head(model.classifier[0], 25088)
 
 
-def test_deconv_cfg_reaches_every_layer_but_stem_overrides_win():
+def test_deconv_cfg_reaches_every_layer_the_stem_too():
     model = _meta('resnet18_deconv', deconv_cfg=dict(n_iter=3, block=32))
-    assert model.conv1.n_iter == 15
+    assert model.conv1.n_iter == 3 and model.conv1.freeze and model.conv1.block == 3  # 3 input channels
     assert all(m.n_iter == 3 and m.block == 32 for m in _fast_deconvs(model)[1:])
     assert model.fc.n_iter == 3 and model.fc.block == 64  # the classifier follows block_fc
 

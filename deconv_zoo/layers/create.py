@@ -3,7 +3,7 @@
 Model files describe each layer once; these pick FastDeconv / Delinear / ChannelDeconv or the
 plain Conv2d / Linear that the batch-norm twin uses, and apply the paper's default settings.
 """
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Iterable, Optional
 
 import torch.nn as nn
 
@@ -11,22 +11,32 @@ from .channel_deconv import ChannelDeconv
 from .delinear import Delinear
 from .fast_deconv import FastDeconv
 
-__all__ = ['PAPER_DECONV_ARGS', 'deconv_args', 'create_conv', 'create_norm', 'create_classifier', 'classifier_args',
+__all__ = ['PAPER_DECONV_ARGS', 'DeconvSettings', 'deconv_args', 'create_conv', 'create_norm', 'create_classifier', 'classifier_args',
            'create_channel_deconv']
 
 # main.py's FastDeconv partial for the paper's runs.
 PAPER_DECONV_ARGS: Dict[str, Any] = dict(bias=True, eps=1e-5, n_iter=5, block=64, sampling_stride=3)
 
 
-def deconv_args(deconv: bool, deconv_cfg: Optional[Dict[str, Any]] = None) -> Optional[Dict[str, Any]]:
+class DeconvSettings(dict):
+    """FastDeconv keyword arguments that remember which of them a model's ``deconv_cfg`` gave:
+    those apply to every FastDeconv, over a layer's own settings (the reference's stems)."""
+
+    def __init__(self, settings: Dict[str, Any], given: Iterable[str] = ()):
+        super().__init__(settings)
+        self.given = frozenset(given)
+
+
+def deconv_args(deconv: bool, deconv_cfg: Optional[Dict[str, Any]] = None) -> Optional[DeconvSettings]:
     """FastDeconv keyword arguments for a model built with ``deconv``, or None for a BN model.
 
     A BN model checks ``deconv_cfg`` too but has no layer to apply it to: one set of keyword
     arguments builds both twins."""
-    unknown = set(deconv_cfg or {}) - set(PAPER_DECONV_ARGS) - {'momentum', 'freeze', 'freeze_iter', 'refresh_every'}
+    deconv_cfg = deconv_cfg or {}
+    unknown = set(deconv_cfg) - set(PAPER_DECONV_ARGS) - {'momentum', 'freeze', 'freeze_iter', 'refresh_every'}
     if unknown:
         raise ValueError(f'deconv_cfg: unknown FastDeconv settings {sorted(unknown)}')
-    return dict(PAPER_DECONV_ARGS, **(deconv_cfg or {})) if deconv else None
+    return DeconvSettings(dict(PAPER_DECONV_ARGS, **deconv_cfg), given=deconv_cfg) if deconv else None
 
 
 def create_conv(
@@ -40,7 +50,8 @@ def create_conv(
         dconv: Optional[Dict[str, Any]] = None,
         **overrides: Any,
 ) -> nn.Module:
-    """A FastDeconv with ``dconv`` settings (plus per-layer ``overrides``), else a Conv2d.
+    """A FastDeconv with ``dconv`` settings (plus per-layer ``overrides``, except those the
+    model's ``deconv_cfg`` gave), else a Conv2d.
 
     ``bias`` applies to the plain convolution only; a FastDeconv takes its bias from ``dconv``
     (the paper always uses one, since the folded mean shift lands there).
@@ -48,8 +59,10 @@ def create_conv(
     if dconv is None:
         return nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
                          groups=groups, bias=bias)
+    given = getattr(dconv, 'given', frozenset())
+    layer_settings = {key: value for key, value in overrides.items() if key not in given}
     return FastDeconv(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
-                      groups=groups, **dict(dconv, **overrides))
+                      groups=groups, **dict(dconv, **layer_settings))
 
 
 def create_norm(channels: int, dconv: Optional[Dict[str, Any]] = None) -> nn.Module:
