@@ -232,6 +232,35 @@ def test_deconv_cfg_is_checked(family):
             timm.create_model(twin.pop('name'), deconv_cfg={'refresh_evry': 4}, **twin)
 
 
+@pytest.mark.parametrize('name, timm_twin', [('resnet18_deconv', 'resnet18'), ('resnet50_deconv', 'resnet50'),
+                                             ('senet18_cifar_deconv', None), ('resnext29_32x4d_cifar_deconv', None)])
+def test_drop_path_rate_is_timm_stochastic_depth(name, timm_twin):
+    """drop_path_rate, which timm's ResNets take, was a TypeError: now each residual branch gets
+    timm's DropPath at timm's rates (0 at the first block, rising to the rate at the last), and
+    the weights' keys stay as they were."""
+    from timm.layers import DropPath
+
+    def rates(model):
+        return [m.drop_prob for m in model.modules() if isinstance(m, DropPath)]
+
+    model = timm.create_model(name, drop_path_rate=0.2)
+    assert set(model.state_dict()) == set(timm.create_model(name).state_dict())
+    assert rates(model)[-1] == pytest.approx(0.2) and rates(model) == sorted(rates(model))
+    if timm_twin:
+        assert rates(model) == rates(timm.create_model(timm_twin, drop_path_rate=0.2))
+    assert rates(timm.create_model(name)) == []
+
+
+def test_drop_path_drops_branches_in_training_only():
+    torch.manual_seed(0)
+    model = timm.create_model('resnet18_cifar_deconv', layers=(1, 1, 1, 1), deconv_cfg=dict(block=16),
+                              drop_path_rate=0.5)
+    x = torch.randn(4, 3, 8, 8)
+    assert not torch.equal(model(x), model(x))  # the batch statistics are the same: the dropped branches differ
+    model.eval()
+    assert torch.equal(model(x), model(x))
+
+
 def test_freeze_keeps_the_frozen_part_and_its_statistics_while_the_rest_trains():
     """deconv_zoo.freeze: timm.utils.freeze's parameters and batch norm, and the deconvolution
     layers' whitening statistics too, which timm's freeze leaves whitening every batch and moving

@@ -5,19 +5,32 @@ optional step after the last level, and a pooled classifier; this base class der
 ``forward_features``, ``forward_head``, ``forward_intermediates``, gradient checkpointing and
 classifier resets from that, as timm's own models implement them.
 """
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import SelectAdaptivePool2d
+from timm.layers import DropPath, SelectAdaptivePool2d
 from timm.models._features import feature_take_indices
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from ..layers import create_classifier
 
-__all__ = ['DeconvNet']
+__all__ = ['DeconvNet', 'stochastic_depth', 'stage_drop_path_rates']
+
+
+def stochastic_depth(rate: float) -> nn.Module:
+    """What a residual block applies to its branch: timm's DropPath, or Identity at rate 0."""
+    return DropPath(rate) if rate > 0 else nn.Identity()
+
+
+def stage_drop_path_rates(drop_path_rate: float, layers: Sequence[int]) -> List[List[float]]:
+    """The stochastic-depth rate of every block, stage by stage: rising linearly from 0 at the
+    first block to ``drop_path_rate`` at the last, as in timm's ResNet."""
+    last = max(sum(layers) - 1, 1)
+    rates = iter([drop_path_rate * block / last for block in range(sum(layers))])
+    return [[next(rates) for _ in range(num_blocks)] for num_blocks in layers]
 
 
 class DeconvNet(nn.Module):

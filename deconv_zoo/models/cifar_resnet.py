@@ -14,7 +14,7 @@ from timm.models import register_model
 from torch import Tensor
 
 from ..layers import classifier_args, create_channel_deconv, create_conv, create_norm, deconv_args
-from ._base import DeconvNet
+from ._base import DeconvNet, stage_drop_path_rates, stochastic_depth
 from ._registry import build_zoo_model, cifar100, cifar_cfg, zoo_default_cfgs
 
 __all__ = ['ResNetCifar', 'BasicBlock', 'PreActBlock', 'SEPreActBlock', 'projection_shortcut']
@@ -33,18 +33,20 @@ def projection_shortcut(in_planes: int, out_planes: int, stride: int, dconv: Opt
 class BasicBlock(nn.Module):
     expansion = 1
 
-    def __init__(self, in_planes: int, planes: int, stride: int = 1, dconv: Optional[Dict[str, Any]] = None):
+    def __init__(self, in_planes: int, planes: int, stride: int = 1, dconv: Optional[Dict[str, Any]] = None,
+                 drop_path: float = 0.0):
         super().__init__()
         self.conv1 = create_conv(in_planes, planes, 3, stride=stride, padding=1, dconv=dconv)
         self.bn1 = create_norm(planes, dconv)
         self.conv2 = create_conv(planes, planes, 3, padding=1, dconv=dconv)
         self.bn2 = create_norm(planes, dconv)
         self.shortcut = projection_shortcut(in_planes, planes, stride, dconv)
+        self.drop_path = stochastic_depth(drop_path)
 
     def forward(self, x: Tensor) -> Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
+        return F.relu(self.drop_path(out) + self.shortcut(x))
 
 
 class PreActBlock(nn.Module):
@@ -52,7 +54,8 @@ class PreActBlock(nn.Module):
     a projection shortcut takes the activated input, the identity the raw one."""
     expansion = 1
 
-    def __init__(self, in_planes: int, planes: int, stride: int = 1, dconv: Optional[Dict[str, Any]] = None):
+    def __init__(self, in_planes: int, planes: int, stride: int = 1, dconv: Optional[Dict[str, Any]] = None,
+                 drop_path: float = 0.0):
         super().__init__()
         self.bn1 = create_norm(in_planes, dconv)
         self.conv1 = create_conv(in_planes, planes, 3, stride=stride, padding=1, dconv=dconv)
@@ -63,6 +66,7 @@ class PreActBlock(nn.Module):
             conv = create_conv(in_planes, planes, 1, stride=stride, dconv=dconv)
             # The reference wraps only the BN-mode projection in a Sequential: keys shortcut.0.* vs shortcut.*.
             self.shortcut = nn.Sequential(conv) if dconv is None else conv
+        self.drop_path = stochastic_depth(drop_path)
 
     def residual(self, x: Tensor) -> Tensor:
         return self.conv2(F.relu(self.bn2(self.conv1(x))))
@@ -70,15 +74,16 @@ class PreActBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         out = F.relu(self.bn1(x))
         shortcut = x if self.shortcut is None else self.shortcut(out)
-        return self.residual(out) + shortcut
+        return self.drop_path(self.residual(out)) + shortcut
 
 
 class SEPreActBlock(PreActBlock):
     """PreActBlock with squeeze-and-excitation on the residual branch (the reference SENet-18 block).
     The SE convs ``fc1``/``fc2`` are 1x1 FastDeconvs in deconv mode, Conv2d with bias otherwise."""
 
-    def __init__(self, in_planes: int, planes: int, stride: int = 1, dconv: Optional[Dict[str, Any]] = None):
-        super().__init__(in_planes, planes, stride, dconv)
+    def __init__(self, in_planes: int, planes: int, stride: int = 1, dconv: Optional[Dict[str, Any]] = None,
+                 drop_path: float = 0.0):
+        super().__init__(in_planes, planes, stride, dconv, drop_path)
         self.fc1 = create_conv(planes, planes // 16, 1, bias=True, dconv=dconv)
         self.fc2 = create_conv(planes // 16, planes, 1, bias=True, dconv=dconv)
 
@@ -104,6 +109,7 @@ class ResNetCifar(DeconvNet):
             their first block normalises; the BN twin still registers the reference's unused ``bn1``.
         stem_overrides: FastDeconv settings of the stem only (the reference's per-model freeze/n_iter).
         block_args: extra keyword arguments of ``block``.
+        drop_path_rate: stochastic depth of the residual branches, rising to this at the last block (timm's).
     """
     final_modules = ('deconv1',)
 
@@ -124,6 +130,7 @@ class ResNetCifar(DeconvNet):
             block_args: Optional[Dict[str, Any]] = None,
             global_pool: str = 'avg',
             drop_rate: float = 0.0,
+            drop_path_rate: float = 0.0,
     ):
         super().__init__()
         dconv = deconv_args(deconv, deconv_cfg)
@@ -137,19 +144,21 @@ class ResNetCifar(DeconvNet):
             # (which fails on parameters without gradients) and optimizers leave it alone.
             self.bn1.requires_grad_(False)
         self.feature_info = [dict(num_chs=64, reduction=1, module='conv1')]
+        drop_path_rates = stage_drop_path_rates(drop_path_rate, layers)
         for i, planes in enumerate(widths):
-            stage = self._make_layer(block, planes, layers[i], 1 if i == 0 else 2, dconv, block_args or {})
+            stage = self._make_layer(block, planes, 1 if i == 0 else 2, dconv, drop_path_rates[i], block_args or {})
             setattr(self, f'layer{i + 1}', stage)
             self.feature_info.append(dict(num_chs=self.in_planes, reduction=2 ** i, module=f'layer{i + 1}'))
         head = classifier_args(block_fc, delinear, dconv)
         self.deconv1 = create_channel_deconv(**head)
         self._init_head(self.in_planes, num_classes, global_pool, drop_rate, head)
 
-    def _make_layer(self, block: Type[nn.Module], planes: int, num_blocks: int, stride: int,
-                    dconv: Optional[Dict[str, Any]], block_args: Dict[str, Any]) -> nn.Sequential:
+    def _make_layer(self, block: Type[nn.Module], planes: int, stride: int, dconv: Optional[Dict[str, Any]],
+                    drop_path_rates: Sequence[float], block_args: Dict[str, Any]) -> nn.Sequential:
         blocks = []
-        for s in [stride] + [1] * (num_blocks - 1):
-            blocks.append(block(self.in_planes, planes, s, dconv=dconv, **block_args))
+        for i, drop_path in enumerate(drop_path_rates):
+            blocks.append(block(self.in_planes, planes, stride if i == 0 else 1, dconv=dconv, drop_path=drop_path,
+                                **block_args))
             self.in_planes = planes * block.expansion
         return nn.Sequential(*blocks)
 

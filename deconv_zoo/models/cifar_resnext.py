@@ -12,6 +12,7 @@ from timm.models import register_model
 from torch import Tensor
 
 from ..layers import create_conv, create_norm
+from ._base import stochastic_depth
 from ._registry import build_zoo_model, cifar100, cifar_cfg, zoo_default_cfgs
 from .cifar_resnet import ResNetCifar, projection_shortcut
 
@@ -24,7 +25,7 @@ class ResNeXtBlock(nn.Module):
     expansion = 2
 
     def __init__(self, in_planes: int, planes: int, stride: int = 1, dconv: Optional[Dict[str, Any]] = None,
-                 cardinality: int = 32):
+                 cardinality: int = 32, drop_path: float = 0.0):
         super().__init__()
         out_planes = self.expansion * planes
         self.conv1 = create_conv(in_planes, planes, 1, dconv=dconv)
@@ -35,12 +36,13 @@ class ResNeXtBlock(nn.Module):
         self.conv3 = create_conv(planes, out_planes, 1, dconv=dconv)
         self.bn3 = create_norm(out_planes, dconv)
         self.shortcut = projection_shortcut(in_planes, out_planes, stride, dconv)
+        self.drop_path = stochastic_depth(drop_path)
 
     def forward(self, x: Tensor) -> Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
         out = F.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
-        return F.relu(out + self.shortcut(x))
+        return F.relu(self.drop_path(out) + self.shortcut(x))
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> ResNetCifar:

@@ -15,7 +15,7 @@ from timm.models import register_model
 from torch import Tensor
 
 from ..layers import classifier_args, create_channel_deconv, create_conv, create_norm, deconv_args
-from ._base import DeconvNet
+from ._base import DeconvNet, stage_drop_path_rates, stochastic_depth
 from ._registry import build_zoo_model, imagenet_cfg, zoo_default_cfgs
 
 __all__ = ['ResNet']
@@ -35,6 +35,7 @@ class BasicBlock(nn.Module):
             groups: int = 1,
             base_width: int = 64,
             dconv: DeconvArgs = None,
+            drop_path: float = 0.0,
     ):
         super().__init__()
         if groups != 1 or base_width != 64:
@@ -45,12 +46,13 @@ class BasicBlock(nn.Module):
         self.conv2 = create_conv(planes, planes, 3, padding=1, dconv=dconv)
         self.bn2 = create_norm(planes, dconv)
         self.downsample = downsample
+        self.drop_path = stochastic_depth(drop_path)
 
     def forward(self, x: Tensor) -> Tensor:
         shortcut = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return self.relu(out + shortcut)
+        return self.relu(self.drop_path(out) + shortcut)
 
 
 class Bottleneck(nn.Module):
@@ -66,6 +68,7 @@ class Bottleneck(nn.Module):
             groups: int = 1,
             base_width: int = 64,
             dconv: DeconvArgs = None,
+            drop_path: float = 0.0,
     ):
         super().__init__()
         width = int(planes * (base_width / 64.0)) * groups
@@ -77,13 +80,14 @@ class Bottleneck(nn.Module):
         self.bn3 = create_norm(planes * self.expansion, dconv)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
+        self.drop_path = stochastic_depth(drop_path)
 
     def forward(self, x: Tensor) -> Tensor:
         shortcut = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
-        return self.relu(out + shortcut)
+        return self.relu(self.drop_path(out) + shortcut)
 
 
 def _make_layer(
@@ -93,6 +97,7 @@ def _make_layer(
         num_blocks: int,
         stride: int,
         dconv: DeconvArgs,
+        drop_path_rates: Sequence[float],
         **block_args: Any,
 ) -> nn.Sequential:
     out_planes = planes * block.expansion
@@ -101,8 +106,9 @@ def _make_layer(
         # The BatchNorm stays in deconv mode too: the reference's structure, kept for its checkpoints.
         downsample = nn.Sequential(
             create_conv(in_planes, out_planes, 1, stride=stride, dconv=dconv), nn.BatchNorm2d(out_planes))
-    blocks = [block(in_planes, planes, stride, downsample, dconv=dconv, **block_args)]
-    blocks += [block(out_planes, planes, dconv=dconv, **block_args) for _ in range(1, num_blocks)]
+    blocks = [block(in_planes, planes, stride, downsample, dconv=dconv, drop_path=drop_path_rates[0], **block_args)]
+    blocks += [block(out_planes, planes, dconv=dconv, drop_path=drop_path_rates[i], **block_args)
+               for i in range(1, num_blocks)]
     return nn.Sequential(*blocks)
 
 
@@ -118,6 +124,7 @@ class ResNet(DeconvNet):
             default: 64 with ``deconv`` (the paper's ImageNet setting), else 0.
         delinear: use Delinear for that (True) or a ChannelDeconv before pooling (False).
         deconv_cfg: FastDeconv settings overriding the paper's (block, n_iter, eps, ...).
+        drop_path_rate: stochastic depth of the residual branches, rising to this at the last block (timm's).
 
     Initialisation as in the reference: every convolution weight, FastDeconv included,
     kaiming-normal (fan_out, relu); FastDeconv biases, BatchNorm and the classifier keep their
@@ -141,6 +148,7 @@ class ResNet(DeconvNet):
             deconv_cfg: Optional[Dict[str, Any]] = None,
             global_pool: str = 'avg',
             drop_rate: float = 0.0,
+            drop_path_rate: float = 0.0,
     ):
         super().__init__()
         dconv = deconv_args(deconv, deconv_cfg)
@@ -152,8 +160,9 @@ class ResNet(DeconvNet):
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         self.feature_info = [dict(num_chs=64, reduction=2, module='relu')]
         in_planes = 64
+        drop_path_rates = stage_drop_path_rates(drop_path_rate, layers)
         for i, (planes, num_blocks) in enumerate(zip((64, 128, 256, 512), layers)):
-            stage = _make_layer(block, in_planes, planes, num_blocks, 1 if i == 0 else 2, dconv,
+            stage = _make_layer(block, in_planes, planes, num_blocks, 1 if i == 0 else 2, dconv, drop_path_rates[i],
                                 groups=groups, base_width=width_per_group)
             setattr(self, f'layer{i + 1}', stage)
             in_planes = planes * block.expansion
