@@ -30,8 +30,8 @@ __all__ = ['ModelArgumentsError', 'BAD_INPUT_ERRORS', 'run_script', 'number_in',
            'non_negative_float', 'positive_float', 'probability', 'proper_fraction', 'file_to_write', 'json_object',
            'ParseLiteralKwargs',
            'create_model_with_weights', 'check_model_name', 'check_model_and_dataset', 'check_num_classes',
-           'check_input_size', 'training_arguments', 'is_unset', 'add_model_arguments', 'input_channels', 'model_from_args',
-           'evaluate']
+           'check_input_size', 'training_arguments', 'is_unset', 'add_model_arguments', 'input_channels',
+           'model_from_args', 'evaluate']
 
 # The arguments of a training run (scripts/train.py and timm's train.py record them alike) that
 # evaluating its checkpoint needs: what the model was built with, and the data config.

@@ -833,7 +833,8 @@ def test_input_size_channels_build_the_model_in_train_and_validate(tmp_path: Pat
     checkpoint = torch.load(Path(result['run_folder']) / LAST, weights_only=True)
     assert checkpoint['state_dict']['conv1.weight'].shape[1] == 1
     validated = load_script('validate').main([  # the channels and model kwargs recorded
-        '--model', 'resnet18_cifar_deconv', '--checkpoint', str(Path(result['run_folder']) / LAST), '--limit', '16', '--workers', '0'])
+        '--model', 'resnet18_cifar_deconv', '--checkpoint', str(Path(result['run_folder']) / LAST), '--limit', '16',
+        '--workers', '0'])
     assert validated['input_size'] == [1, 8, 8]
     safetensors = tmp_path / 'grey.safetensors'
     save_file(timm.create_model('resnet18_cifar', in_chans=1).state_dict(), str(safetensors))

@@ -8,7 +8,7 @@ import numbers
 import warnings
 import weakref
 from contextlib import contextmanager
-from typing import Iterator, Optional, Sequence, Set, Tuple
+from typing import Callable, Iterator, Optional, Sequence, Set, Tuple
 
 import torch
 from torch import Tensor
@@ -172,7 +172,7 @@ def smallest_training_batch(model: torch.nn.Module, input_size: Sequence[int]) -
     layers = {name: m for name, m in model.named_modules() if hasattr(m, 'samples_per_whitening')}
     shapes = {}
 
-    def record(name: str):
+    def record(name: str) -> Callable[[torch.nn.Module, Tuple[Tensor, ...]], None]:
         def hook(layer: torch.nn.Module, args: Tuple[Tensor, ...]) -> None:
             shapes.setdefault(name, args[0].shape)
         return hook

@@ -11,8 +11,8 @@ from .channel_deconv import ChannelDeconv
 from .delinear import Delinear
 from .fast_deconv import FastDeconv
 
-__all__ = ['PAPER_DECONV_ARGS', 'DeconvSettings', 'deconv_args', 'create_conv', 'create_norm', 'create_classifier', 'classifier_args',
-           'create_channel_deconv']
+__all__ = ['PAPER_DECONV_ARGS', 'DeconvSettings', 'deconv_args', 'create_conv', 'create_norm', 'create_classifier',
+           'classifier_args', 'create_channel_deconv']
 
 # main.py's FastDeconv partial for the paper's runs.
 PAPER_DECONV_ARGS: Dict[str, Any] = dict(bias=True, eps=1e-5, n_iter=5, block=64, sampling_stride=3)
