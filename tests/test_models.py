@@ -232,12 +232,16 @@ def test_deconv_cfg_is_checked(family):
             timm.create_model(twin.pop('name'), deconv_cfg={'refresh_evry': 4}, **twin)
 
 
-@pytest.mark.parametrize('name, timm_twin', [('resnet18_deconv', 'resnet18'), ('resnet50_deconv', 'resnet50'),
-                                             ('senet18_cifar_deconv', None), ('resnext29_32x4d_cifar_deconv', None)])
-def test_drop_path_rate_is_timm_stochastic_depth(name, timm_twin):
-    """drop_path_rate, which timm's ResNets take, was a TypeError: now each residual branch gets
-    timm's DropPath at timm's rates (0 at the first block, rising to the rate at the last), and
-    the weights' keys stay as they were."""
+@pytest.mark.parametrize('name, timm_twin, last_rate', [
+    ('resnet18_deconv', 'resnet18', 0.2), ('resnet50_deconv', 'resnet50', 0.2), ('senet18_cifar_deconv', None, 0.2),
+    ('resnext29_32x4d_cifar_deconv', None, 0.2),
+    # timm's EfficientNet rule, block i of n at rate * i / n, on the stride-1 blocks (the others have no shortcut)
+    ('mobilenetv2_cifar_deconv', None, 0.2 * 16 / 17), ('efficientnet_b0_cifar_deconv', None, 0.2 * 14 / 16),
+])
+def test_drop_path_rate_is_timm_stochastic_depth(name, timm_twin, last_rate):
+    """drop_path_rate, which timm's ResNets and EfficientNets take, was a TypeError: now each
+    residual branch gets timm's DropPath at timm's rates (0 at the first block, rising towards
+    the rate at the last), and the weights' keys stay as they were."""
     from timm.layers import DropPath
 
     def rates(model):
@@ -245,7 +249,7 @@ def test_drop_path_rate_is_timm_stochastic_depth(name, timm_twin):
 
     model = timm.create_model(name, drop_path_rate=0.2)
     assert set(model.state_dict()) == set(timm.create_model(name).state_dict())
-    assert rates(model)[-1] == pytest.approx(0.2) and rates(model) == sorted(rates(model))
+    assert rates(model)[-1] == pytest.approx(last_rate) and rates(model) == sorted(rates(model))
     if timm_twin:
         assert rates(model) == rates(timm.create_model(timm_twin, drop_path_rate=0.2))
     assert rates(timm.create_model(name)) == []

@@ -27,8 +27,8 @@ class InvertedResidualSE(InvertedResidual):
     output. As in the reference, a stride-2 block adds the branch output itself (out * w + out).
     """
 
-    def __init__(self, in_planes: int, out_planes: int, expansion: int, stride: int):
-        super().__init__(in_planes, out_planes, expansion, stride)
+    def __init__(self, in_planes: int, out_planes: int, expansion: int, stride: int, drop_path: float = 0.0):
+        super().__init__(in_planes, out_planes, expansion, stride, drop_path=drop_path)
         self.fc1 = nn.Conv2d(out_planes, out_planes // 16, 1)
         self.fc2 = nn.Conv2d(out_planes // 16, out_planes, 1)
 
@@ -36,7 +36,7 @@ class InvertedResidualSE(InvertedResidual):
         out = self.branch(x)
         shortcut = self.shortcut(x) if self.stride == 1 else out
         w = F.relu(self.fc1(out.mean((2, 3), keepdim=True)))
-        return out * self.fc2(w).sigmoid() + shortcut
+        return self.drop_path(out * self.fc2(w).sigmoid()) + shortcut  # no drop path on stride 2
 
 
 class EfficientNetCifar(InvertedResidualNet):
@@ -49,6 +49,7 @@ class EfficientNetCifar(InvertedResidualNet):
         block_fc: decorrelate the classifier input in blocks of this size (0: plain Linear).
         delinear: use Delinear for that (True) or a ChannelDeconv before pooling (False).
         deconv_cfg: FastDeconv settings overriding the paper's (block, n_iter, eps, ...).
+        drop_path_rate: stochastic depth of the residual branches, rising to it as in timm's EfficientNet.
     """
     final_modules = ('deconv1',)
 
@@ -64,10 +65,11 @@ class EfficientNetCifar(InvertedResidualNet):
             deconv_cfg: Optional[Dict[str, Any]] = None,
             global_pool: str = 'avg',
             drop_rate: float = 0.0,
+            drop_path_rate: float = 0.0,
     ):
         super().__init__()
         dconv = deconv_args(deconv, deconv_cfg)
-        self._init_body(rows, in_chans, InvertedResidualSE, dconv)
+        self._init_body(rows, in_chans, InvertedResidualSE, dconv, drop_path_rate)
         head = classifier_args(block_fc, delinear, dconv)
         self.deconv1 = create_channel_deconv(**head)
         self._init_head(rows[-1][1], num_classes, global_pool, drop_rate, head)

@@ -14,7 +14,7 @@ from timm.models import register_model
 from torch import Tensor
 
 from ..layers import classifier_args, create_channel_deconv, create_conv, create_norm, deconv_args
-from ._base import DeconvNet
+from ._base import DeconvNet, stochastic_depth
 from ._registry import build_zoo_model, cifar100, cifar_cfg, zoo_default_cfgs
 from .cifar_resnet import projection_shortcut
 
@@ -31,6 +31,7 @@ class InvertedResidual(nn.Module):
     Args:
         dw_args: per-layer FastDeconv settings of the depthwise conv.
         pw_args: per-layer FastDeconv settings of the projection conv.
+        drop_path: stochastic-depth rate of the branch (stride-1 blocks: the others have no shortcut).
     """
 
     def __init__(
@@ -42,6 +43,7 @@ class InvertedResidual(nn.Module):
             dconv: Optional[Dict[str, Any]] = None,
             dw_args: Optional[Dict[str, Any]] = None,
             pw_args: Optional[Dict[str, Any]] = None,
+            drop_path: float = 0.0,
     ):
         super().__init__()
         self.stride = stride
@@ -54,6 +56,7 @@ class InvertedResidual(nn.Module):
         self.conv3 = create_conv(planes, out_planes, 1, dconv=dconv, **(pw_args or {}))
         self.bn3 = create_norm(out_planes, dconv)
         self.shortcut = projection_shortcut(in_planes, out_planes, 1, dconv) if stride == 1 else nn.Sequential()
+        self.drop_path = stochastic_depth(drop_path if stride == 1 else 0.0)
 
     def branch(self, x: Tensor) -> Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
@@ -62,7 +65,7 @@ class InvertedResidual(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.branch(x)
-        return out + self.shortcut(x) if self.stride == 1 else out
+        return self.drop_path(out) + self.shortcut(x) if self.stride == 1 else out
 
 
 class InvertedResidualNet(DeconvNet):
@@ -74,17 +77,19 @@ class InvertedResidualNet(DeconvNet):
             self,
             rows: BlockRows,
             in_chans: int,
-            make_block: Callable[[int, int, int, int], nn.Module],
+            make_block: Callable[[int, int, int, int, float], nn.Module],
             dconv: Optional[Dict[str, Any]],
+            drop_path_rate: float = 0.0,
     ) -> None:
         """The stem (deconvolved with ``dconv``) and ``layers``: ``make_block(in_planes, out_planes,
-        expansion, stride)`` per block of the (expansion, out_planes, num_blocks, stride) ``rows``."""
+        expansion, stride, drop_path)`` per block of the (expansion, out_planes, num_blocks, stride)
+        ``rows``, the stochastic-depth rate rising as in timm's EfficientNet (block i of n: rate * i / n)."""
         self.conv1 = create_conv(in_chans, 32, 3, padding=1, dconv=dconv, freeze=True, n_iter=10)
         self.bn1 = create_norm(32, dconv)
         specs = [(expansion, out, s) for expansion, out, n, stride in rows for s in [stride] + [1] * (n - 1)]
         blocks, in_planes = [], 32
-        for expansion, out_planes, stride in specs:
-            blocks.append(make_block(in_planes, out_planes, expansion, stride))
+        for index, (expansion, out_planes, stride) in enumerate(specs):
+            blocks.append(make_block(in_planes, out_planes, expansion, stride, drop_path_rate * index / len(specs)))
             in_planes = out_planes
         self.layers = nn.Sequential(*blocks)
         self._level_ends = [i for i, (_, _, stride) in enumerate(specs) if stride == 2 and i > 0] + [len(specs)]
@@ -120,6 +125,7 @@ class MobileNetV2Cifar(InvertedResidualNet):
         block_fc: decorrelate the classifier input in blocks of this size (0: plain Linear).
         delinear: use Delinear for that (True) or a ChannelDeconv before pooling (False).
         deconv_cfg: FastDeconv settings overriding the paper's (block, n_iter, eps, ...).
+        drop_path_rate: stochastic depth of the residual branches, rising to it as in timm's EfficientNet.
     """
     final_modules = ('conv2', 'bn2', 'deconv1')
 
@@ -136,17 +142,18 @@ class MobileNetV2Cifar(InvertedResidualNet):
             deconv_cfg: Optional[Dict[str, Any]] = None,
             global_pool: str = 'avg',
             drop_rate: float = 0.0,
+            drop_path_rate: float = 0.0,
     ):
         super().__init__()
         dconv = deconv_args(deconv, deconv_cfg)
 
-        def block(in_planes: int, out_planes: int, expansion: int, stride: int) -> InvertedResidual:
+        def block(in_planes: int, out_planes: int, expansion: int, stride: int, drop_path: float) -> InvertedResidual:
             # The paper's settings: one Newton-Schulz step for the depthwise and projection convs,
             # the projection whitened in blocks as wide as the block's input.
             return InvertedResidual(in_planes, out_planes, expansion, stride, dconv,
-                                    dw_args=dict(n_iter=1), pw_args=dict(block=in_planes, n_iter=1))
+                                    dw_args=dict(n_iter=1), pw_args=dict(block=in_planes, n_iter=1), drop_path=drop_path)
 
-        self._init_body(rows, in_chans, block, dconv)
+        self._init_body(rows, in_chans, block, dconv, drop_path_rate)
         self.conv2 = create_conv(rows[-1][1], num_features, 1, dconv=dconv)
         self.bn2 = create_norm(num_features, dconv)
         head = classifier_args(block_fc, delinear, dconv)
