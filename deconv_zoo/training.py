@@ -2,9 +2,10 @@
 
 Checkpoints are written atomically (temporary file in the same folder, fsync, ``os.replace``)
 and hold everything needed to continue a run exactly: model, optimizer, scheduler, AMP scaler,
-EMA, position (epoch, step within the epoch, global step), arguments and the RNG states of every
-process. With a data order fixed by (seed, epoch) (``data.ResumableSampler``) a resumed run
-reproduces the uninterrupted one bit for bit on CPU. The learning-rate schedule is the one the
+EMA, position (epoch, step within the epoch, global step), arguments, the RNG states of every
+process and, with ``refresh_every``, every process' schedule of reused whitenings. With a data
+order fixed by (seed, epoch) (``data.ResumableSampler``) a resumed run reproduces the
+uninterrupted one bit for bit on CPU. The learning-rate schedule is the one the
 resuming run's arguments build, moved to the checkpoint's position (as in timm's train.py): a
 resume with a larger ``--epochs`` continues on the longer schedule.
 
@@ -31,6 +32,7 @@ from timm.utils import AverageMeter, ModelEmaV3, dispatch_clip_grad
 from torch.utils.data import DataLoader
 
 from .files import atomic_write
+from .layers import FastDeconv
 from .loading import compare_state_dict, load_torch_checkpoint, non_finite_names
 from .weights import CheckpointMismatchError
 
@@ -122,6 +124,18 @@ def restore_rng_state(state: Dict[str, Any]) -> None:
 def _as_tuples(value: Any) -> Any:
     # random.setstate needs tuples; a checkpoint round trip may hand back lists.
     return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def refresh_states(model: nn.Module) -> Dict[str, Dict[str, Any]]:
+    """The ``refresh_every`` schedule state of every FastDeconv on it, by module name."""
+    return {name: state for name, module in model.named_modules()
+            if isinstance(module, FastDeconv) and (state := module.refresh_state()) is not None}
+
+
+def load_refresh_states(model: nn.Module, states: Dict[str, Dict[str, Any]]) -> None:
+    """Continue the schedules ``refresh_states`` recorded."""
+    for name, state in states.items():
+        model.get_submodule(name).load_refresh_state(state)
 
 
 def _gather_from_processes(obj: Any, distributed: bool) -> List[Any]:
@@ -250,12 +264,15 @@ class CheckpointManager:
         """Write the state as ``other_names`` and then ``last``, or stop when any process' state is not finite."""
         # Gathered together, so that every process stops at once (buffers may differ between them).
         gathered = _gather_from_processes(
-            dict(rng=capture_rng_state(), non_finite=_first_non_finite(self.model)), self.distributed)
+            dict(rng=capture_rng_state(), non_finite=_first_non_finite(self.model),
+                 refresh=refresh_states(self.model)), self.distributed)
         non_finite = next((g['non_finite'] for g in gathered if g['non_finite']), None)
         if non_finite:
             raise self.stopped(position, f'{non_finite} became non-finite; no checkpoint written')
         if self.is_primary:
             state = self._state(position, metric, [g['rng'] for g in gathered])
+            if any(g['refresh'] for g in gathered):  # per process: their batches, so their reused whitenings, differ
+                state['refresh_schedules'] = [g['refresh'] for g in gathered]
             # last goes last: it records best_metric, which model_best must already hold.
             for name in (*other_names, LAST):
                 atomic_save(state, os.path.join(self.output_dir, name))
@@ -300,6 +317,7 @@ class CheckpointManager:
         rng = checkpoint['rng']
         if len(rng) == world_size:
             restore_rng_state(rng[rank])
+            load_refresh_states(self.model, checkpoint.get('refresh_schedules', [{}] * world_size)[rank])
         else:
             _logger.warning('checkpoint was written by %d processes, this run has %d: the per-process data order '
                             'changes (each epoch is now split over %d processes) and the RNG states are not restored, '

@@ -342,7 +342,8 @@ def _train(args: argparse.Namespace, device: torch.device, primary: bool) -> Dic
         build_parser().error(
             f'no training step per epoch: {len(train_set)} training samples give {len(sampler)} per process '
             f'({args.world_size} process(es)), fewer than one batch of {args.batch_size}, and the incomplete batch '
-            f'is dropped (--drop-last, mixup/cutmix, or a batch of one sample); lower --batch-size')
+            f'is dropped (--drop-last, mixup/cutmix, or one smaller than the {max(min_batch, 2)} images a batch needs); '
+            f'lower --batch-size')
     if primary and args.batch_size > len(sampler):  # the recipe's learning rate is meant for full batches
         _logger.warning(f'--batch-size {args.batch_size} is more than the {len(sampler)} training samples per '
                         f'process: each epoch is one step of {len(sampler)}')

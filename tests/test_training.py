@@ -363,6 +363,25 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path: Path) -> None:
     assert [row['epoch'] for row in killed_rows] == ['0', '1']
 
 
+def test_a_run_on_the_refresh_schedule_resumes_exactly(tmp_path: Path) -> None:
+    """refresh_every keeps the whitening it reuses in the layer, not in the weights: a run stopped
+    after a fresh step resumed with a fresh one where the uninterrupted run reused, and ended elsewhere."""
+    train = load_script('train')
+    args = ['--model', 'resnet18_cifar_deconv', '--model-kwargs', 'layers=(1,1,1,1)',
+            "deconv_cfg={'block': 16, 'refresh_every': 3}", '--img-size', '8', '--no-progress', '--workers', '0',
+            '--epochs', '1', '--batch-size', '16', '--train-limit', '64', '--val-limit', '8', '--seed', '3',
+            '--output', str(tmp_path)]
+    train.main(args + ['--experiment', 'whole'])
+    train.main(args + ['--experiment', 'stopped', '--max-steps', '2'])
+    stopped = torch.load(tmp_path / 'stopped' / LAST, weights_only=True)
+    (schedule,) = stopped['refresh_schedules']  # one process
+    assert schedule['layer1.0.conv1']['reuse_count'] == 1  # steps 1 (fresh) and 2 (reused) are done
+    train.main(args + ['--experiment', 'stopped', '--resume', 'auto'])
+    whole, resumed = (torch.load(tmp_path / name / LAST, weights_only=True) for name in ('whole', 'stopped'))
+    assert resumed['global_step'] == whole['global_step'] == 4
+    assert state_dicts_equal(whole['state_dict'], resumed['state_dict'])
+
+
 def test_resume_with_another_model_is_a_one_line_error_that_keeps_args_json(tmp_path: Path) -> None:
     run = tmp_path / 'x'
     run.mkdir()

@@ -4,7 +4,7 @@ Arguments, defaults, parameter and buffer names follow the authors' ``models/dec
 their checkpoints load unchanged. Runtime bugs of the reference are fixed where marked "fix:".
 """
 import collections
-from typing import Deque, NamedTuple, Optional, Tuple, Union
+from typing import Any, Deque, Dict, NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -62,7 +62,8 @@ class FastDeconv(WhitenedWeightMixin, nn.Conv2d):
     patch mean is computed on every call, with its gradient (a reduction, without copying the
     patches): reusing it too cost SENet-18 3 points on digits. The running buffers still track
     the statistics in use every step. The schedule restarts with
-    a fresh computation after a reload or a device or dtype change. Layers with ``freeze=True``
+    a fresh computation after a reload or a device or dtype change (``refresh_state`` and
+    ``load_refresh_state`` carry it across a training checkpoint). Layers with ``freeze=True``
     follow the freeze schedule instead, and compiled graphs compute fresh statistics every call.
 
     Under gradient checkpointing a recompute repeats the choices of the call it recomputes (frozen
@@ -251,6 +252,23 @@ class FastDeconv(WhitenedWeightMixin, nn.Conv2d):
                 f'repeats (the last {self._calls.maxlen} calls of a layer before one backward pass are kept)')
         self._replays = (task, replayed + 1)
         return self._calls[-1 - replayed]
+
+    def refresh_state(self) -> Optional[Dict[str, Any]]:
+        """What ``refresh_every`` carries from one training call to the next (the whitening matrix
+        reused, on CPU, and how many calls reused it), for a training checkpoint to resume the schedule
+        where it was; None for a layer off the schedule. Not part of the state dict: weights files
+        stay those of the paper's layer."""
+        if self.refresh_every == 1 or self.num_features < REFRESH_MIN_FEATURES or self.freeze:
+            return None
+        reused = None if self._reused_deconv is None else self._reused_deconv.cpu()
+        return dict(reuse_count=self._reuse_count, reused_deconv=reused)
+
+    def load_refresh_state(self, state: Dict[str, Any]) -> None:
+        """Continue the ``refresh_every`` schedule from ``refresh_state()``'s record (after ``load_state_dict``,
+        which restarts it)."""
+        reused = state['reused_deconv']
+        self._reused_deconv = None if reused is None else reused.to(self.running_deconv.device)
+        self._reuse_count = state['reuse_count']
 
     def _follows_refresh_schedule(self) -> bool:
         # The reference's freeze schedule, where set (most stems), takes precedence.
