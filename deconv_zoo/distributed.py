@@ -96,12 +96,18 @@ def _global_offset(local_count: int, device: torch.device, group: Optional[dist.
     return int(sum(c.item() for c in counts[:dist.get_rank(group)]))
 
 
-class _EmptyBatchTakesPart:
+class _Synced:
     """For the synced layers: a process whose batch is empty still takes part in the all-reduces,
     with no samples, and records the global statistics as the others do. FastDeconv and Delinear
     skip the statistics of an empty batch, which left the other processes waiting for ever.
     Every batch empty: the layers' own empty output, their state left as it was."""
     process_group: Optional[dist.ProcessGroup] = None
+
+    def samples_per_whitening(self, x_shape: torch.Size) -> int:
+        """The samples of each covariance when every process' batch has ``x_shape``: those of the
+        concatenated batch."""
+        processes = dist.get_world_size(self.process_group) if _is_synced(self.process_group) else 1
+        return super().samples_per_whitening((x_shape[0] * processes, *x_shape[1:]))
 
     def _takes_statistics(self, x: Tensor) -> bool:
         return super()._takes_statistics(x) or _is_synced(self.process_group)
@@ -118,7 +124,7 @@ class _EmptyBatchTakesPart:
 def _synced_statistics(layer: nn.Module, samples: Tensor, sample_name: str) -> Tuple[Tensor, Tensor]:
     """``global_whitening_statistics`` of a synced layer's (G, nf, S) samples. As in one process, one
     sample in all has no covariance (the whitening would be about eps^-1/2 * I): a ValueError naming
-    the layer; no sample at all is ``TooFewSamplesError`` (see ``_EmptyBatchTakesPart``)."""
+    the layer; no sample at all is ``TooFewSamplesError`` (see ``_Synced``)."""
     try:
         return global_whitening_statistics(samples, layer.eps, layer.n_iter, layer.process_group, min_count=2)
     except TooFewSamplesError as error:
@@ -128,7 +134,7 @@ def _synced_statistics(layer: nn.Module, samples: Tensor, sample_name: str) -> T
                          f'batches of all processes, got {error.total}') from None
 
 
-class SyncFastDeconv(_EmptyBatchTakesPart, FastDeconv):
+class SyncFastDeconv(_Synced, FastDeconv):
     """FastDeconv whose training statistics cover the batch of every process in ``process_group``.
 
     Without an initialised process group of more than one process it behaves as FastDeconv.
@@ -168,7 +174,7 @@ class SyncFastDeconv(_EmptyBatchTakesPart, FastDeconv):
         return pixel_samples(x, step, start)
 
 
-class SyncDelinear(_EmptyBatchTakesPart, Delinear):
+class SyncDelinear(_Synced, Delinear):
     """Delinear whose training statistics cover the batch of every process in ``process_group``."""
 
     def batch_statistics(self, x: Tensor) -> Tuple[Tensor, Tensor]:

@@ -11,6 +11,7 @@ import timm.utils
 import torch.nn as nn
 
 from .layers import freeze_whitening
+from .models._base import DeconvNet
 
 __all__ = ['freeze', 'unfreeze']
 
@@ -38,3 +39,7 @@ def _freeze_or_unfreeze(root_module: nn.Module, submodules: ModuleNames, include
     if include_bn_running_stats:
         for name in names or ['']:  # looked up after timm, which may have replaced a batch norm named here
             freeze_whitening(root_module.get_submodule(name), frozen)
+    if not frozen:  # timm's unfreeze rebuilds and unfreezes every batch norm, the unused ones too
+        for module in root_module.modules():
+            if isinstance(module, DeconvNet):
+                module.freeze_unused()

@@ -323,8 +323,9 @@ def _train(args: argparse.Namespace, device: torch.device, primary: bool) -> Dic
                                drop_last=drop_last)
     # A whitening needs two samples per training batch (fewer raise, as BatchNorm1d does for one
     # value): a batch of one image has too few for Delinear or ChannelDeconv, and layers that
-    # subsample small maps need more images (SENet-18's SE gates: 10). A last batch short of that is
-    # dropped, as timm's loaders drop every incomplete training batch.
+    # subsample small maps need more images (SENet-18's SE gates: 10; synced layers count every
+    # process' batch). A last batch short of that is dropped, as timm's loaders drop every
+    # incomplete training batch.
     min_batch, needing = smallest_training_batch(model, input_config['input_size'])
     if args.batch_size < min_batch:
         build_parser().error(

@@ -80,7 +80,7 @@ def format_table(results: Dict[str, Any]) -> str:
 def use_training_arguments(args: argparse.Namespace) -> None:
     """Fill the model and data-config arguments not given from those the training checkpoint
     records (--img-size and --input-size count as one: either given, neither is taken; a
-    --model-kwargs given replaces the recorded ones whole)."""
+    non-empty --model-kwargs replaces the recorded ones whole)."""
     recorded = training_arguments(args.checkpoint) if args.checkpoint else {}
     if args.img_size is not None or args.input_size is not None:
         recorded.pop('img_size', None)

@@ -113,6 +113,9 @@ def test_deconv_cfg_overrides_per_layer_settings_it_names():
     assert model.layers[0].conv1.n_iter == 3 and model.conv2.n_iter == 3
     assert model.layers[0].conv2.n_iter == 3 and model.layers[0].conv3.n_iter == 3
     assert model.layers[0].conv3.block == 32  # the projection's own block (its input width)
+    # ... which a deconv_cfg block leaves: it shapes the buffers, so the checkpoints
+    narrow = timm.create_model('mobilenetv2_cifar_deconv', deconv_cfg=dict(block=16))
+    assert narrow.layers[0].conv3.running_deconv.shape == (32, 32) and narrow.layers[0].conv1.block == 16
     default = timm.create_model('mobilenetv2_cifar_deconv')
     assert default.conv1.n_iter == 10 and default.layers[0].conv2.n_iter == 1 and default.layers[0].conv3.n_iter == 1
 

@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from deconv_zoo.distributed import convert_sync_deconv
-from deconv_zoo.layers import Delinear, FastDeconv
+from deconv_zoo.layers import Delinear, FastDeconv, smallest_training_batch
 
 TIMEOUT = datetime.timedelta(seconds=20)
 
@@ -56,6 +56,11 @@ def _empty_batch_worker(rank: int, store: str, result_file: str) -> None:
         result['one_chunk'] = None
     except ValueError as error:
         result['one_chunk'] = str(error)
+    # A 1x1 whitening of 1x1 maps samples every 9th image of the concatenated batch: a batch of 10
+    # in one process, of 5 on each of two processes.
+    gate = convert_sync_deconv(torch.nn.Sequential(FastDeconv(4, 4, 1, block=4)).double())
+    result['smallest_batch'] = smallest_training_batch(gate, (4, 1, 1))
+    gate(torch.randn(5, 4, 1, 1, dtype=torch.float64))  # one sample here, two in all: it trains
     gathered = [None] * 2
     dist.all_gather_object(gathered, result)
     if rank == 0:
@@ -92,3 +97,4 @@ def test_an_empty_batch_on_one_process_takes_part_in_the_synced_statistics(tmp_p
         for name, buffer in fresh.items():
             assert torch.equal(part['all_empty_buffers'][name], buffer), name
         assert 'more than one 4-feature chunk in the training batches of all processes, got 1' in part['one_chunk']
+        assert part['smallest_batch'] == (5, '0')

@@ -450,6 +450,26 @@ def test_single_sample_training_batch_raises(make, shape, message):
     assert torch.isfinite(layer.eval()(torch.randn(shape))).all()
 
 
+@pytest.mark.parametrize('make, shapes', [
+    (lambda: FastDeconv(4, 3, 1, block=2), [(1, 4, 1, 1), (1, 4, 2, 2), (5, 4, 1, 1)]),
+    (lambda: FastDeconv(4, 3, 1), [(9, 4, 1, 1), (10, 4, 1, 1), (2, 4, 2, 2), (1, 4, 3, 4)]),
+    (lambda: FastDeconv(4, 4, 3, padding=1, groups=2), [(1, 4, 2, 2), (2, 4, 2, 2), (1, 4, 4, 4)]),
+    (lambda: FastDeconv(4, 3, 3, dilation=2, padding=1, block=4), [(1, 4, 3, 3), (1, 4, 5, 8), (2, 4, 3, 3)]),
+    (lambda: Delinear(8, 3, block=8), [(1, 8), (2, 8), (1, 2, 8)]),
+    (lambda: ChannelDeconv(4), [(1, 4), (2, 4), (1, 4, 3, 3), (1, 4, 3, 4), (1, 6, 1, 1), (2, 6, 1, 1)]),
+], ids=['fast_k1_blocks', 'fast_k1', 'fast_k3_groups', 'fast_k3_dilated', 'delinear', 'channel_deconv'])
+def test_samples_per_whitening_tells_which_batches_train(make, shapes):
+    """smallest_training_batch (and so train.py) rests on each layer's count of samples."""
+    for shape in shapes:
+        layer = make()
+        try:
+            layer(torch.randn(shape))
+            trained = True
+        except ValueError:
+            trained = False
+        assert trained == (layer.samples_per_whitening(torch.Size(shape)) >= 2), shape
+
+
 def test_delinear_single_sample_of_several_chunks_trains():
     """One sample cut into several chunks still gives the covariance several samples."""
     layer, oracle = Delinear(8, 3, block=4).double(), OracleDelinear(8, 3, block=4).double()

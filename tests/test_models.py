@@ -299,6 +299,11 @@ def test_freeze_keeps_the_frozen_part_and_its_statistics_while_the_rest_trains()
     deconv_zoo.unfreeze(model, frozen)
     assert type(model.layers[0].bn1) is torch.nn.BatchNorm2d
     assert train_steps() == {'conv1': True, 'layers.0': True, 'linear': True}
+    # timm's unfreeze unfreezes every batch norm: PreAct-ResNet's unused one stays frozen (DDP).
+    preact = timm.create_model('preact_resnet18_cifar')
+    deconv_zoo.freeze(preact)
+    deconv_zoo.unfreeze(preact)
+    assert not preact.bn1.weight.requires_grad and preact.conv1.weight.requires_grad
 
 
 def test_grad_checkpointing_updates_statistics_once():

@@ -182,7 +182,8 @@ def smallest_training_batch(model: torch.nn.Module, input_size: Sequence[int]) -
     try:
         model.eval()
         with torch.no_grad():
-            model(torch.zeros(1, *input_size, device=next(model.parameters()).device))
+            weight = next(model.parameters())
+            model(torch.zeros(1, *input_size, device=weight.device, dtype=weight.dtype))
     finally:
         for hook in hooks:
             hook.remove()

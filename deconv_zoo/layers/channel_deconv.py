@@ -49,6 +49,21 @@ class ChannelDeconv(nn.Module):
         self.running_var.fill_(1)
         self.num_batches_tracked.zero_()
 
+    def samples_per_whitening(self, x_shape: torch.Size) -> int:
+        """The fewer of the values a training batch of ``x_shape`` gives each whitened feature and
+        the leftover channels' variance (each needs two)."""
+        n, channels = x_shape[:2]
+        h, w = x_shape[2:] if len(x_shape) == 4 else (1, 1)
+        step = self.sampling_stride ** 2 if self.sampling_stride > 1 and h >= self.sampling_stride \
+            and w >= self.sampling_stride else 1
+        c = channels // self.block * self.block
+        counts = []
+        if c:
+            counts.append(-(-n * h * w * (c // self.block) // step))
+        if c < channels:
+            counts.append(n * -(-(channels - c) * h * w // step))
+        return min(counts)
+
     def _subsample(self, flat: Tensor, h: int, w: int) -> Tensor:
         s = self.sampling_stride
         return flat[:, ::s * s] if s > 1 and h >= s and w >= s else flat

@@ -20,7 +20,8 @@ PAPER_DECONV_ARGS: Dict[str, Any] = dict(bias=True, eps=1e-5, n_iter=5, block=64
 
 class DeconvSettings(dict):
     """FastDeconv keyword arguments that remember which of them a model's ``deconv_cfg`` gave:
-    those apply to every FastDeconv, over a layer's own settings (the reference's stems)."""
+    those apply to every FastDeconv, over a layer's own settings (the reference's stems), but for
+    a layer's own block width."""
 
     def __init__(self, settings: Dict[str, Any], given: Iterable[str] = ()):
         super().__init__(settings)
@@ -51,7 +52,7 @@ def create_conv(
         **overrides: Any,
 ) -> nn.Module:
     """A FastDeconv with ``dconv`` settings (plus per-layer ``overrides``, except those the
-    model's ``deconv_cfg`` gave), else a Conv2d.
+    model's ``deconv_cfg`` gave other than ``block``), else a Conv2d.
 
     ``bias`` applies to the plain convolution only; a FastDeconv takes its bias from ``dconv``
     (the paper always uses one, since the folded mean shift lands there).
@@ -59,7 +60,9 @@ def create_conv(
     if dconv is None:
         return nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
                          groups=groups, bias=bias)
-    given = getattr(dconv, 'given', frozenset())
+    # A layer's own block width stays (MobileNet-v2's projections: the block's input width): it
+    # shapes the layer's buffers, which checkpoints of models built with a deconv_cfg block hold.
+    given = getattr(dconv, 'given', frozenset()) - {'block'}
     layer_settings = {key: value for key, value in overrides.items() if key not in given}
     return FastDeconv(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
                       groups=groups, **dict(dconv, **layer_settings))

@@ -148,11 +148,12 @@ class FastDeconv(WhitenedWeightMixin, nn.Conv2d):
         if samples < 2:
             # As BatchNorm: one sample has no covariance. Less its own mean it is zero, so the whitening
             # would be about eps^-1/2 * I (a gain of 250 at block 64), moving the running one towards it.
+            sampling = (f'every {self.sampling_stride[0] * self.sampling_stride[1]}th pixel of the batch'
+                        if self.kernel_size == (1, 1) else f'patches every {self.sampling_stride} pixels')
             raise ValueError(
                 f'{type(self).__name__}: the whitening needs more than one sample per training batch, got {samples} '
-                f'from input shape {tuple(x.shape)} (patches taken every {self.sampling_stride} pixels; a 1x1 '
-                f'kernel takes every {self.sampling_stride[0] * self.sampling_stride[1]}th pixel of the batch): '
-                f'train with a larger batch, or a smaller sampling_stride')
+                f'from input shape {tuple(x.shape)} ({sampling}): train with a larger batch, or a smaller '
+                f'sampling_stride')
         return conv_whitening_statistics(x, self.kernel_size, self.dilation, self.padding, self.sampling_stride,
                                          self.groups, self.num_features, self.eps, self.n_iter)
 

@@ -47,6 +47,8 @@ class DeconvNet(nn.Module):
     features_by_module: bool = False
     # Submodules that forward_final runs, removed by prune_intermediate_layers with the head.
     final_modules: Tuple[str, ...] = ()
+    # Submodules the network registers but never runs (kept so the reference's checkpoints load).
+    unused_modules: Tuple[str, ...] = ()
 
     def _init_head(
             self,
@@ -66,6 +68,12 @@ class DeconvNet(nn.Module):
         self.head_hidden_size = num_features * self.global_pool.feat_mult()
         setattr(self, self.classifier_name, create_classifier(
             self.head_hidden_size, num_classes, **self._classifier_args))
+
+    def freeze_unused(self) -> None:
+        """Stop the gradients of ``unused_modules``: DistributedDataParallel fails on trainable
+        parameters that get none, and optimizers would decay them."""
+        for name in self.unused_modules:
+            self.get_submodule(name).requires_grad_(False)
 
     def feature_levels(self) -> List[Callable[[Tensor], Tensor]]:
         """One callable per feature level, applied in order (level 0 is the stem)."""

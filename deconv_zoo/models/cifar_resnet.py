@@ -97,7 +97,8 @@ class ResNetCifar(DeconvNet):
     """CIFAR ResNet: stride-1 stem, stages of ``widths`` (strides 1, 2, 2, ...), global pool, classifier.
 
     Args:
-        block: residual block class, called as ``block(in_planes, planes, stride, dconv=..., **block_args)``.
+        block: residual block class, called as ``block(in_planes, planes, stride, dconv=..., drop_path=...,
+            **block_args)``.
         layers: blocks per stage.
         widths: ``planes`` of each stage (the stage outputs ``planes * block.expansion`` channels).
         deconv: FastDeconv layers (True) or Conv2d + BatchNorm2d (the BN twin).
@@ -140,9 +141,9 @@ class ResNetCifar(DeconvNet):
                                  **(stem_overrides or {}))
         self.bn1 = create_norm(64, dconv)
         if not stem_norm_act:
-            # The reference's unused stem norm, kept so its checkpoints load: frozen, so that DDP
-            # (which fails on parameters without gradients) and optimizers leave it alone.
-            self.bn1.requires_grad_(False)
+            # The reference's unused stem norm, kept so its checkpoints load.
+            self.unused_modules = ('bn1',)
+            self.freeze_unused()
         self.feature_info = [dict(num_chs=64, reduction=1, module='conv1')]
         drop_path_rates = stage_drop_path_rates(drop_path_rate, layers)
         for i, planes in enumerate(widths):
