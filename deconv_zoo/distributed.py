@@ -97,8 +97,9 @@ def _global_offset(local_count: int, device: torch.device, group: Optional[dist.
 
 
 class _Synced:
-    """For the synced layers: a process whose batch is empty still takes part in the all-reduces,
-    with no samples, and records the global statistics as the others do. FastDeconv and Delinear
+    """For the synced layers: their sample counts are the concatenated batch's, and a process
+    whose batch is empty still takes part in the all-reduces, with no samples, and records the
+    global statistics as the others do. FastDeconv and Delinear
     skip the statistics of an empty batch, which left the other processes waiting for ever.
     Every batch empty: the layers' own empty output, their state left as it was."""
     process_group: Optional[dist.ProcessGroup] = None

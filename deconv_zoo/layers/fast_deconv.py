@@ -256,10 +256,10 @@ class FastDeconv(WhitenedWeightMixin, nn.Conv2d):
 
     def refresh_state(self) -> Optional[Dict[str, Any]]:
         """What ``refresh_every`` carries from one training call to the next (the whitening matrix
-        reused, on CPU, and how many calls reused it), for a training checkpoint to resume the schedule
-        where it was; None for a layer off the schedule. Not part of the state dict: weights files
-        stay those of the paper's layer."""
-        if self.refresh_every == 1 or self.num_features < REFRESH_MIN_FEATURES or self.freeze:
+        it reuses, as a CPU tensor, and how many calls reused it), for a training checkpoint to resume
+        the schedule where it was; None for a layer off the schedule. Not part of the state dict:
+        weights files stay those of the paper's layer."""
+        if not self._on_refresh_schedule():
             return None
         reused = None if self._reused_deconv is None else self._reused_deconv.cpu()
         return dict(reuse_count=self._reuse_count, reused_deconv=reused)
@@ -271,10 +271,12 @@ class FastDeconv(WhitenedWeightMixin, nn.Conv2d):
         self._reused_deconv = None if reused is None else reused.to(self.running_deconv.device)
         self._reuse_count = state['reuse_count']
 
-    def _follows_refresh_schedule(self) -> bool:
+    def _on_refresh_schedule(self) -> bool:
         # The reference's freeze schedule, where set (most stems), takes precedence.
-        return (self.refresh_every > 1 and self.num_features >= REFRESH_MIN_FEATURES and not self.freeze
-                and not torch.compiler.is_compiling())
+        return self.refresh_every > 1 and self.num_features >= REFRESH_MIN_FEATURES and not self.freeze
+
+    def _follows_refresh_schedule(self) -> bool:
+        return self._on_refresh_schedule() and not torch.compiler.is_compiling()
 
     def _refreshed_statistics(self, x: Tensor, reused_deconv: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
         """This training call's statistics: fresh ones, or under ``refresh_every`` this call's patch
