@@ -21,6 +21,7 @@ from timm.utils import accuracy
 from torch.utils.data import DataLoader, Dataset
 
 from .data import DatasetError, DatasetNotFoundError, check_dataset, dataset_num_classes
+from .layers import smallest_training_batch
 from .loading import (
     compare_state_dict, load_torch_checkpoint, optional_state_keys, refuse_non_finite, verify_weights_file,
 )
@@ -183,21 +184,17 @@ def check_num_classes(num_classes: Optional[int], dataset: Dataset) -> None:
                                   f'(labels up to {dataset_classes - 1})')
 
 
-def check_input_size(model: nn.Module, input_size: Sequence[int]) -> None:
+def check_input_size(model: nn.Module, input_size: Sequence[int]) -> Tuple[int, str]:
     """Run ``model`` on one blank image of ``input_size``, so that an input it cannot take
     (smaller than its poolings need, not its patch grid) raises ``ModelArgumentsError`` now rather
-    than in the middle of the first step. Eval mode: no statistics are updated."""
-    was_training = model.training
-    model.eval()
+    than in the middle of the first step. Eval mode: no statistics are updated. Returns what the
+    same forward tells of training batches: ``smallest_training_batch``'s (images, layer)."""
     try:
-        with torch.no_grad():
-            model(torch.zeros(1, *input_size, device=next(model.parameters()).device))
+        return smallest_training_batch(model, input_size)
     except (RuntimeError, AssertionError) as error:
         name = getattr(model, 'pretrained_cfg', {}).get('architecture') or type(model).__name__
         raise ModelArgumentsError(
             f'{name} cannot take input {tuple(input_size)} (see --img-size/--input-size): {error}') from None
-    finally:
-        model.train(was_training)
 
 
 def training_arguments(checkpoint: str) -> Dict[str, Any]:

@@ -49,7 +49,6 @@ from deconv_zoo.evaluation import (
     proper_fraction, run_script,
 )
 from deconv_zoo.files import atomic_write_text
-from deconv_zoo.layers import smallest_training_batch
 from deconv_zoo.training import LAST, RECIPES, CheckpointManager, Trainer, TrainingStopped, TrainPosition, resolve_resume
 
 _logger = logging.getLogger('train')
@@ -292,7 +291,6 @@ def _train(args: argparse.Namespace, device: torch.device, primary: bool) -> Dic
         args.model, pretrained=args.pretrained, checkpoint=args.initial_checkpoint, num_classes=num_classes,
         in_chans=input_channels(args), drop_rate=args.drop, drop_path_rate=args.drop_path, **args.model_kwargs)
     input_config = resolve_input_config(model, vars(args))
-    check_input_size(model, input_config['input_size'])
     aug = dict(hflip=args.hflip, scale=args.scale, ratio=args.ratio, color_jitter=args.color_jitter,
                auto_augment=args.aa, re_prob=args.reprob, re_mode=args.remode, re_count=args.recount,
                crop_padding=args.crop_padding)
@@ -321,12 +319,12 @@ def _train(args: argparse.Namespace, device: torch.device, primary: bool) -> Dic
     train_set = PerSampleSeed(SkipUnreadable(train_set, substitute=True), args.seed)
     sampler = ResumableSampler(train_set, args.world_size, args.rank, shuffle=True, seed=args.seed,
                                drop_last=drop_last)
-    # A whitening needs two samples per training batch (fewer raise, as BatchNorm1d does for one
-    # value): a batch of one image has too few for Delinear or ChannelDeconv, and layers that
-    # subsample small maps need more images (SENet-18's SE gates: 10; synced layers count every
-    # process' batch). A last batch short of that is dropped, as timm's loaders drop every
-    # incomplete training batch.
-    min_batch, needing = smallest_training_batch(model, input_config['input_size'])
+    # One blank image tells whether the model takes the input size, and how many images a training
+    # batch needs: a whitening needs two samples (fewer raise, as BatchNorm1d does for one value),
+    # too many for a batch of one image in Delinear or ChannelDeconv, and more where layers subsample
+    # small maps (SENet-18's SE gates: 10; synced layers, converted above, count every process'
+    # batch). A last batch short of that is dropped, as timm's loaders drop every incomplete one.
+    min_batch, needing = check_input_size(model, input_config['input_size'])
     if args.batch_size < min_batch:
         build_parser().error(
             f'--batch-size {args.batch_size} is too small for {args.model} at input {input_config["input_size"]}: '
