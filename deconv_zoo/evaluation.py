@@ -175,12 +175,13 @@ def check_model_and_dataset(parser: argparse.ArgumentParser, args: argparse.Name
         parser.error(str(error))
 
 
-def check_num_classes(num_classes: Optional[int], dataset: Dataset) -> None:
+def check_num_classes(num_classes: Optional[int], dataset: Dataset, source: str = '--num-classes') -> None:
     """Raise ``ModelArgumentsError`` when a model of ``num_classes`` outputs cannot score the
-    labels of ``dataset`` (the loss of the first batch would end in an IndexError)."""
+    labels of ``dataset`` (the loss of the first batch would end in an IndexError); ``source``
+    says in the message where the class count came from."""
     dataset_classes = dataset_num_classes(dataset)
     if num_classes and dataset_classes and num_classes < dataset_classes:
-        raise ModelArgumentsError(f'--num-classes {num_classes}: the dataset has {dataset_classes} classes '
+        raise ModelArgumentsError(f'{source} {num_classes}: the dataset has {dataset_classes} classes '
                                   f'(labels up to {dataset_classes - 1})')
 
 

@@ -77,10 +77,10 @@ def format_table(results: Dict[str, Any]) -> str:
     return '\n'.join(f'{key:<{width}}  {value}' for key, value in rows)
 
 
-def use_training_arguments(args: argparse.Namespace) -> None:
+def use_training_arguments(args: argparse.Namespace) -> Dict[str, Any]:
     """Fill the model and data-config arguments not given from those the training checkpoint
     records (--img-size and --input-size count as one: either given, neither is taken; a
-    non-empty --model-kwargs replaces the recorded ones whole)."""
+    non-empty --model-kwargs replaces the recorded ones whole); returns those taken."""
     recorded = training_arguments(args.checkpoint) if args.checkpoint else {}
     if args.img_size is not None or args.input_size is not None:
         recorded.pop('img_size', None)
@@ -90,6 +90,7 @@ def use_training_arguments(args: argparse.Namespace) -> None:
         vars(args).update(taken)
         _logger.info('as recorded in the training checkpoint: '
                      + ', '.join(f'{key} {value}' for key, value in taken.items()))
+    return taken
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
@@ -101,8 +102,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     device = torch.device(args.device)
 
     dataset = create_image_dataset(args.dataset, args.data_dir, args.split, limit=args.limit)
-    use_training_arguments(args)  # before the model: how it was built may be recorded
-    check_num_classes(args.num_classes, dataset)
+    recorded = use_training_arguments(args)  # before the model: how it was built may be recorded
+    check_num_classes(args.num_classes, dataset,
+                      'num_classes (recorded in the checkpoint)' if 'num_classes' in recorded else '--num-classes')
     model = model_from_args(args, num_classes=dataset_num_classes(dataset))
     input_config = resolve_input_config(model, vars(args))
     check_input_size(model, input_config['input_size'])

@@ -201,6 +201,23 @@ def test_freeze_schedule():
     assert int(layer.counter) == 5  # eval calls do not advance the schedule
 
 
+@pytest.mark.parametrize('device', ['cpu', pytest.param('cuda', marks=requires_cuda)])
+def test_frozen_step_takes_a_batch_too_small_for_statistics(device):
+    """A frozen step whitens with the running statistics, so a single sampled patch is enough;
+    a fresh one refuses it. Off CPU the layer reads the schedule's choice on the host for such
+    batches only (elsewhere it selects on the device, which computed the batch statistics and raised)."""
+    layer = FastDeconv(**dict(FREEZE_KWARGS, block=4)).to(device).train()
+    single = random_input((1, 4, 3, 3), seed=0, dtype=torch.float32).to(device)  # one sampled patch
+    with pytest.raises(ValueError, match='more than one sample'):
+        layer(single)  # call 1: fresh
+    for seed in range(4):
+        layer(random_input((2, 4, 6, 6), seed, torch.float32).to(device))  # calls 1..4: fresh
+    running = [layer.running_mean.clone(), layer.running_deconv.clone()]
+    layer(single)  # call 5: frozen
+    assert torch.equal(layer.running_mean, running[0]) and torch.equal(layer.running_deconv, running[1])
+    assert int(layer.counter) == 5
+
+
 def test_counter_is_saved_and_restored():
     layer = FastDeconv(**FREEZE_KWARGS)
     for seed in range(7):

@@ -837,6 +837,10 @@ def test_validate_takes_the_input_size_a_training_checkpoint_records(
     assert validate.main(argv + ['--img-size', '16'])['input_size'] == [3, 16, 16]  # the command line wins
     with pytest.raises(CheckpointMismatchError):  # a --model-kwargs given replaces the recorded ones
         validate.main(argv + ['--model-kwargs', 'drop_rate=0.1'])
+    few = tmp_path / 'few.pth.tar'
+    atomic_save(dict(state_dict=model.state_dict(), epoch=0, args=dict(num_classes=5)), str(few))
+    with pytest.raises(ModelArgumentsError, match=r'^num_classes \(recorded in the checkpoint\) 5: the dataset has 10'):
+        validate.main(['--model', 'resnet18_cifar', '--checkpoint', str(few), '--limit', '8'])
 
 
 def test_input_size_channels_build_the_model_in_train_and_validate(tmp_path: Path) -> None:

@@ -190,10 +190,9 @@ class FastDeconv(WhitenedWeightMixin, nn.Conv2d):
         with torch.autocast(device_type=x.device.type, enabled=False):
             recompute = in_backward_recompute()
             call = self._replayed_call() if recompute else self._new_call(x)
-            if call.frozen is not None and x.device.type == 'cpu' and not torch.compiler.is_compiling() \
-                    and bool(call.frozen):
-                # perf: on CPU the schedule costs nothing to read, so frozen steps skip the batch
-                # statistics, as the reference did (same result as the selection below).
+            if call.frozen is not None and self._reads_freeze_schedule(x) and bool(call.frozen):
+                # Frozen steps skip the batch statistics, as the reference did (same result as the
+                # selection below).
                 mean, deconv = call.running
             else:
                 mean, deconv = self._refreshed_statistics(x, call.reused_deconv)
@@ -217,6 +216,14 @@ class FastDeconv(WhitenedWeightMixin, nn.Conv2d):
                 if call is not _UNSCHEDULED and not torch.compiler.is_compiling():
                     self._calls.append(call)
             return self._fold_in(mean, deconv)
+
+    def _reads_freeze_schedule(self, x: Tensor) -> bool:
+        """Whether this call reads the freeze schedule's choice on the host: on CPU, where it costs
+        nothing, and wherever the batch is too small for statistics of its own (a frozen step
+        needs none, a fresh one raises). Elsewhere the read would be a host sync."""
+        if torch.compiler.is_compiling():
+            return False
+        return x.device.type == 'cpu' or self.samples_per_whitening(x.shape) < 2
 
     def _new_call(self, x: Tensor) -> _TrainingCall:
         """The choices of a training call: frozen or fresh statistics (the freeze schedule, which
