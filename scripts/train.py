@@ -320,15 +320,15 @@ def _train(args: argparse.Namespace, device: torch.device, primary: bool) -> Dic
     sampler = ResumableSampler(train_set, args.world_size, args.rank, shuffle=True, seed=args.seed,
                                drop_last=drop_last)
     # One blank image tells whether the model takes the input size, and how many images a training
-    # batch needs: a whitening needs two samples (fewer raise, as BatchNorm1d does for one value),
-    # too many for a batch of one image in Delinear or ChannelDeconv, and more where layers subsample
-    # small maps (SENet-18's SE gates: 10; synced layers, converted above, count every process'
-    # batch). A last batch short of that is dropped, as timm's loaders drop every incomplete one.
+    # batch needs: a whitening needs two samples and batch norm two values per channel (fewer raise),
+    # too many for a batch of one image in Delinear, ChannelDeconv or batch norm on 1x1 maps, and more
+    # where layers subsample small maps (SENet-18's SE gates: 10; synced layers, converted above, count
+    # every process' batch). A last batch short of that is dropped, as timm's loaders drop every incomplete one.
     min_batch, needing = check_input_size(model, input_config['input_size'])
     if args.batch_size < min_batch:
         build_parser().error(
             f'--batch-size {args.batch_size} is too small for {args.model} at input {input_config["input_size"]}: '
-            f'{needing} needs {min_batch} images per training batch (per process) for two samples in its whitening')
+            f'{needing} needs {min_batch} images per training batch (per process) for two samples in its statistics')
     drop_last_batch = drop_last or 0 < len(sampler) % args.batch_size < max(min_batch, 2)
     train_loader = create_data_loader(train_set, args.batch_size, sampler, workers, args.pin_mem,
                                       drop_last=drop_last_batch)

@@ -13,6 +13,7 @@ from torch.utils.checkpoint import checkpoint
 
 from deconv_zoo.layers import (
     ChannelDeconv, Delinear, FastDeconv, _stats, fast_deconv, freeze_whitening, isqrt_newton_schulz,
+    smallest_training_batch,
 )
 from oracle import OracleChannelDeconv, OracleDelinear, OracleFastDeconv, oracle_newton_schulz
 
@@ -485,6 +486,19 @@ def test_samples_per_whitening_tells_which_batches_train(make, shapes):
         except ValueError:
             trained = False
         assert trained == (layer.samples_per_whitening(torch.Size(shape)) >= 2), shape
+
+
+def test_smallest_training_batch_counts_batch_norm_values_per_channel():
+    """Batch norm needs two values per channel: on a 1x1 map two images (EfficientNet's SE gates, a
+    ResNet's last stage at small inputs), which the count missed, so train.py took a batch of one."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.BatchNorm2d(4), torch.nn.Flatten(), torch.nn.BatchNorm1d(4))
+    assert smallest_training_batch(model, (3, 5, 5)) == (2, '3')
+    model.train()
+    with pytest.raises(ValueError, match='Expected more than 1 value per channel'):
+        model(torch.randn(1, 3, 5, 5))
+    model(torch.randn(2, 3, 5, 5))
+    assert smallest_training_batch(model[:2], (3, 4, 4)) == (1, '')  # a 2x2 map: four values per channel
 
 
 def test_delinear_single_sample_of_several_chunks_trains():

@@ -511,6 +511,15 @@ def test_batches_too_small_for_a_whitening_are_refused_or_dropped(
     assert ('--batch-size 8 is too small for senet18_cifar_deconv at input (3, 8, 8): layer1.0.fc2 needs 10 images '
             'per training batch') in capsys.readouterr().err
     assert train.main(senet + ['--batch-size', '10', '--train-limit', '25'])['global_step'] == 2  # 10, 10, not 5
+    # Batch norm on 1x1 maps (the BN twin's last stage at 8x8) needs two images: a batch of one was
+    # BatchNorm's ValueError traceback at the first step, after the run folder.
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(['--model', 'resnet18_cifar', '--img-size', '8', '--batch-size', '1', '--train-limit', '4',
+                    '--output', str(tmp_path / 'bn')])
+    assert exit_info.value.code == 2
+    assert ('--batch-size 1 is too small for resnet18_cifar at input (3, 8, 8): layer4.0.bn1 needs 2 images '
+            'per training batch') in capsys.readouterr().err
+    assert not (tmp_path / 'bn').exists()
 
 
 def test_a_restart_after_a_kill_before_the_first_checkpoint_keeps_one_summary_row_per_epoch(

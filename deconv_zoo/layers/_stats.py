@@ -162,14 +162,16 @@ def freeze_whitening(module: torch.nn.Module, frozen: bool = True) -> torch.nn.M
 
 def smallest_training_batch(model: torch.nn.Module, input_size: Sequence[int]) -> Tuple[int, str]:
     """The fewest images of ``input_size`` (C, H, W) in a training batch of ``model`` that give every
-    whitening the two samples it needs (fewer raise a ValueError, as BatchNorm does for one value
-    per channel), and the name of the layer that needs the most ('' when one image is enough).
+    whitening the two samples it needs, and every batch norm two values per channel (fewer raise a
+    ValueError), and the name of the layer that needs the most ('' when one image is enough).
 
     Layers that subsample small maps need several images: a 1x1 FastDeconv takes every 9th pixel
-    of the batch (SENet-18's SE gates, on pooled 1x1 maps, one sample per 9 images). Read from the
-    layers' input shapes in one eval-mode forward of a blank image, which changes no state.
+    of the batch (SENet-18's SE gates, on pooled 1x1 maps, one sample per 9 images); batch norm on
+    1x1 maps (EfficientNet's SE gates, a ResNet's last stage at a small input) needs two images.
+    Read from the layers' input shapes in one eval-mode forward of a blank image, which changes no state.
     """
-    layers = {name: m for name, m in model.named_modules() if hasattr(m, 'samples_per_whitening')}
+    layers = {name: m for name, m in model.named_modules()
+              if hasattr(m, 'samples_per_whitening') or isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
     shapes = {}
 
     def record(name: str) -> Callable[[torch.nn.Module, Tuple[Tensor, ...]], None]:
@@ -191,11 +193,22 @@ def smallest_training_batch(model: torch.nn.Module, input_size: Sequence[int]) -
     smallest, needing = 1, ''
     for name, shape in shapes.items():
         batch = 1  # a few steps at most: past sh * sw images every layer has two samples
-        while layers[name].samples_per_whitening((batch, *shape[1:])) < 2:
+        while _samples_of(layers[name], torch.Size((batch, *shape[1:]))) < 2:
             batch += 1
         if batch > smallest:
             smallest, needing = batch, name
     return smallest, needing
+
+
+def _samples_of(layer: torch.nn.Module, x_shape: torch.Size) -> int:
+    """The samples of the batch statistics of a whitening or batch-norm layer for an input of ``x_shape``."""
+    if hasattr(layer, 'samples_per_whitening'):
+        return layer.samples_per_whitening(x_shape)
+    values = math.prod(x_shape) // x_shape[1] if len(x_shape) > 1 else x_shape[0]  # per channel
+    if isinstance(layer, torch.nn.SyncBatchNorm) and torch.distributed.is_available() \
+            and torch.distributed.is_initialized():
+        values *= torch.distributed.get_world_size(layer.process_group)  # it checks the global batch
+    return values
 
 
 class FoldCache:
