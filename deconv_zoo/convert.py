@@ -293,6 +293,13 @@ def deconv_state_dict_from_bn(
         weight = bn_state_dict[f'{bn_layer}.weight']
         bias = bn_state_dict.get(f'{bn_layer}.bias', weight.new_zeros(weight.shape[0]))
         used |= {f'{bn_layer}.weight', f'{bn_layer}.bias'}
+        source = bn_modules[bn_layer]
+        if isinstance(source, (FastDeconv, Delinear)):
+            # A whitening layer of the source (the Delinear head a zoo model built with deconv=False
+            # keeps): its eval function, folded, is a plain layer's.
+            mean, deconv = (bn_state_dict[f'{bn_layer}.{k}'].double() for k in ('running_mean', 'running_deconv'))
+            weight, bias = fold_layer_whitening(source, weight.double(), bias.double(), mean, deconv)
+            used |= {k for k in bn_state_dict if k.startswith(f'{bn_layer}.')}
         if bn_layer in folds:
             bn = folds[bn_layer]
             weight, bias = _fold_batchnorm(weight.double(), bias.double(), bn_state_dict, bn, bn_modules[bn].eps)
@@ -306,7 +313,7 @@ def deconv_state_dict_from_bn(
         state_dict[f'{deconv_layer}.weight'] = weight.reshape(weight.shape[0], -1, *kernel).to(target.weight.dtype)
         if target.bias is not None:
             state_dict[f'{deconv_layer}.bias'] = bias.to(target.bias.dtype)
-        elif bn_layer in folds or f'{bn_layer}.bias' in bn_state_dict:
+        elif bn_layer in folds or f'{bn_layer}.bias' in bn_state_dict or isinstance(source, (FastDeconv, Delinear)):
             raise CheckpointMismatchError(f'{deconv_layer} has no bias for the bias of {bn_layer} (or its BatchNorm).')
     for bn in kept_bns:
         kept = {k: v for k, v in bn_state_dict.items() if k.startswith(f'{bn}.')}

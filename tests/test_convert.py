@@ -170,6 +170,20 @@ def test_bn_model_converts_to_the_same_function(bn_model):
     assert_state_equal(from_state_dict, model.state_dict())
 
 
+@pytest.mark.parametrize('block_fc', [64, 0])
+def test_zoo_model_built_with_batch_norm_keeps_its_whitened_head(block_fc):
+    """deconv=False keeps the Delinear classifier: its running statistics were left over (an error
+    naming the very buffers the deconv model has), now its eval function is folded into the head."""
+    generator = torch.Generator().manual_seed(6)
+    bn_model = timm.create_model('resnet18_cifar_deconv', deconv=False, **SMALL)
+    bn_model.train()(torch.randn(8, 3, 32, 32, generator=generator))  # head statistics away from identity
+    bn_model.eval()
+    model = bn_to_deconv(bn_model, 'resnet18_cifar_deconv', **dict(SMALL, block_fc=block_fc))
+    image = torch.randn(2, 3, 32, 32, generator=generator)
+    with torch.no_grad():
+        assert_close(model(image), bn_model(image), rel=1e-4)
+
+
 def test_calibration_keeps_the_function_and_matches_train_mode(bn_model):
     generator = torch.Generator().manual_seed(4)
     batches = [torch.randn(4, 3, 32, 32, generator=generator) for _ in range(2)]
