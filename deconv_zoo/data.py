@@ -410,9 +410,7 @@ def set_image_transform(dataset: Dataset, input_config: Dict[str, Any], is_train
     if is_training and crop_padding > 0:
         from timm.data.transforms import str_to_interp_mode
 
-        # timm's 'random' (a mode drawn per image) belongs to its random-resized crop; this resize is
-        # a no-op at the dataset's own size, so it takes timm's default mode.
-        resize_interpolation = 'bilinear' if input_config['interpolation'] == 'random' else input_config['interpolation']
+        resize_interpolation = _fixed_interpolation(input_config['interpolation'])
         base.transform = transforms.Compose([
             to_mode,
             # To the input size first (a no-op for CIFAR at 32x32), as the eval transform does: the
@@ -425,8 +423,16 @@ def set_image_transform(dataset: Dataset, input_config: Dict[str, Any], is_train
         ])
         return
     config = {key: input_config[key] for key in ('input_size', 'interpolation', 'mean', 'std', 'crop_pct', 'crop_mode')}
+    if not is_training:
+        config['interpolation'] = _fixed_interpolation(config['interpolation'])
     transform = create_transform(**config, is_training=is_training, **(aug if is_training else {}))
     base.transform = transforms.Compose([to_mode, transform])
+
+
+def _fixed_interpolation(mode: str) -> str:
+    """timm's 'random' (a mode drawn per image) belongs to its random-resized crop, which alone takes
+    it; the other resizes (eval, the CIFAR crop's no-op one) take timm's default mode instead."""
+    return 'bilinear' if mode == 'random' else mode
 
 
 class ResumableSampler(DistributedSampler):
@@ -552,6 +558,8 @@ class SkipUnreadable(Dataset):
             except (RuntimeError, *_UNREADABLE) as error:
                 if isinstance(error, RuntimeError) and 'consecutive samples' not in str(error):
                     raise
+                if self._image_decodes(current):  # the transform failed, not the file: a bad argument or a bug
+                    raise
                 if self.substitute:
                     _logger.warning('unreadable image %s: %s; using the next image in its place',
                                     self._describe(current), error)
@@ -561,12 +569,36 @@ class SkipUnreadable(Dataset):
             raise RuntimeError(f'{attempts} consecutive unreadable images from {self._describe(index)} on')
         return None
 
+    def _base_sample(self, index: int) -> Tuple[Dataset, int]:
+        if isinstance(self.dataset, Subset):
+            return self.dataset.dataset, self.dataset.indices[index]
+        return self.dataset, index
+
     def _describe(self, index: int) -> str:
-        base, base_index = self.dataset, index
-        if isinstance(base, Subset):
-            base, base_index = base.dataset, base.indices[index]
+        base, base_index = self._base_sample(index)
         filename = getattr(base, 'filename', None)
         return str(filename(base_index)) if callable(filename) else f'#{index}'
+
+    def _image_decodes(self, index: int) -> bool:
+        """Whether the image file of sample ``index`` reads without error: then what failed was the
+        transform. Datasets without timm's reader (tensors in memory) have no file to fail."""
+        base, base_index = self._base_sample(index)
+        reader = getattr(base, 'reader', None)
+        if reader is None:
+            return True
+        try:
+            file, _ = reader[base_index]
+        except _UNREADABLE:
+            return False
+        try:
+            with Image.open(file) as image:
+                image.load()
+        except _UNREADABLE:
+            return False
+        finally:
+            if hasattr(file, 'close'):
+                file.close()
+        return True
 
 
 def collate_readable(batch: List[Optional[Any]]) -> Optional[Any]:

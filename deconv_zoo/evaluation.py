@@ -28,10 +28,10 @@ from .loading import (
 from .weights import CheckpointMismatchError, CorruptWeightsError
 
 __all__ = ['ModelArgumentsError', 'BAD_INPUT_ERRORS', 'run_script', 'number_in', 'positive_int', 'non_negative_int',
-           'non_negative_float', 'positive_float', 'probability', 'proper_fraction', 'file_to_write', 'json_object',
-           'ParseLiteralKwargs',
-           'create_model_with_weights', 'check_model_name', 'check_model_and_dataset', 'check_num_classes',
-           'check_input_size', 'training_arguments', 'is_unset', 'add_model_arguments', 'input_channels',
+           'non_negative_float', 'positive_float', 'probability', 'proper_fraction', 'crop_fraction', 'INTERPOLATIONS',
+           'file_to_write', 'json_object', 'ParseLiteralKwargs',
+           'create_model_with_weights', 'check_model_name', 'check_model_and_dataset', 'check_device',
+           'check_num_classes', 'check_input_size', 'training_arguments', 'is_unset', 'add_model_arguments', 'input_channels',
            'model_from_args', 'evaluate']
 
 # The arguments of a training run (scripts/train.py and timm's train.py record them alike) that
@@ -87,6 +87,9 @@ non_negative_float = number_in(float, 0)
 positive_float = number_in(float, 0, low_open=True)
 probability = number_in(float, 0, 1)
 proper_fraction = number_in(float, 0, 1, high_open=True)  # rates where 1 leaves nothing: dropout, smoothing
+crop_fraction = number_in(float, 0, 1, low_open=True)  # --crop-pct: the share of the resized image kept
+# The resize modes of timm's transforms (its train transform also takes 'random', one drawn per image).
+INTERPOLATIONS = ('nearest', 'bilinear', 'bicubic', 'box', 'hamming', 'lanczos')
 
 
 def file_to_write(path: str) -> str:
@@ -146,6 +149,9 @@ def create_model_with_weights(
         raise ModelArgumentsError(f'cannot create {model_name} (check --model-kwargs): {error}') from None
     if checkpoint:
         verify_weights_file(checkpoint)
+        if use_ema and not _holds_ema_weights(checkpoint):  # timm's loader would take the raw weights
+            raise CheckpointMismatchError(f'{checkpoint} holds no EMA weights (state_dict_ema or model_ema): '
+                                          f'leave out --use-ema')
         state_dict = load_state_dict(checkpoint, use_ema=use_ema)
         mismatch = compare_state_dict(state_dict, model.state_dict(), optional=optional_state_keys(model))
         if mismatch:
@@ -155,6 +161,17 @@ def create_model_with_weights(
         refuse_non_finite(state_dict, checkpoint)
         model.load_state_dict(state_dict)
     return model
+
+
+def _is_safetensors(path: str) -> bool:
+    return os.path.splitext(path)[1].lower() in ('.safetensors', '.sft')
+
+
+def _holds_ema_weights(checkpoint: str) -> bool:
+    if _is_safetensors(checkpoint):
+        return False
+    state = load_torch_checkpoint(checkpoint, mmap=True)
+    return isinstance(state, dict) and any(state.get(key) is not None for key in ('state_dict_ema', 'model_ema'))
 
 
 def check_model_name(model_name: str) -> None:
@@ -173,6 +190,17 @@ def check_model_and_dataset(parser: argparse.ArgumentParser, args: argparse.Name
         check_dataset(args.dataset, args.data_dir)
     except ValueError as error:  # ModelArgumentsError, DatasetError
         parser.error(str(error))
+
+
+def check_device(parser: argparse.ArgumentParser, device: str) -> None:
+    """``--device`` checked while parsing: torch's own errors (a CUDA device on a machine without
+    one: an AssertionError) came at the model's ``.to()``, after the datasets were read."""
+    try:
+        parsed = torch.device(device)
+    except RuntimeError as error:
+        parser.error(f'--device {device}: {error}')
+    if parsed.type == 'cuda' and (not torch.cuda.is_available() or (parsed.index or 0) >= torch.cuda.device_count()):
+        parser.error(f'--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s); use --device cpu')
 
 
 def check_num_classes(num_classes: Optional[int], dataset: Dataset, source: str = '--num-classes') -> None:
@@ -202,7 +230,7 @@ def training_arguments(checkpoint: str) -> Dict[str, Any]:
     """The class count, input channels, model kwargs, input size, normalisation, interpolation and
     crop arguments that the run which wrote a training checkpoint was given (those it set); {} for
     a safetensors file or a checkpoint that records no arguments."""
-    if os.path.splitext(checkpoint)[1].lower() in ('.safetensors', '.sft'):
+    if _is_safetensors(checkpoint):
         return {}
     state = load_torch_checkpoint(checkpoint, mmap=True)  # the weights are loaded with the model, later
     args = state.get('args') if isinstance(state, dict) else None
@@ -257,7 +285,8 @@ def evaluate(
 
     Returns top1/top5 (percent), loss (mean cross-entropy), num_images and img_per_sec (the
     whole loop, data loading included). Batches that are None (every image unreadable, see
-    ``data.collate_readable``) are skipped. With ``distributed`` the sums are reduced over the
+    ``data.collate_readable``) are skipped; a ``DatasetError`` when no image is left (a top-1 of 0
+    over no image would look like a result). With ``distributed`` the sums are reduced over the
     processes, so each image counts once when the loader shards without padding.
     """
     was_training = model.training
@@ -288,12 +317,13 @@ def evaluate(
     elapsed = time.perf_counter() - start
     model.train(was_training)
     loss_sum, top1, top5, count = totals.tolist()
+    if not count:
+        raise DatasetError(f'no image to evaluate: the {len(loader.dataset)} image(s) are unreadable (named above)')
     top1, top5 = round(top1), round(top5)  # undo the percent round trip: whole images
-    count_or_one = max(count, 1.0)
     return dict(
-        top1=100.0 * top1 / count_or_one,
-        top5=100.0 * top5 / count_or_one,
-        loss=loss_sum / count_or_one,
+        top1=100.0 * top1 / count,
+        top5=100.0 * top5 / count,
+        loss=loss_sum / count,
         num_images=int(count),
         img_per_sec=count / elapsed if elapsed > 0 else 0.0,
     )

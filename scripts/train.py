@@ -21,6 +21,7 @@ scripts/validate.py does).
 import argparse
 import json
 import logging
+import math
 import os
 from contextlib import nullcontext
 from functools import partial
@@ -33,7 +34,7 @@ from timm.data import Mixup
 from timm.loss import create_classification_loss
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
-from timm.utils import (ModelEmaV3, NativeScaler, get_outdir, init_distributed_device, random_seed,
+from timm.utils import (ModelEmaV3, NativeScaler, init_distributed_device, random_seed,
                         setup_default_logging, update_summary)
 
 import deconv_zoo  # noqa: F401  (registers the zoo's models with timm)
@@ -44,9 +45,9 @@ from deconv_zoo.data import (
 )
 from deconv_zoo.distributed import average_buffers, convert_sync_deconv
 from deconv_zoo.evaluation import (
-    ParseLiteralKwargs, check_input_size, check_model_and_dataset, check_num_classes, create_model_with_weights,
-    evaluate, input_channels, non_negative_float, non_negative_int, positive_float, positive_int, probability,
-    proper_fraction, run_script,
+    INTERPOLATIONS, ParseLiteralKwargs, check_device, check_input_size, check_model_and_dataset, check_num_classes,
+    create_model_with_weights, crop_fraction, evaluate, input_channels, non_negative_float, non_negative_int,
+    positive_float, positive_int, probability, proper_fraction, run_script,
 )
 from deconv_zoo.files import atomic_write_text
 from deconv_zoo.training import LAST, RECIPES, CheckpointManager, Trainer, TrainingStopped, TrainPosition, resolve_resume
@@ -99,8 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument('--pin-mem', action='store_true', help='pin loader memory (GPU)')
     group.add_argument('--mean', type=float, nargs='+', default=None, help='normalisation mean (default: model)')
     group.add_argument('--std', type=float, nargs='+', default=None, help='normalisation std (default: model)')
-    group.add_argument('--interpolation', default='', help='resize interpolation (default: model)')
-    group.add_argument('--crop-pct', type=float, default=None, help='eval centre-crop fraction (default: model)')
+    group.add_argument('--interpolation', default='', choices=('', *INTERPOLATIONS, 'random'),
+                       help='resize interpolation (default: model; random: one per training image, bilinear in eval)')
+    group.add_argument('--crop-pct', type=crop_fraction, default=None, help='eval centre-crop fraction (default: model)')
     group.add_argument('--batch-size', '-b', type=positive_int, help='batch size per process' + recipe_note)
     group.add_argument('--validation-batch-size', type=positive_int, default=None, help='default: --batch-size')
     group.add_argument('--drop-last', action='store_true',
@@ -116,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument('--color-jitter', type=non_negative_float, help='colour jitter strength' + recipe_note)
     group.add_argument('--aa', default=None, help='timm auto-augment policy, e.g. rand-m9-mstd0.5')
     group.add_argument('--reprob', type=probability, default=0.0, help='random erasing probability')
-    group.add_argument('--remode', default='pixel', help='random erasing mode')
+    group.add_argument('--remode', default='pixel', choices=('pixel', 'rand', 'const'), help='random erasing mode')
     group.add_argument('--recount', type=positive_int, default=1, help='random erasing count')
     group.add_argument('--mixup', type=non_negative_float, default=0.0, help='mixup alpha (>0 enables)')
     group.add_argument('--cutmix', type=non_negative_float, default=0.0, help='cutmix alpha (>0 enables)')
@@ -199,6 +201,14 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """What the arguments alone decide, checked before anything is loaded or written."""
     check_model_and_dataset(parser, args)
+    check_device(parser, args.device)
+    _check_augmentation(parser, args)
+    if args.compile and args.compile not in torch._dynamo.list_backends(exclude_tags=()):
+        parser.error(f'--compile {args.compile}: not a torch.compile backend here '
+                     f'(torch._dynamo.list_backends(): {", ".join(torch._dynamo.list_backends())})')
+    blocking = next((path for path in _ancestors(args.output) if os.path.exists(path) and not os.path.isdir(path)), None)
+    if blocking:
+        parser.error(f'--output {args.output}: {blocking} is a file, not a folder')
     if args.resume and args.resume != 'auto' and not os.path.isfile(args.resume):
         parser.error(f'--resume: no checkpoint at {args.resume!r}')
     if args.sync_bn and int(os.environ.get('WORLD_SIZE', 1)) > 1 and torch.device(args.device).type == 'cpu':
@@ -219,6 +229,31 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error(f'--sched {args.sched}: {error}')
 
 
+def _check_augmentation(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The random-resized-crop ranges and timm's augmentation options, which timm checks only when
+    it builds or first applies the transform (after the run folder is written)."""
+    for option, bounds, high in (('scale', args.scale, 1.0), ('ratio', args.ratio, math.inf)):
+        if bounds and not (0 < bounds[0] <= bounds[1] <= high):
+            allowed = '0 < MIN <= MAX <= 1' if high == 1 else '0 < MIN <= MAX'
+            parser.error(f'--{option} {bounds[0]:g} {bounds[1]:g}: need {allowed}')
+    if args.aa:
+        from timm.data import create_transform
+
+        try:
+            create_transform(32, is_training=True, auto_augment=args.aa)
+        except (AssertionError, ValueError, KeyError, IndexError) as error:
+            parser.error(f'--aa {args.aa}: not a timm auto-augment policy ({error or type(error).__name__})')
+
+
+def _ancestors(path: str) -> List[str]:
+    """``path`` and the folders above it, nearest first."""
+    path = os.path.abspath(path)
+    chain = [path]
+    while os.path.dirname(chain[-1]) != chain[-1]:
+        chain.append(os.path.dirname(chain[-1]))
+    return chain
+
+
 def create_optimizer(args: argparse.Namespace, model: nn.Module) -> torch.optim.Optimizer:
     """The optimizer the arguments describe, for ``model``."""
     return create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
@@ -236,15 +271,20 @@ def create_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer,
 def _run_folder(args: argparse.Namespace, primary: bool) -> str:
     """The run folder, decided on rank 0 and shared: the resumed checkpoint's folder for
     --resume PATH, <output>/<experiment> for --resume auto, else a fresh one (suffix -1, -2, ...
-    when that name already holds a checkpoint)."""
+    when that name already holds a checkpoint, as timm's ``get_outdir`` numbers them). Not created
+    here: a start that fails leaves no empty folder."""
     folder = None
     if primary:
         name = args.experiment or f'{args.model}-{os.path.basename(args.dataset.rstrip("/")) or "folder"}'
         if args.resume and args.resume != 'auto' and not args.experiment:
             folder = os.path.dirname(os.path.abspath(args.resume))
         else:
-            fresh = not args.resume and os.path.isfile(os.path.join(args.output, name, LAST))
-            folder = get_outdir(args.output, name, inc=fresh)
+            folder = os.path.join(args.output, name)
+            if not args.resume and os.path.isfile(os.path.join(folder, LAST)):
+                count = 1
+                while os.path.exists(f'{folder}-{count}'):
+                    count += 1
+                folder = f'{folder}-{count}'
     if args.distributed:
         shared = [folder]
         dist.broadcast_object_list(shared, src=0)
@@ -400,6 +440,10 @@ def _train(args: argparse.Namespace, device: torch.device, primary: bool) -> Dic
 
     tensorboard = None
     if primary:  # after the resume: a checkpoint that fails to load leaves the run's record as it was
+        try:
+            os.makedirs(run_folder, exist_ok=True)
+        except OSError as error:
+            build_parser().error(f'--output {args.output}: cannot create the run folder {run_folder} ({error})')
         atomic_write_text(os.path.join(run_folder, 'args.json'), json.dumps(vars(args), indent=2, default=str))
         if args.log_tensorboard:
             from torch.utils.tensorboard import SummaryWriter

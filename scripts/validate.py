@@ -28,12 +28,13 @@ from timm.utils import setup_default_logging
 
 import deconv_zoo  # noqa: F401  (registers the zoo's models with timm)
 from deconv_zoo.data import (
-    DIGITS, SPLITS, DatasetError, ShardSampler, SkipUnreadable, collate_readable, create_data_loader,
+    DIGITS, SPLITS, ShardSampler, SkipUnreadable, collate_readable, create_data_loader,
     create_image_dataset, dataset_num_classes, resolve_input_config, set_image_transform,
 )
 from deconv_zoo.evaluation import (
-    add_model_arguments, check_input_size, check_model_and_dataset, check_num_classes, evaluate, file_to_write,
-    is_unset, model_from_args, non_negative_int, positive_int, run_script, training_arguments,
+    INTERPOLATIONS, add_model_arguments, check_device, check_input_size, check_model_and_dataset, check_num_classes,
+    crop_fraction, evaluate, file_to_write, is_unset, model_from_args, non_negative_int, positive_int, run_script,
+    training_arguments,
 )
 from deconv_zoo.files import atomic_write_text
 from deconv_zoo.loading import file_sha256
@@ -51,8 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help='full input size')
     parser.add_argument('--mean', type=float, nargs='+', default=None, help='normalisation mean (default: model)')
     parser.add_argument('--std', type=float, nargs='+', default=None, help='normalisation std (default: model)')
-    parser.add_argument('--interpolation', default='', help='resize interpolation (default: model)')
-    parser.add_argument('--crop-pct', type=float, default=None, help='centre-crop fraction (default: model)')
+    parser.add_argument('--interpolation', default='', choices=('', *INTERPOLATIONS),
+                        help='resize interpolation (default: model)')
+    parser.add_argument('--crop-pct', type=crop_fraction, default=None, help='centre-crop fraction (default: model)')
     parser.add_argument('--dataset', default=DIGITS,
                         help='digits (embedded), folder (ImageNet layout in --data-dir) or a timm dataset '
                              'read from a local copy, e.g. torch/cifar10')
@@ -84,7 +86,9 @@ def use_training_arguments(args: argparse.Namespace) -> Dict[str, Any]:
     recorded = training_arguments(args.checkpoint) if args.checkpoint else {}
     if args.img_size is not None or args.input_size is not None:
         recorded.pop('img_size', None)
-        recorded.pop('input_size', None)
+        input_size = recorded.pop('input_size', None)
+        if input_size and args.input_size is None:  # --img-size changes the size, not the channels
+            recorded.setdefault('in_chans', input_size[0])
     taken = {key: value for key, value in recorded.items() if is_unset(getattr(args, key))}
     if taken:
         vars(args).update(taken)
@@ -98,6 +102,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     parser = build_parser()
     args = parser.parse_args(argv)
     check_model_and_dataset(parser, args)
+    check_device(parser, args.device)
     setup_default_logging()
     device = torch.device(args.device)
 
@@ -119,9 +124,6 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     amp_dtype = torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16
     amp_autocast = partial(torch.autocast, device_type=device.type, dtype=amp_dtype) if args.amp else nullcontext
     metrics = evaluate(model, loader, device, amp_autocast, args.channels_last)
-    if not metrics['num_images']:  # top-1 0.0 over no image would look like a result
-        raise DatasetError(f'no image to evaluate: the {len(dataset)} image(s) of {args.dataset} {args.split} are '
-                           f'unreadable (named above)')
 
     architecture = args.model.split('.', 1)[0]
     results = dict(

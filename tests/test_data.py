@@ -142,6 +142,21 @@ def test_unreadable_training_images_are_replaced_by_the_next_one(tmp_path: Path)
         SkipUnreadable(dataset, substitute=True, max_substitutes=1)[1]
 
 
+def test_a_failing_transform_is_raised_not_taken_for_an_unreadable_image(tmp_path: Path) -> None:
+    """A transform's ValueError (a random-resized crop with a negative ratio: 'math domain error')
+    was caught as an unreadable file: every image replaced, then '37 consecutive unreadable images'."""
+    _save_images(tmp_path / 'train' / 'cat', [np.full((4, 4, 3), value, np.uint8) for value in (0, 100)])
+    dataset = create_image_dataset('folder', str(tmp_path), 'train')
+
+    def failing(image):
+        raise ValueError('math domain error')
+
+    dataset.transform = failing
+    for readable in (SkipUnreadable(dataset, substitute=True), SkipUnreadable(dataset)):
+        with pytest.raises(ValueError, match='math domain error'):
+            readable[0]
+
+
 def test_sixteen_bit_greyscale_images_are_scaled_not_clipped(tmp_path: Path) -> None:
     """A 16-bit greyscale PNG (medical and scientific images) went through PIL's conversion to RGB,
     which clips at 255: every pixel above 255 of 65535 came out white. It is now scaled to 8 bits."""

@@ -431,6 +431,20 @@ def test_resume_with_another_model_is_a_one_line_error_that_keeps_args_json(tmp_
     ('validate', ['--limit', '0'], 'argument --limit: must be at least 1, not 0'),
     ('validate', ['--img-size', '0'], 'argument --img-size: must be at least 1, not 0'),
     ('validate', ['--split', 'bogus'], "argument --split: invalid choice: 'bogus'"),
+    # Were tracebacks (KeyError, AssertionError, dynamo's InvalidBackend), or a crop that emptied every
+    # validation image: reported as unreadable images and a top-1 of 0 from none.
+    ('train', ['--crop-pct', '-1'], 'argument --crop-pct: must be in (0, 1], not -1'),
+    ('validate', ['--crop-pct', '0'], 'argument --crop-pct: must be in (0, 1], not 0'),
+    ('train', ['--interpolation', 'foo'], "argument --interpolation: invalid choice: 'foo'"),
+    ('validate', ['--interpolation', 'random'], "argument --interpolation: invalid choice: 'random'"),
+    ('train', ['--scale', '0.9', '0.1'], '--scale 0.9 0.1: need 0 < MIN <= MAX <= 1'),
+    ('train', ['--ratio', '-1', '1'], '--ratio -1 1: need 0 < MIN <= MAX'),
+    ('train', ['--aa', 'garbage'], '--aa garbage: not a timm auto-augment policy (Unknown AA policy garbage)'),
+    ('train', ['--remode', 'garbage'], "argument --remode: invalid choice: 'garbage'"),
+    ('train', ['--compile', 'nosuchbackend'], '--compile nosuchbackend: not a torch.compile backend here'),
+    pytest.param('validate', ['--device', 'cuda'], '--device cuda: this machine has 0 CUDA device(s)',
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason='has a CUDA device')),
+    ('train', ['--device', 'nodevice'], '--device nodevice: '),
 ])
 def test_bad_arguments_are_argparse_errors(script: str, argv: List[str], message: str,
                                            capsys: pytest.CaptureFixture) -> None:
@@ -438,6 +452,23 @@ def test_bad_arguments_are_argparse_errors(script: str, argv: List[str], message
     with pytest.raises(SystemExit) as exit_info:
         load_script(script).main(argv)
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_failed_starts_leave_no_run_folder(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The run folder was created before the checks that follow the model (here a --resume of another
+    model's checkpoint): a failed start left it empty. An --output that cannot hold it is an argparse error."""
+    checkpoint = tmp_path / 'other.pth.tar'
+    atomic_save(dict(arch='resnet18_cifar_deconv', state_dict={}, optimizer={}, epoch=1, step_in_epoch=0,
+                     global_step=2, rng=[]), str(checkpoint))
+    train = load_script('train')
+    with pytest.raises(CheckpointMismatchError, match='checkpoint is for resnet18_cifar_deconv, not resnet18_cifar'):
+        train.main(['--model', 'resnet18_cifar', '--img-size', '8', '--resume', str(checkpoint),
+                    '--output', str(tmp_path / 'out'), '--experiment', 'x'])
+    assert not (tmp_path / 'out').exists()
+    (tmp_path / 'file').write_text('')
+    with pytest.raises(SystemExit):
+        train.main(['--output', str(tmp_path / 'file' / 'runs')])
+    assert f'--output {tmp_path / "file" / "runs"}: {tmp_path / "file"} is a file, not a folder' in capsys.readouterr().err
 
 
 def test_dataset_folder_errors_are_one_line(tmp_path: Path) -> None:
@@ -769,6 +800,19 @@ def test_train_names_unreadable_images_and_validates_without_them(
     assert 'validation: 1 unreadable image(s) skipped' in caplog.text
 
 
+def test_evaluate_refuses_a_loader_without_a_readable_image() -> None:
+    """train.py's validation (a crop that emptied every image, all skipped as unreadable) logged
+    val_top1 0.00 over no image and kept it as the best checkpoint's metric."""
+    from torch.utils.data import DataLoader
+
+    from deconv_zoo.data import collate_readable
+    from deconv_zoo.evaluation import evaluate
+
+    loader = DataLoader([None, None, None], batch_size=2, collate_fn=collate_readable)
+    with pytest.raises(DatasetError, match=r'no image to evaluate: the 3 image\(s\) are unreadable'):
+        evaluate(torch.nn.Linear(2, 2), loader, torch.device('cpu'))
+
+
 def test_validate_refuses_a_dataset_with_no_readable_image(tmp_path: Path) -> None:
     """Reported top-1 0.0 over 0 images, exit status 0, and wrote that to --results-file (which the
     publishing script reads); an empty folder was timm's RuntimeError traceback."""
@@ -778,7 +822,7 @@ def test_validate_refuses_a_dataset_with_no_readable_image(tmp_path: Path) -> No
     validate = load_script('validate')
     argv = ['--model', 'resnet18_cifar', '--img-size', '8', '--workers', '0', '--dataset', 'folder',
             '--results-file', str(tmp_path / 'results.json')]
-    unreadable = r'no image to evaluate: the 1 image\(s\) of folder validation are unreadable'
+    unreadable = r'no image to evaluate: the 1 image\(s\) are unreadable'
     with pytest.raises(DatasetError, match=unreadable):
         validate.main(argv + ['--data-dir', str(tmp_path)])
     with pytest.raises(DatasetNotFoundError, match=r"dataset 'folder': Found 0 images in subfolders of"):
@@ -868,6 +912,13 @@ def test_input_size_channels_build_the_model_in_train_and_validate(tmp_path: Pat
         '--model', 'resnet18_cifar_deconv', '--checkpoint', str(Path(result['run_folder']) / LAST), '--limit', '16',
         '--workers', '0'])
     assert validated['input_size'] == [1, 8, 8]
+    resized = load_script('validate').main([  # the recorded channels stay (a 3-channel model did not fit)
+        '--model', 'resnet18_cifar_deconv', '--checkpoint', str(Path(result['run_folder']) / LAST), '--limit', '16',
+        '--workers', '0', '--img-size', '16'])
+    assert resized['input_size'] == [1, 16, 16]
+    with pytest.raises(CheckpointMismatchError, match='holds no EMA weights'):  # the raw weights were scored
+        load_script('validate').main(['--model', 'resnet18_cifar_deconv', '--checkpoint',
+                                      str(Path(result['run_folder']) / LAST), '--limit', '16', '--use-ema'])
     safetensors = tmp_path / 'grey.safetensors'
     save_file(timm.create_model('resnet18_cifar', in_chans=1).state_dict(), str(safetensors))
     assert load_script('validate').main(['--model', 'resnet18_cifar', '--checkpoint', str(safetensors),
