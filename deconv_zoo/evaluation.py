@@ -31,8 +31,8 @@ __all__ = ['ModelArgumentsError', 'BAD_INPUT_ERRORS', 'run_script', 'number_in',
            'non_negative_float', 'positive_float', 'probability', 'proper_fraction', 'crop_fraction', 'INTERPOLATIONS',
            'file_to_write', 'json_object', 'ParseLiteralKwargs',
            'create_model_with_weights', 'check_model_name', 'check_model_and_dataset', 'check_device',
-           'check_num_classes', 'check_input_size', 'training_arguments', 'is_unset', 'add_model_arguments', 'input_channels',
-           'model_from_args', 'evaluate']
+           'check_num_classes', 'check_input_size', 'training_arguments', 'is_unset', 'add_model_arguments',
+           'input_channels', 'model_from_args', 'evaluate']
 
 # The arguments of a training run (scripts/train.py and timm's train.py record them alike) that
 # evaluating its checkpoint needs: what the model was built with, and the data config.
@@ -200,7 +200,8 @@ def check_device(parser: argparse.ArgumentParser, device: str) -> None:
     except RuntimeError as error:
         parser.error(f'--device {device}: {error}')
     if parsed.type == 'cuda' and (not torch.cuda.is_available() or (parsed.index or 0) >= torch.cuda.device_count()):
-        parser.error(f'--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s); use --device cpu')
+        parser.error(f'--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s); '
+                     f'use --device cpu')
 
 
 def check_num_classes(num_classes: Optional[int], dataset: Dataset, source: str = '--num-classes') -> None:

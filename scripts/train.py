@@ -102,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument('--std', type=float, nargs='+', default=None, help='normalisation std (default: model)')
     group.add_argument('--interpolation', default='', choices=('', *INTERPOLATIONS, 'random'),
                        help='resize interpolation (default: model; random: one per training image, bilinear in eval)')
-    group.add_argument('--crop-pct', type=crop_fraction, default=None, help='eval centre-crop fraction (default: model)')
+    group.add_argument('--crop-pct', type=crop_fraction, default=None,
+                       help='eval centre-crop fraction (default: model)')
     group.add_argument('--batch-size', '-b', type=positive_int, help='batch size per process' + recipe_note)
     group.add_argument('--validation-batch-size', type=positive_int, default=None, help='default: --batch-size')
     group.add_argument('--drop-last', action='store_true',
@@ -206,7 +207,7 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
     if args.compile and args.compile not in torch._dynamo.list_backends(exclude_tags=()):
         parser.error(f'--compile {args.compile}: not a torch.compile backend here '
                      f'(torch._dynamo.list_backends(): {", ".join(torch._dynamo.list_backends())})')
-    blocking = next((path for path in _ancestors(args.output) if os.path.exists(path) and not os.path.isdir(path)), None)
+    blocking = next((p for p in _ancestors(args.output) if os.path.exists(p) and not os.path.isdir(p)), None)
     if blocking:
         parser.error(f'--output {args.output}: {blocking} is a file, not a folder')
     if args.resume and args.resume != 'auto' and not os.path.isfile(args.resume):
