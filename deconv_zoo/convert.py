@@ -41,7 +41,8 @@ from .deploy import fold_layer_whitening, folded_weight_and_bias
 from .evaluation import ModelArgumentsError, create_model_with_weights
 from .layers import ChannelDeconv, Delinear, FastDeconv
 from .loading import (
-    compare_state_dict, load_torch_checkpoint, optional_state_keys, refuse_non_finite, verify_weights_file,
+    compare_state_dict, is_safetensors_path, load_torch_checkpoint, optional_state_keys, refuse_non_finite,
+    verify_weights_file,
 )
 from .weights import CheckpointMismatchError
 
@@ -59,7 +60,7 @@ Checkpoint = Union[str, os.PathLike, Mapping[str, Any]]
 def read_checkpoint(path: Union[str, os.PathLike]) -> Mapping[str, Any]:
     """A checkpoint file's content (safetensors or torch), after checking the file is intact."""
     path = os.fspath(path)
-    if not path.endswith('.safetensors'):
+    if not is_safetensors_path(path):
         return load_torch_checkpoint(path)  # checks the file itself
     verify_weights_file(path)
     return load_file(path)

@@ -23,13 +23,14 @@ from torch.utils.data import DataLoader, Dataset
 from .data import DatasetError, DatasetNotFoundError, check_dataset, dataset_num_classes
 from .layers import smallest_training_batch
 from .loading import (
-    compare_state_dict, load_torch_checkpoint, optional_state_keys, refuse_non_finite, verify_weights_file,
+    compare_state_dict, is_safetensors_path, load_torch_checkpoint, optional_state_keys, refuse_non_finite,
+    verify_weights_file,
 )
 from .weights import CheckpointMismatchError, CorruptWeightsError
 
 __all__ = ['ModelArgumentsError', 'BAD_INPUT_ERRORS', 'run_script', 'number_in', 'positive_int', 'non_negative_int',
            'non_negative_float', 'positive_float', 'probability', 'proper_fraction', 'crop_fraction', 'INTERPOLATIONS',
-           'file_to_write', 'json_object', 'ParseLiteralKwargs',
+           'file_to_write', 'folder_to_write', 'json_object', 'ParseLiteralKwargs',
            'create_model_with_weights', 'check_model_name', 'check_model_and_dataset', 'check_device',
            'check_num_classes', 'check_input_size', 'training_arguments', 'is_unset', 'add_model_arguments',
            'input_channels', 'model_from_args', 'evaluate']
@@ -100,6 +101,24 @@ def file_to_write(path: str) -> str:
     return path
 
 
+def folder_to_write(path: str) -> str:
+    """argparse type: a folder the script will create or fill; none of it or the folders above it
+    may be a file (checked at parse time: otherwise ``os.makedirs`` fails after all the work)."""
+    blocking = next((p for p in _ancestors(path) if os.path.exists(p) and not os.path.isdir(p)), None)
+    if blocking:
+        raise argparse.ArgumentTypeError(f'{blocking} is a file, not a folder')
+    return path
+
+
+def _ancestors(path: str) -> List[str]:
+    """``path`` and the folders above it, nearest first."""
+    path = os.path.abspath(path)
+    chain = [path]
+    while os.path.dirname(chain[-1]) != chain[-1]:
+        chain.append(os.path.dirname(chain[-1]))
+    return chain
+
+
 def json_object(text: str) -> Dict[str, Any]:
     """argparse type: a JSON object (keyword arguments or settings by name); a list or number would
     fail later as ``**kwargs`` or at the first ``.items()``."""
@@ -163,12 +182,8 @@ def create_model_with_weights(
     return model
 
 
-def _is_safetensors(path: str) -> bool:
-    return os.path.splitext(path)[1].lower() in ('.safetensors', '.sft')
-
-
 def _holds_ema_weights(checkpoint: str) -> bool:
-    if _is_safetensors(checkpoint):
+    if is_safetensors_path(checkpoint):
         return False
     state = load_torch_checkpoint(checkpoint, mmap=True)
     return isinstance(state, dict) and any(state.get(key) is not None for key in ('state_dict_ema', 'model_ema'))
@@ -231,7 +246,7 @@ def training_arguments(checkpoint: str) -> Dict[str, Any]:
     """The class count, input channels, model kwargs, input size, normalisation, interpolation and
     crop arguments that the run which wrote a training checkpoint was given (those it set); {} for
     a safetensors file or a checkpoint that records no arguments."""
-    if _is_safetensors(checkpoint):
+    if is_safetensors_path(checkpoint):
         return {}
     state = load_torch_checkpoint(checkpoint, mmap=True)  # the weights are loaded with the model, later
     args = state.get('args') if isinstance(state, dict) else None

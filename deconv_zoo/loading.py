@@ -21,6 +21,7 @@ import hashlib
 import logging
 import os
 import pickle
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,8 +34,10 @@ from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 from safetensors import SafetensorError, safe_open
 from timm.models import _factory as timm_factory
-from timm.models import get_model_traits
+from timm.models import get_model_traits, get_pretrained_cfg_value
+from timm.models import load_state_dict as timm_load_state_dict
 from timm.models._builder import resolve_pretrained_cfg
+from timm.models import _hub as timm_hub
 from timm.models._hub import download_cached_file, hf_split
 from torch import Tensor
 
@@ -45,7 +48,7 @@ from .weights import (
 )
 
 __all__ = ['resolve_pretrained_source', 'fetch_hub_weights', 'verify_weights_file', 'load_torch_checkpoint',
-           'file_sha256', 'filter_pretrained_state_dict', 'StateDictMismatch', 'compare_state_dict',
+           'file_sha256', 'is_safetensors_path', 'filter_pretrained_state_dict', 'StateDictMismatch', 'compare_state_dict',
            'optional_state_keys', 'non_finite_names', 'refuse_non_finite', 'gray_whitening',
            'install_timm_checks']
 
@@ -53,9 +56,6 @@ _logger = logging.getLogger(__name__)
 
 # timm's fallback order for a Hub repo without an explicit file name.
 HUB_WEIGHT_FILES = ('model.safetensors', 'pytorch_model.bin')
-
-# Names of the weight files timm may load from a local-dir: folder.
-WEIGHT_FILE_SUFFIXES = ('.safetensors', '.pth', '.pth.tar', '.pt', '.bin')
 
 # torch.save's legacy (pre-zip) format opens with this pickled magic number (protocol 2; later
 # protocols frame it a few bytes further in).
@@ -81,13 +81,16 @@ def resolve_pretrained_source(variant: str, org: Optional[str], kwargs: Dict[str
     if hub_org(org) and cfg.source not in ('hf-hub', 'local-dir') and 'hf_hub_id' not in overlay:
         overlay['hf_hub_id'] = hub_repo_id(name, org)
         cfg = dataclasses.replace(cfg, hf_hub_id=overlay['hf_hub_id'])
+    if not cfg.classifier:
+        # A hand-written config.json may omit it; timm then loads strictly and a new num_classes
+        # fails on the classifier keys that filter_pretrained_state_dict leaves out.
+        overlay['classifier'] = get_pretrained_cfg_value(variant, 'classifier')
 
     from_hub = cfg.source == 'hf-hub'
     if cfg.source == 'local-dir':
-        # timm picks the folder's file itself (by name, then by extension): check every candidate.
-        for path in sorted(Path(cfg.file).glob('*')):
-            if path.is_file() and path.name.endswith(WEIGHT_FILE_SUFFIXES):
-                verify_weights_file(str(path))
+        path = _local_dir_weights_file(Path(cfg.file))
+        if path is not None:  # else timm names the folder without weights
+            verify_weights_file(str(path))
     elif not from_hub and cfg.state_dict is not None:
         pass  # an in-memory state dict
     elif not from_hub and cfg.file:
@@ -110,6 +113,21 @@ def resolve_pretrained_source(variant: str, org: Optional[str], kwargs: Dict[str
             f"or timm.create_model('{name}', checkpoint_path='checkpoint.pth.tar'); weights you pushed to the Hub "
             f"load with {HUB_ORG_ENV}=<your-org> or hub_org='<your-org>' (repo <your-org>/{name}).")
     return dict(kwargs, pretrained_cfg_overlay=overlay)
+
+
+def _local_dir_weights_file(folder: Path) -> Optional[Path]:
+    """The file timm's ``local-dir:`` loader reads from ``folder``: the first of its preferred
+    names, else the first file (by name) of the first extension that has one. Other files in the
+    folder (a pickled training_args.bin, a backup) are none of the model's business. The order is
+    timm's own (private names; a timm without them is left to its own errors)."""
+    for name in getattr(timm_hub, '_PREFERRED_FILES', ()):
+        if (folder / name).exists():
+            return folder / name
+    for extension in getattr(timm_hub, '_EXT_PRIORITY', ()):
+        files = sorted(folder.glob(f'*{extension}'))
+        if files:
+            return files[0]
+    return None
 
 
 def _listed_sha256(hf_hub_id: str) -> Optional[str]:
@@ -143,14 +161,24 @@ def _explain_config_cache_misses(load_config: Callable) -> Callable:
 def _check_zoo_checkpoints(load_checkpoint: Callable) -> Callable:
     """Wrap timm's loader of ``create_model(..., checkpoint_path=...)`` so that a zoo model gets
     the checks of its pretrained weights: a missing or corrupt file raises ``CorruptWeightsError``
-    naming it (timm: an empty FileNotFoundError, or pickle internals) and NaN or inf values are
-    refused (timm loads them). timm's own models keep timm's behaviour."""
+    naming it (timm: an empty FileNotFoundError, or pickle internals), NaN or inf values are
+    refused (timm loads them), and keys that do not fit raise ``CheckpointMismatchError`` listing
+    them with the conversions to try (timm: torch's list of every key). timm's own models keep
+    timm's behaviour. Like timm, a training checkpoint's EMA weights are the ones loaded."""
     @functools.wraps(load_checkpoint)
     def checked_load_checkpoint(model: nn.Module, checkpoint_path: str, *args: Any, **kwargs: Any) -> Any:
         if not type(model).__module__.startswith(__package__ + '.'):
             return load_checkpoint(model, checkpoint_path, *args, **kwargs)
         verify_weights_file(checkpoint_path)
-        incompatible = load_checkpoint(model, checkpoint_path, *args, **kwargs)
+        try:
+            incompatible = load_checkpoint(model, checkpoint_path, *args, **kwargs)
+        except RuntimeError as e:
+            if 'Error(s) in loading state_dict' not in str(e):
+                raise
+            mismatch = compare_state_dict(timm_load_state_dict(checkpoint_path), model.state_dict(),
+                                          optional=optional_state_keys(model))
+            name = _tagged_name(model.pretrained_cfg['architecture'], model.pretrained_cfg.get('tag'))
+            raise _does_not_fit(f'The weights of {checkpoint_path}', name, mismatch) from e
         refuse_non_finite(model.state_dict(), checkpoint_path)
         return incompatible
     checked_load_checkpoint.__wrapped_by_deconv_zoo__ = True
@@ -177,7 +205,10 @@ def fetch_hub_weights(hf_hub_id: str, filename: Optional[str] = None, cache_dir:
     not_cached = []
     for candidate in candidates:
         try:
-            return hf_hub_download(repo_id, candidate, revision=revision, cache_dir=cache_dir)
+            # Once the Hub proved unreachable, the other names are looked up in the cache only
+            # (each online attempt retries for several seconds).
+            return hf_hub_download(repo_id, candidate, revision=revision, cache_dir=cache_dir,
+                                   local_files_only=bool(not_cached))
         except LocalEntryNotFoundError:  # offline / unreachable, and not cached (subclass: test it first)
             not_cached.append(candidate)
         except EntryNotFoundError:  # the Hub says the repo has no such file: try the next name
@@ -199,10 +230,11 @@ def file_sha256(path: str) -> str:
 def verify_weights_file(path: str, expected_sha256: Optional[str] = None, repo_id: Optional[str] = None) -> None:
     """Check that a weights file exists, is intact, and (if given) has the listed sha256.
 
-    safetensors files are checked through their header (which covers the data size); zip-format
-    torch files through their central directory. Both checks read no tensor data. Legacy-format
-    torch files (the authors' 2019 checkpoints) have no index to check: they are read once in full
-    (a caller that loads the file anyway should call ``load_torch_checkpoint`` instead).
+    safetensors files are checked through their header (which covers the data size, not the bytes:
+    the format has no checksum, the listed sha256 is the only check of published data); zip-format
+    torch files through their entries' CRC-32 checksums (one read of the file). Legacy-format torch
+    files (the authors' 2019 checkpoints) have no checksum: they are read once in full (a caller
+    that loads the file anyway should call ``load_torch_checkpoint`` instead).
     """
     _require_file(path)
     if expected_sha256 is not None:
@@ -213,7 +245,7 @@ def verify_weights_file(path: str, expected_sha256: Optional[str] = None, repo_i
                 f"for '{repo_id}': the file is corrupt or not the published version. Delete it from the cache "
                 f"(`hf cache delete`) and download again; to load it anyway, pass "
                 f"pretrained_cfg_overlay=dict(file='{path}').")
-    if path.endswith('.safetensors'):
+    if is_safetensors_path(path):
         try:
             with safe_open(path, framework='pt'):
                 pass
@@ -223,9 +255,16 @@ def verify_weights_file(path: str, expected_sha256: Optional[str] = None, repo_i
         load_torch_checkpoint(path)
 
 
+def is_safetensors_path(path: str) -> bool:
+    """Whether timm reads ``path`` as safetensors (its test: the name ends with .safetensors)."""
+    return str(path).endswith('.safetensors')
+
+
 def _require_file(path: str) -> None:
     if not os.path.isfile(path):
         raise CorruptWeightsError(f'Pretrained weights file not found: {path}')
+    if os.path.getsize(path) == 0:
+        raise CorruptWeightsError(f'{path} is empty (0 bytes): an interrupted download or copy?')
 
 
 def _torch_file_format(path: str) -> str:
@@ -234,12 +273,29 @@ def _torch_file_format(path: str) -> str:
     with open(path, 'rb') as f:
         head = f.read(32)
     if head.startswith(b'PK\x03\x04'):
-        if not zipfile.is_zipfile(path):
-            raise CorruptWeightsError(f'{path} is a truncated or corrupt torch checkpoint (broken zip archive).')
+        _check_zip_archive(path)
         return 'zip'
     if _LEGACY_TORCH_MAGIC in head:
         return 'legacy'
+    if head[8:9] == b'{':  # safetensors: an 8-byte header length, then the JSON header
+        raise CorruptWeightsError(f"{path} holds safetensors data under a torch checkpoint's name: rename it to "
+                                  f"{Path(path).stem}.safetensors (timm chooses the reader by the name).")
     raise CorruptWeightsError(f'{path} is not a weights file: neither safetensors nor a torch checkpoint.')
+
+
+def _check_zip_archive(path: str) -> None:
+    """A zip-format torch file whose archive is broken or one of whose entries fails its CRC-32
+    (torch.load reads damaged tensor bytes without a word)."""
+    if not zipfile.is_zipfile(path):
+        raise CorruptWeightsError(f'{path} is a truncated or corrupt torch checkpoint (broken zip archive).')
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
+        raise CorruptWeightsError(f'{path} is a truncated or corrupt torch checkpoint ({e}).') from e
+    if damaged is not None:
+        raise CorruptWeightsError(f'{path} is a corrupt torch checkpoint: its entry {damaged} fails its CRC-32 '
+                                  f'check (damaged on disk or in transfer).')
 
 
 def load_torch_checkpoint(path: str, mmap: bool = False) -> Any:
@@ -253,7 +309,7 @@ def load_torch_checkpoint(path: str, mmap: bool = False) -> Any:
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location='cpu', weights_only=True, mmap=mmap and file_format == 'zip')
-    except (EOFError, RuntimeError, pickle.UnpicklingError) as e:
+    except (EOFError, RuntimeError, pickle.UnpicklingError, UnicodeDecodeError, ValueError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CorruptWeightsError(
             f'{path} could not be read as a torch checkpoint: it is truncated or corrupt, or holds objects other '
@@ -274,6 +330,14 @@ def refuse_non_finite(state_dict: Mapping[str, Tensor], source: str) -> None:
         raise CorruptWeightsError(
             f"Weights from {source} hold NaN or inf values in {len(non_finite)} tensors: {_listed(non_finite)}. "
             f"Were they saved from a run that diverged? Load an earlier checkpoint.")
+
+
+def _does_not_fit(what: str, name: str, mismatch: 'StateDictMismatch') -> CheckpointMismatchError:
+    return CheckpointMismatchError(
+        f"{what} do not fit {name}:\n{mismatch.describe()}\n"
+        f"Is this a checkpoint of another architecture or configuration (deconv vs. BN twin, block_fc, "
+        f"num_classes)? Batch-norm weights convert with deconv_zoo.convert.bn_to_deconv; the authors' "
+        f"checkpoints with deconv_zoo.convert.convert_reference_checkpoint.")
 
 
 def _listed(keys: List[str], limit: int = 10) -> str:
@@ -378,12 +442,15 @@ def _as_list(names: Any) -> List[str]:
     return [names] if isinstance(names, str) else list(names)
 
 
-def filter_pretrained_state_dict(state_dict: Dict[str, Tensor], model: nn.Module) -> Dict[str, Tensor]:
+def filter_pretrained_state_dict(state_dict: Dict[str, Tensor], model: nn.Module,
+                                 features_only: bool = False) -> Dict[str, Tensor]:
     """timm ``pretrained_filter_fn`` of every zoo model (see the module docstring).
 
     A changed ``num_classes`` drops the whole classifier, decorrelation statistics included: the
     new classifier is exactly what ``reset_classifier`` builds (fresh statistics, re-estimated
-    during fine-tuning), not a mix of new weights and old statistics.
+    during fine-tuning), not a mix of new weights and old statistics. ``features_only``: the model
+    is built for a feature extractor, which timm loads as headless (its classifier is pruned), so
+    the checkpoint's classifier is dropped whatever its class count.
     """
     state_dict = dict(state_dict)  # may be the caller's own (pretrained_cfg_overlay=dict(state_dict=...))
     cfg = model.pretrained_cfg
@@ -395,16 +462,24 @@ def filter_pretrained_state_dict(state_dict: Dict[str, Tensor], model: nn.Module
     if converts and not any(k.endswith('.running_deconv') for k in state_dict):
         from .convert import deconv_state_dict_from_bn  # convert builds models: import on use
         state_dict = deconv_state_dict_from_bn(state_dict, CONVERTED_BN_WEIGHTS[name].split('.')[0], model,
-                                               headless=model.num_classes == 0)
+                                               headless=features_only or model.num_classes == 0)
 
     expected = model.state_dict()
     optional = optional_state_keys(model)
-    if model.num_classes != cfg.get('num_classes'):
+    if features_only or model.num_classes != cfg.get('num_classes'):
         # The model's own name: the tag's config names the default layout's (VGG's head without
         # Delinear has its last layer at classifier.9, not classifier.6).
-        prefixes = (f'{model.get_classifier(name_only=True)}.',)
-        state_dict = {k: v for k, v in state_dict.items() if not k.startswith(prefixes)}
-        optional |= {k for k in expected if k.startswith(prefixes)}
+        prefix = f'{model.get_classifier(name_only=True)}.'
+        classifier = {k: v for k, v in state_dict.items() if k.startswith(prefix)}
+        if not features_only and model.num_classes and classifier and all(
+                k in expected and v.shape == expected[k].shape for k, v in classifier.items()):
+            warnings.warn(
+                f"The classifier of the weights from {source} fits num_classes={model.num_classes}, but the "
+                f"pretrained config of {name} says {cfg.get('num_classes')} classes, so it was left out and the "
+                f"model has a fresh classifier. To load it, pass num_classes={model.num_classes} in "
+                f"pretrained_cfg_overlay too.", stacklevel=2)
+        state_dict = {k: v for k, v in state_dict.items() if k not in classifier}
+        optional |= {k for k in expected if k.startswith(prefix)}
 
     first_convs = _as_list(get_model_traits(model).get('first_conv', cfg.get('first_conv')))
     source_chans = (cfg.get('input_size') or (3,))[0]
@@ -415,10 +490,6 @@ def filter_pretrained_state_dict(state_dict: Dict[str, Tensor], model: nn.Module
 
     mismatch = compare_state_dict(state_dict, expected, optional=optional, any_shape=adapted_weights)
     if mismatch:
-        raise CheckpointMismatchError(
-            f"Pretrained weights from {source} do not fit {name}:\n{mismatch.describe()}\n"
-            f"Is this a checkpoint of another architecture or configuration (deconv vs. BN twin, block_fc, "
-            f"num_classes)? Batch-norm weights convert with deconv_zoo.convert.bn_to_deconv; the authors' "
-            f"checkpoints with deconv_zoo.convert.convert_reference_checkpoint.")
+        raise _does_not_fit(f'Pretrained weights from {source}', name, mismatch)
     refuse_non_finite(state_dict, source)
     return state_dict

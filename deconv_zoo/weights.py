@@ -13,10 +13,11 @@ import os
 from dataclasses import dataclass
 from typing import Dict, Optional
 
-from huggingface_hub.errors import LocalEntryNotFoundError
+from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+from huggingface_hub.utils import validate_repo_id
 from timm.models import get_pretrained_cfg
 
-__all__ = ['PublishedWeights', 'PUBLISHED_WEIGHTS', 'CONVERTED_BN_WEIGHTS', 'HUB_ORG_ENV', 'hub_org', 'hub_repo_id',
+__all__ = ['PublishedWeights', 'PUBLISHED_WEIGHTS', 'CONVERTED_BN_WEIGHTS', 'HUB_ORG_ENV', 'hub_org', 'check_hub_repo_id', 'hub_repo_id',
            'published_weights_for_repo', 'NoPublishedWeightsError', 'WeightsNotCachedError', 'CorruptWeightsError',
            'ChecksumMismatchError', 'CheckpointMismatchError']
 
@@ -66,8 +67,22 @@ class CheckpointMismatchError(RuntimeError):
 
 
 def hub_org(override: Optional[str] = None) -> Optional[str]:
-    """The organisation whose Hub repos replace the published ones (argument, then env var)."""
-    return override or os.environ.get(HUB_ORG_ENV) or None
+    """The organisation whose Hub repos replace the published ones (argument, then env var);
+    ``ValueError`` naming the setting when it cannot be a Hub namespace."""
+    org = override or os.environ.get(HUB_ORG_ENV) or None
+    if org:
+        check_hub_repo_id(f'{org}/model', f"hub_org={org!r}" if override else f'{HUB_ORG_ENV}={org!r}')
+    return org
+
+
+def check_hub_repo_id(repo_id: str, setting: str) -> str:
+    """``repo_id`` if the Hub accepts it as a model repo's id, else ``ValueError`` naming ``setting``
+    (huggingface_hub's HFValidationError names only the id, and comes at the first download)."""
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise ValueError(f'{setting} cannot name a Hub repo ({e})') from e
+    return repo_id
 
 
 def hub_repo_id(name: str, org: Optional[str] = None) -> Optional[str]:

@@ -22,14 +22,15 @@ import tempfile
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch.nn as nn
+from huggingface_hub.errors import OfflineModeIsEnabled
 from timm.models import get_arch_pretrained_cfgs
 
 import deconv_zoo  # noqa: F401  (registers the models)
 from deconv_zoo.convert import convert_reference_checkpoint, read_checkpoint
-from deconv_zoo.evaluation import BAD_INPUT_ERRORS, ParseLiteralKwargs
+from deconv_zoo.evaluation import BAD_INPUT_ERRORS, ParseLiteralKwargs, folder_to_write
 from deconv_zoo.hub import RESULT_FIELDS, published_entry_source, push_hub_folder, save_hub_folder, tag_mismatch
 from deconv_zoo.loading import file_sha256
-from deconv_zoo.weights import CONVERTED_BN_WEIGHTS, HUB_ORG_ENV
+from deconv_zoo.weights import CONVERTED_BN_WEIGHTS, HUB_ORG_ENV, check_hub_repo_id
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -47,13 +48,27 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                              "checkpoint's)")
     parser.add_argument('--train-command', help='the exact training command, for the model card (the checkpoint '
                                                 'records only its arguments)')
-    parser.add_argument('--repo-id', help='Hub repo (default: <org>/<model>.<tag>)')
-    parser.add_argument('--org', default=os.environ.get(HUB_ORG_ENV),
+    parser.add_argument('--repo-id', type=_repo_id, help='Hub repo (default: <org>/<model>.<tag>)')
+    parser.add_argument('--org', default=os.environ.get(HUB_ORG_ENV), type=_org,
                         help=f'Hub organisation (default: ${HUB_ORG_ENV})')
-    parser.add_argument('--output-dir', help='write the repo folder here and do not upload')
+    parser.add_argument('--output-dir', type=folder_to_write, help='write the repo folder here and do not upload')
     parser.add_argument('--private', action='store_true', help='create the Hub repo as private')
     parser.add_argument('--token', help='Hub token (default: the logged-in one)')
     return parser.parse_args(argv)
+
+
+def _repo_id(text: str, checked: Optional[str] = None) -> str:
+    """argparse type: a Hub repo id (``checked``: the id that stands for ``text``)."""
+    try:
+        check_hub_repo_id(checked or text, repr(text))
+    except ValueError as e:  # argparse reports an ArgumentTypeError's own message
+        raise argparse.ArgumentTypeError(str(e)) from e
+    return text
+
+
+def _org(text: str) -> str:
+    """argparse type: a Hub organisation or user name."""
+    return _repo_id(text, checked=f'{text}/model')
 
 
 def read_results(path: str) -> Dict[str, Any]:
@@ -144,3 +159,6 @@ if __name__ == '__main__':
         sys.exit(main())
     except BAD_INPUT_ERRORS as e:  # the input's fault: its message, no traceback
         sys.exit(f'{type(e).__name__}: {e}')
+    except OfflineModeIsEnabled as e:
+        sys.exit(f'Not uploaded: the Hub is switched off here ({e}). Write the folder with --output-dir, '
+                 f'or unset HF_HUB_OFFLINE on a machine with network access.')

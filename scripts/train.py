@@ -46,8 +46,8 @@ from deconv_zoo.data import (
 from deconv_zoo.distributed import average_buffers, convert_sync_deconv
 from deconv_zoo.evaluation import (
     INTERPOLATIONS, ParseLiteralKwargs, check_device, check_input_size, check_model_and_dataset, check_num_classes,
-    create_model_with_weights, crop_fraction, evaluate, input_channels, non_negative_float, non_negative_int,
-    positive_float, positive_int, probability, proper_fraction, run_script,
+    create_model_with_weights, crop_fraction, evaluate, folder_to_write, input_channels, non_negative_float,
+    non_negative_int, positive_float, positive_int, probability, proper_fraction, run_script,
 )
 from deconv_zoo.files import atomic_write_text
 from deconv_zoo.training import LAST, RECIPES, CheckpointManager, Trainer, TrainingStopped, TrainPosition, resolve_resume
@@ -168,7 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument('--sync-bn', action='store_true', help='SyncBatchNorm for BN models')
 
     group = parser.add_argument_group('output and checkpoints')
-    group.add_argument('--output', default='output/train', help='parent folder of the run folders')
+    group.add_argument('--output', default='output/train', type=folder_to_write,
+                       help='parent folder of the run folders')
     group.add_argument('--experiment', default='', help='run folder name (default: <model>-<dataset>)')
     group.add_argument('--resume', default='',
                        help='checkpoint to continue from, or "auto": the run folder\'s last.pth.tar if present')
@@ -207,9 +208,6 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
     if args.compile and args.compile not in torch._dynamo.list_backends(exclude_tags=()):
         parser.error(f'--compile {args.compile}: not a torch.compile backend here '
                      f'(torch._dynamo.list_backends(): {", ".join(torch._dynamo.list_backends())})')
-    blocking = next((p for p in _ancestors(args.output) if os.path.exists(p) and not os.path.isdir(p)), None)
-    if blocking:
-        parser.error(f'--output {args.output}: {blocking} is a file, not a folder')
     if args.resume and args.resume != 'auto' and not os.path.isfile(args.resume):
         parser.error(f'--resume: no checkpoint at {args.resume!r}')
     if args.sync_bn and int(os.environ.get('WORLD_SIZE', 1)) > 1 and torch.device(args.device).type == 'cpu':
@@ -244,15 +242,6 @@ def _check_augmentation(parser: argparse.ArgumentParser, args: argparse.Namespac
             create_transform(32, is_training=True, auto_augment=args.aa)
         except (AssertionError, ValueError, KeyError, IndexError) as error:
             parser.error(f'--aa {args.aa}: not a timm auto-augment policy ({error or type(error).__name__})')
-
-
-def _ancestors(path: str) -> List[str]:
-    """``path`` and the folders above it, nearest first."""
-    path = os.path.abspath(path)
-    chain = [path]
-    while os.path.dirname(chain[-1]) != chain[-1]:
-        chain.append(os.path.dirname(chain[-1]))
-    return chain
 
 
 def create_optimizer(args: argparse.Namespace, model: nn.Module) -> torch.optim.Optimizer:

@@ -491,3 +491,98 @@ def test_converted_bn_tag_loads_as_a_headless_backbone(hf_cache, tmp_path, arch,
         if not kwargs.get('global_pool') == '':
             assert_close(model(image), bn_model.forward_head(bn_model.forward_features(image), pre_logits=True),
                          rel=1e-4)
+
+
+def test_a_checkpoints_class_count_and_the_features_only_call(hf_cache, tmp_path):
+    """A 5-class checkpoint under a 10-class tag: features_only refused it (timm loads feature
+    extractors headless; the filter compared the model's 10 classes), and num_classes=5 without the
+    overlay's num_classes left its classifier out without a word."""
+    five = timm.create_model(ARCH, num_classes=5)
+    randomize_statistics(five, torch.Generator().manual_seed(4))
+    path = tmp_path / 'five.safetensors'
+    save_file(five.state_dict(), str(path))
+    features = timm.create_model(ARCH, pretrained=True, features_only=True, out_indices=(1,),
+                                 pretrained_cfg_overlay=dict(file=str(path)))
+    assert_state_equal(features.model, five.state_dict(), skip=('linear.', 'layer2.', 'layer3.', 'layer4.'))
+    with pytest.warns(UserWarning, match=r'fits num_classes=5.*says 10 classes.*num_classes=5 in pretrained_cfg_overlay'):
+        fresh = timm.create_model(ARCH, pretrained=True, num_classes=5, pretrained_cfg_overlay=dict(file=str(path)))
+    assert torch.equal(fresh.linear.running_deconv, torch.eye(512))
+    loaded = timm.create_model(ARCH, pretrained=True, pretrained_cfg_overlay=dict(file=str(path), num_classes=5))
+    assert_state_equal(loaded, five.state_dict())
+
+
+def test_damaged_and_misnamed_torch_files_are_named(published, tmp_path):
+    """One flipped bit in a zip-format checkpoint's tensor data loaded without a word (its CRC-32
+    names it); safetensors under a .bin name and an empty file were 'neither' format."""
+    path = tmp_path / 'model.pth'
+    torch.save(published['state'], path)
+    data = bytearray(path.read_bytes())
+    offset = data.index(published['state']['layer4.1.conv2.weight'].numpy().tobytes()[:64])
+    data[offset + 10] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptWeightsError, match=r'model.pth is a corrupt torch checkpoint: its entry .* fails its CRC'):
+        timm.create_model(ARCH, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    misnamed = tmp_path / 'pytorch_model.bin'
+    shutil.copy(published['folder'] / 'model.safetensors', misnamed)
+    with pytest.raises(CorruptWeightsError, match='holds safetensors data.*rename it to pytorch_model.safetensors'):
+        timm.create_model(ARCH, checkpoint_path=str(misnamed))
+    empty = tmp_path / 'empty.safetensors'
+    empty.write_bytes(b'')
+    with pytest.raises(CorruptWeightsError, match=r'empty.safetensors is empty \(0 bytes\)'):
+        timm.create_model(ARCH, pretrained=True, pretrained_cfg_overlay=dict(file=str(empty)))
+
+
+def test_checkpoint_path_that_does_not_fit_lists_the_keys(published, tmp_path):
+    """checkpoint_path= gave torch's RuntimeError listing every key, without the conversions to try."""
+    path = tmp_path / 'bn_twin.safetensors'
+    save_file(timm.create_model('resnet18_cifar').state_dict(), str(path))
+    with pytest.raises(CheckpointMismatchError, match=rf'(?s){path} do not fit {NAME}:.*unexpected \(100\): bn1\..*'
+                                                      r'bn_to_deconv'):
+        timm.create_model(ARCH, checkpoint_path=str(path))
+
+
+def test_local_dir_reads_only_timms_file_and_a_config_without_classifier(published, tmp_path):
+    """local-dir: refused a valid folder for a file timm never reads (a pickled training_args.bin);
+    a hand-written config.json without 'classifier' made timm load strictly, so num_classes=5
+    failed on the classifier keys the filter had left out."""
+    folder = tmp_path / 'local'
+    folder.mkdir()
+    shutil.copy(published['folder'] / 'model.safetensors', folder / 'model.safetensors')
+    config = json.loads((published['folder'] / 'config.json').read_text())
+    del config['pretrained_cfg']['classifier']
+    (folder / 'config.json').write_text(json.dumps(config))
+    (folder / 'training_args.bin').write_bytes(b'\x80\x04\x95 not a checkpoint')
+    model = timm.create_model(f'local-dir:{folder}', pretrained=True, num_classes=5)
+    assert_state_equal(model, published['state'], skip='linear.')
+
+
+def test_hub_names_are_checked_where_they_are_given(published, hf_cache, monkeypatch, capsys, tmp_path):
+    with pytest.raises(ValueError, match=r"hub_org='my lab' cannot name a Hub repo"):
+        timm.create_model(NAME, pretrained=True, hub_org='my lab')
+    monkeypatch.setenv(weights.HUB_ORG_ENV, 'a/b')
+    with pytest.raises(ValueError, match=rf"{weights.HUB_ORG_ENV}='a/b' cannot name a Hub repo"):
+        timm.create_model(NAME, pretrained=True)
+    push = load_script('push_to_hub')
+    base = ['--checkpoint', str(published['checkpoint']), '--results', str(published['results_path'])]
+    (tmp_path / 'file').write_text('')
+    for extra, message in ((['--org', 'my lab'], "argument --org: 'my lab' cannot name a Hub repo"),
+                           (['--repo-id', 'a/b/c'], "argument --repo-id: 'a/b/c' cannot name a Hub repo"),
+                           (['--org', ORG, '--output-dir', str(tmp_path / 'file' / 'repo')],
+                            f"argument --output-dir: {tmp_path / 'file'} is a file, not a folder")):
+        with pytest.raises(SystemExit):
+            push.main(base + extra)
+        assert message in capsys.readouterr().err
+
+
+def test_an_unreachable_hub_is_asked_once(hf_cache, monkeypatch):
+    """Online but unreachable, each weight file name retried for several seconds (46 s in all):
+    after the first miss, the other names are looked up in the cache only."""
+    calls = []
+
+    def unreachable(repo_id, filename, local_files_only=False, **kwargs):
+        calls.append((filename, local_files_only))
+        raise LocalEntryNotFoundError('no connection')
+    monkeypatch.setattr(deconv_zoo.loading, 'hf_hub_download', unreachable)
+    with pytest.raises(WeightsNotCachedError, match='model.safetensors or pytorch_model.bin'):
+        timm.create_model(NAME, pretrained=True, hub_org=ORG)
+    assert calls == [('model.safetensors', False), ('pytorch_model.bin', True)]

@@ -468,7 +468,7 @@ def test_failed_starts_leave_no_run_folder(tmp_path: Path, capsys: pytest.Captur
     (tmp_path / 'file').write_text('')
     with pytest.raises(SystemExit):
         train.main(['--output', str(tmp_path / 'file' / 'runs')])
-    assert f'--output {tmp_path / "file" / "runs"}: {tmp_path / "file"} is a file, not a folder' in capsys.readouterr().err
+    assert f'argument --output: {tmp_path / "file"} is a file, not a folder' in capsys.readouterr().err
 
 
 def test_dataset_folder_errors_are_one_line(tmp_path: Path) -> None:

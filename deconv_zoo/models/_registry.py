@@ -1,4 +1,5 @@
 """Pretrained-config helpers and the model builder shared by every family file."""
+import functools
 from typing import Any, Dict, Optional, Type
 
 import torch.nn as nn
@@ -103,5 +104,7 @@ def build_zoo_model(
         feature_cls = CheckpointingFeatureGetter
     feature_cfg = dict(feature_cls=feature_cls, out_indices=kwargs.pop('default_out_indices'),
                        flatten_sequential=flatten_sequential)
+    # timm loads a feature extractor's weights as headless whatever the model's num_classes.
+    filter_fn = functools.partial(filter_pretrained_state_dict, features_only=bool(kwargs.get('features_only')))
     return build_model_with_cfg(model_cls, variant, pretrained, feature_cfg=feature_cfg,
-                                pretrained_filter_fn=filter_pretrained_state_dict, **kwargs)
+                                pretrained_filter_fn=filter_fn, **kwargs)
