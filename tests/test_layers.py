@@ -805,6 +805,24 @@ def test_frozen_whitening_trains_with_the_running_statistics(make_layer, input_s
     assert any(not torch.equal(value, state[key]) for key, value in layer.state_dict().items())
 
 
+@pytest.mark.parametrize('freeze', ['freeze_whitening', 'frozen_step'])
+def test_frozen_training_call_refuses_a_non_finite_batch(freeze):
+    """A frozen training call takes no statistics, so a NaN batch went through unchecked and the
+    batch norm after it (EfficientNet's blocks) recorded NaN; the layer's own state stays."""
+    layer = FastDeconv(4, 3, 3, padding=1, block=2, freeze=True, freeze_iter=1)
+    for seed in range(3):  # calls 1 and 2 are fresh, then frozen
+        layer(random_input((2, 4, 6, 6), seed, torch.float32))
+    if freeze == 'freeze_whitening':
+        freeze_whitening(layer)
+    state = copy.deepcopy(layer.state_dict())
+    x = random_input((2, 4, 6, 6), 3, torch.float32)
+    x[1, 2, 3, 4] = float('nan')
+    with pytest.raises(FloatingPointError, match='input is not finite .* frozen whitening'):
+        layer(x)
+    for key, value in layer.state_dict().items():
+        assert torch.equal(value, state[key]), key
+
+
 def test_frozen_steps_hold_no_alias_of_the_running_buffers():
     """Frozen steps whiten with the running statistics: the graph must not hold the buffers
     themselves, which the layer's next training call updates in place. Two calls before one

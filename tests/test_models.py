@@ -306,6 +306,19 @@ def test_freeze_keeps_the_frozen_part_and_its_statistics_while_the_rest_trains()
     assert not preact.bn1.weight.requires_grad and preact.conv1.weight.requires_grad
 
 
+def test_nan_batch_under_a_frozen_stem_leaves_batch_norm_statistics_finite():
+    """EfficientNet's blocks normalise with batch norm: with the stem's whitening frozen, a NaN
+    batch reached them unchecked and made about 100 buffers NaN before the head refused it."""
+    model = timm.create_model('efficientnet_b0_cifar_deconv', num_classes=10)
+    model(torch.randn(2, 3, 16, 16))
+    deconv_zoo.freeze(model, ['conv1'])
+    x = torch.randn(2, 3, 16, 16)
+    x[0, 0, 0, 0] = float('nan')
+    with pytest.raises(FloatingPointError, match='FastDeconv: the input is not finite'):
+        model(x)
+    assert deconv_zoo.loading.non_finite_names(model.state_dict().items()) == []
+
+
 def test_grad_checkpointing_updates_statistics_once():
     """Checkpointed training recomputes forwards in backward; statistics must move once."""
     torch.manual_seed(0)

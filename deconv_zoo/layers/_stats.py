@@ -108,7 +108,17 @@ def ensure_finite(layer: str, mean: Tensor, deconv: Tensor) -> None:
     if not bool(torch.isfinite(mean.sum() + deconv.sum())):
         raise FloatingPointError(
             f'{layer}: the batch covariance is not finite (non-finite input or activations); '
-            f'running statistics were left unchanged.')
+            f"this layer's running statistics were left unchanged.")
+
+
+def ensure_finite_input(layer: str, x: Tensor) -> None:
+    """Raise on a non-finite training batch that a layer with frozen whitening would pass on: it
+    takes no statistics to check, and the batch-norm layers after it (EfficientNet's blocks, a
+    ResNet's downsampling) would record the NaN in theirs."""
+    if not bool(torch.isfinite(x.sum(dtype=torch.float32))):  # NaN and inf survive a sum
+        raise FloatingPointError(
+            f'{layer}: the input is not finite (NaN or inf) in a training call with frozen whitening; '
+            f'refused before any later layer recorded it.')
 
 
 def update_running(running: Tensor, batch: Tensor, momentum: float) -> None:
@@ -312,6 +322,8 @@ class WhitenedWeightMixin:
             return self._train_forward(x)
         # An empty training batch has no statistics: as BatchNorm does, it gives an empty output and
         # leaves the layer's state as it was.
+        if self.training and self.whitening_frozen and self.check_finite:
+            ensure_finite_input(type(self).__name__, x)
         weight, bias = (self.weight, self.bias) if batch_statistics else self._eval_fold()
         return self._apply_weights(x, weight, bias)
 
@@ -323,11 +335,11 @@ class WhitenedWeightMixin:
         averaged (SWA) weights by training-mode passes under ``torch.no_grad()``."""
         reset_whitening_(self.running_mean, self.running_deconv)
 
-    def _track(self, mean: Tensor, deconv: Tensor, kept: bool = False) -> None:
+    def _track(self, mean: Tensor, deconv: Tensor, kept: bool = False, checked: bool = False) -> None:
         """Validate one batch's statistics and fold them into the running buffers. ``kept``: the
         caller keeps them for later calls too (``refresh_every``), so they are validated even
-        without running statistics."""
-        if self.check_finite and (self.track_running_stats or kept):
+        without running statistics. ``checked``: the caller validated them already."""
+        if self.check_finite and not checked and (self.track_running_stats or kept):
             ensure_finite(type(self).__name__, mean, deconv)
         if self.track_running_stats and not in_backward_recompute():
             update_running(self.running_mean, mean, self.momentum)

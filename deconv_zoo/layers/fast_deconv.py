@@ -12,8 +12,8 @@ from torch import Tensor
 from torch.nn.modules.utils import _pair
 
 from ._stats import (
-    WhitenedWeightMixin, check_eps, check_floating, check_momentum, check_positive_int, in_backward_recompute,
-    resolve_block, statistics_dtype,
+    WhitenedWeightMixin, check_eps, check_floating, check_momentum, check_positive_int, ensure_finite,
+    ensure_finite_input, in_backward_recompute, resolve_block, statistics_dtype,
 )
 from .whitening import conv_patch_mean, conv_whitening_statistics, fold_conv_whitening, patch_sample_count
 
@@ -190,13 +190,19 @@ class FastDeconv(WhitenedWeightMixin, nn.Conv2d):
         with torch.autocast(device_type=x.device.type, enabled=False):
             recompute = in_backward_recompute()
             call = self._replayed_call() if recompute else self._new_call(x)
+            checked = False
             if call.frozen is not None and self._reads_freeze_schedule(x) and bool(call.frozen):
                 # Frozen steps skip the batch statistics, as the reference did (same result as the
                 # selection below).
+                if self.check_finite:
+                    ensure_finite_input(type(self).__name__, x)
                 mean, deconv = call.running
             else:
                 mean, deconv = self._refreshed_statistics(x, call.reused_deconv)
                 if call.frozen is not None:
+                    if self.check_finite:  # the batch's own statistics, before a frozen step drops them
+                        ensure_finite(type(self).__name__, mean, deconv)
+                        checked = True
                     # Frozen steps reuse the running statistics. Selecting with a tensor condition
                     # keeps the step free of host syncs and torch.compile recompiles.
                     mean = torch.where(call.frozen, call.running[0], mean)
@@ -204,7 +210,7 @@ class FastDeconv(WhitenedWeightMixin, nn.Conv2d):
             # lerp(r, r, m) == r exactly, so frozen steps leave the running buffers untouched.
             refresh_schedule = self._follows_refresh_schedule()
             refreshed = refresh_schedule and call.reused_deconv is None
-            self._track(mean, deconv, kept=refreshed and not recompute)
+            self._track(mean, deconv, kept=refreshed and not recompute, checked=checked)
             if not recompute:
                 # Advanced once _track accepted the batch: a failed call leaves the schedules as they were.
                 if refresh_schedule:
