@@ -130,7 +130,8 @@ def fold_deconv(model: nn.Module, inplace: bool = False, example_input: Optional
     ``nn.Conv2d`` / ``nn.Linear`` / ``ChannelLinear`` computing the same eval-mode function.
 
     The running statistics are folded once, so the result has no train mode of its own (training
-    it trains plain layers). ``nn.Identity`` placeholders (where BN was removed) cost nothing and
+    it trains plain layers; the model's own ``reset_classifier`` still builds its deconvolution
+    head, so reset the classifier before folding). ``nn.Identity`` placeholders (where BN was removed) cost nothing and
     vanish from exported graphs. A ChannelDeconv is sized by its input: ``example_input`` (default:
     zeros of the model's ``pretrained_cfg`` input size) is run once to find its channel count.
 

@@ -432,8 +432,10 @@ def _adapt_first_conv_statistics(state_dict: Dict[str, Tensor], model: nn.Module
             state_dict[mean_key] = torch.zeros_like(conv.running_mean)
             eye = torch.eye(conv.running_deconv.shape[-1], dtype=conv.running_deconv.dtype)
             state_dict[deconv_key] = eye.expand_as(conv.running_deconv).clone()
-            _logger.info(f'{conv_name}: fresh whitening statistics for {conv.in_channels} input channels '
-                         f'(the checkpoint has {source_chans}).')
+            # A warning: unlike the weight, which timm adapts, these statistics are not the pretrained ones.
+            warnings.warn(f'{conv_name}: fresh whitening statistics (zero mean, identity) for {conv.in_channels} '
+                          f'input channels: the checkpoint has {source_chans} and only a 1-channel stem is derived '
+                          f'from them; training-mode fine-tuning re-estimates them.', stacklevel=2)
 
 
 def _as_list(names: Any) -> List[str]:

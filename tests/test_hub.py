@@ -296,7 +296,8 @@ def test_in_chans_adapts_weight_and_whitening(cached_repo, published):
     mean, deconv = gray_whitening(state['conv1.running_mean'], state['conv1.running_deconv'], 3)
     assert torch.equal(model.conv1.running_mean, mean) and torch.equal(model.conv1.running_deconv, deconv)
     assert_state_equal(model, state, skip='conv1.')
-    five = timm.create_model(NAME, pretrained=True, hub_org=ORG, in_chans=5)
+    with pytest.warns(UserWarning, match='conv1: fresh whitening statistics .* for 5 input channels'):
+        five = timm.create_model(NAME, pretrained=True, hub_org=ORG, in_chans=5)
     assert torch.equal(five.conv1.running_deconv, torch.eye(45))  # 5 channels: fresh statistics
 
 
