@@ -48,8 +48,8 @@ from .weights import (
 )
 
 __all__ = ['resolve_pretrained_source', 'fetch_hub_weights', 'verify_weights_file', 'load_torch_checkpoint',
-           'file_sha256', 'is_safetensors_path', 'filter_pretrained_state_dict', 'StateDictMismatch', 'compare_state_dict',
-           'optional_state_keys', 'non_finite_names', 'refuse_non_finite', 'gray_whitening',
+           'file_sha256', 'is_safetensors_path', 'filter_pretrained_state_dict', 'StateDictMismatch',
+           'compare_state_dict', 'optional_state_keys', 'non_finite_names', 'refuse_non_finite', 'gray_whitening',
            'install_timm_checks']
 
 _logger = logging.getLogger(__name__)

@@ -314,7 +314,7 @@ def test_nan_batch_under_a_frozen_stem_leaves_batch_norm_statistics_finite():
     deconv_zoo.freeze(model, ['conv1'])
     x = torch.randn(2, 3, 16, 16)
     x[0, 0, 0, 0] = float('nan')
-    with pytest.raises(FloatingPointError, match='FastDeconv: the input is not finite'):
+    with pytest.raises(FloatingPointError, match=r'FastDeconv \(conv1\): the input is not finite'):
         model(x)
     assert deconv_zoo.loading.non_finite_names(model.state_dict().items()) == []
 

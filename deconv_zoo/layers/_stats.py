@@ -148,6 +148,22 @@ def _set_on_layers(module: torch.nn.Module, attribute: str, value: bool) -> torc
     return module
 
 
+def layer_label(layer: torch.nn.Module) -> str:
+    """How error messages name a layer: its class, and its place in the model once ``name_layers``
+    recorded it (a module does not know where it sits)."""
+    name = getattr(layer, 'layer_name', '')
+    return f'{type(layer).__name__} ({name})' if name else type(layer).__name__
+
+
+def name_layers(model: torch.nn.Module) -> torch.nn.Module:
+    """Record in every deconvolution layer of ``model`` its name there (``layer2.0.conv1``), for
+    its error messages: a refused batch then says which layer refused it. Returns ``model``."""
+    for name, layer in model.named_modules():
+        if hasattr(layer, 'check_finite'):
+            layer.layer_name = name
+    return model
+
+
 def set_finite_checks(model: torch.nn.Module, enabled: bool) -> torch.nn.Module:
     """Turn the non-finite check of every deconvolution layer in ``model`` on or off.
 
@@ -323,7 +339,7 @@ class WhitenedWeightMixin:
         # An empty training batch has no statistics: as BatchNorm does, it gives an empty output and
         # leaves the layer's state as it was.
         if self.training and self.whitening_frozen and self.check_finite:
-            ensure_finite_input(type(self).__name__, x)
+            ensure_finite_input(layer_label(self), x)
         weight, bias = (self.weight, self.bias) if batch_statistics else self._eval_fold()
         return self._apply_weights(x, weight, bias)
 
@@ -340,7 +356,7 @@ class WhitenedWeightMixin:
         caller keeps them for later calls too (``refresh_every``), so they are validated even
         without running statistics. ``checked``: the caller validated them already."""
         if self.check_finite and not checked and (self.track_running_stats or kept):
-            ensure_finite(type(self).__name__, mean, deconv)
+            ensure_finite(layer_label(self), mean, deconv)
         if self.track_running_stats and not in_backward_recompute():
             update_running(self.running_mean, mean, self.momentum)
             update_running(self.running_deconv, deconv, self.momentum)

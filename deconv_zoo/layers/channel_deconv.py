@@ -9,7 +9,7 @@ from torch import Tensor
 
 from ._stats import (
     check_eps, check_floating, check_momentum, check_positive_int, ensure_finite, float32_statistics,
-    in_backward_recompute, reset_whitening_, warn_once,
+    in_backward_recompute, layer_label, reset_whitening_, warn_once,
 )
 from .whitening import isqrt_newton_schulz
 
@@ -78,9 +78,9 @@ class ChannelDeconv(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         # fix: the reference printed an error for 3-D input and then failed obscurely.
         if x.dim() not in (2, 4):
-            raise ValueError(f'ChannelDeconv: expected input (N, C) or (N, C, H, W), got shape {tuple(x.shape)}')
+            raise ValueError(f'{layer_label(self)}: expected input (N, C) or (N, C, H, W), got shape {tuple(x.shape)}')
         # fix: integer input used to be whitened in float32 and rounded back to its integer dtype.
-        check_floating('ChannelDeconv', x)
+        check_floating(layer_label(self), x)
         flat_input = x.dim() == 2
         if flat_input:
             x = x[:, :, None, None]
@@ -116,7 +116,7 @@ class ChannelDeconv(nn.Module):
                     cov = torch.addmm(eye, x1_s, x1_s.t(), beta=self.eps, alpha=1.0 / x1_s.shape[1])
                     deconv = isqrt_newton_schulz(cov, self.n_iter)
                     if self.check_finite:
-                        ensure_finite('ChannelDeconv', mean1, deconv)
+                        ensure_finite(layer_label(self), mean1, deconv)
                     tracked += [(self.running_mean1, mean1), (self.running_deconv, deconv)]
                 else:
                     # fix: the reference raised UnboundLocalError here before any training step;
@@ -136,7 +136,7 @@ class ChannelDeconv(nn.Module):
                             f'one value per training batch for their variance, got input shape {tuple(x.shape)}')
                     mean2, var = x2_s.mean().reshape(1, 1), x2_s.var().reshape(1, 1)
                     if self.check_finite:
-                        ensure_finite('ChannelDeconv', mean2, var)
+                        ensure_finite(layer_label(self), mean2, var)
                     tracked += [(self.running_mean2, mean2), (self.running_var, var)]
                 else:
                     mean2, var = self.running_mean2.to(x2.dtype), self.running_var.to(x2.dtype)

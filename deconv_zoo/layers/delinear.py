@@ -8,7 +8,7 @@ from torch import Tensor
 
 from ._stats import (
     WhitenedWeightMixin, check_eps, check_floating, check_momentum, check_positive_int, float32_statistics,
-    resolve_block,
+    layer_label, resolve_block,
 )
 from .whitening import fold_linear_whitening, isqrt_newton_schulz, whiten_linear_chunks
 
@@ -50,7 +50,7 @@ class Delinear(WhitenedWeightMixin, nn.Linear):
         if self.samples_per_whitening(x.shape) < 2:
             # As BatchNorm: one sample has no covariance; it would be centred to zero (the output
             # the bias alone) and add about eps^-1/2 * I to the running whitening.
-            raise ValueError(f'{type(self).__name__}: the whitening needs more than one {self.block}-feature chunk '
+            raise ValueError(f'{layer_label(self)}: the whitening needs more than one {self.block}-feature chunk '
                              f'per training batch, got input shape {tuple(x.shape)}')
         mean = chunks.mean(dim=0)
         centred = chunks - mean
@@ -63,10 +63,10 @@ class Delinear(WhitenedWeightMixin, nn.Linear):
         return math.prod(x_shape) // self.block
 
     def _check_input(self, x: Tensor) -> None:
-        check_floating(type(self).__name__, x)
+        check_floating(layer_label(self), x)
         if x.dim() < 1 or x.shape[-1] != self.in_features:
             raise ValueError(
-                f'{type(self).__name__}: expected input (..., {self.in_features}), got shape {tuple(x.shape)}')
+                f'{layer_label(self)}: expected input (..., {self.in_features}), got shape {tuple(x.shape)}')
 
     def _apply_weights(self, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
         return nn.functional.linear(x, weight, bias)

@@ -13,7 +13,7 @@ from torch.nn.modules.utils import _pair
 
 from ._stats import (
     WhitenedWeightMixin, check_eps, check_floating, check_momentum, check_positive_int, ensure_finite,
-    ensure_finite_input, in_backward_recompute, resolve_block, statistics_dtype,
+    ensure_finite_input, in_backward_recompute, layer_label, resolve_block, statistics_dtype,
 )
 from .whitening import conv_patch_mean, conv_whitening_statistics, fold_conv_whitening, patch_sample_count
 
@@ -151,7 +151,7 @@ class FastDeconv(WhitenedWeightMixin, nn.Conv2d):
             sampling = (f'every {self.sampling_stride[0] * self.sampling_stride[1]}th pixel of the batch'
                         if self.kernel_size == (1, 1) else f'patches every {self.sampling_stride} pixels')
             raise ValueError(
-                f'{type(self).__name__}: the whitening needs more than one sample per training batch, got {samples} '
+                f'{layer_label(self)}: the whitening needs more than one sample per training batch, got {samples} '
                 f'from input shape {tuple(x.shape)} ({sampling}): train with a larger batch, or a smaller '
                 f'sampling_stride')
         return conv_whitening_statistics(x, self.kernel_size, self.dilation, self.padding, self.sampling_stride,
@@ -165,7 +165,7 @@ class FastDeconv(WhitenedWeightMixin, nn.Conv2d):
         return patch_sample_count(x_shape, geometry) * blocks
 
     def _check_input(self, x: Tensor) -> None:
-        name = type(self).__name__
+        name = layer_label(self)
         check_floating(name, x)
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f'{name}: expected input (N, {self.in_channels}, H, W), got shape {tuple(x.shape)}')
@@ -195,13 +195,13 @@ class FastDeconv(WhitenedWeightMixin, nn.Conv2d):
                 # Frozen steps skip the batch statistics, as the reference did (same result as the
                 # selection below).
                 if self.check_finite:
-                    ensure_finite_input(type(self).__name__, x)
+                    ensure_finite_input(layer_label(self), x)
                 mean, deconv = call.running
             else:
                 mean, deconv = self._refreshed_statistics(x, call.reused_deconv)
                 if call.frozen is not None:
                     if self.check_finite:  # the batch's own statistics, before a frozen step drops them
-                        ensure_finite(type(self).__name__, mean, deconv)
+                        ensure_finite(layer_label(self), mean, deconv)
                         checked = True
                     # Frozen steps reuse the running statistics. Selecting with a tensor condition
                     # keeps the step free of host syncs and torch.compile recompiles.
@@ -262,7 +262,7 @@ class FastDeconv(WhitenedWeightMixin, nn.Conv2d):
         replayed = replayed if task == last_task else 0
         if replayed >= len(self._calls):
             raise RuntimeError(
-                f'{type(self).__name__}: a gradient-checkpoint recompute found no record of the training call it '
+                f'{layer_label(self)}: a gradient-checkpoint recompute found no record of the training call it '
                 f'repeats (the last {self._calls.maxlen} calls of a layer before one backward pass are kept)')
         self._replays = (task, replayed + 1)
         return self._calls[-1 - replayed]

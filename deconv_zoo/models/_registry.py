@@ -6,6 +6,7 @@ import torch.nn as nn
 from timm.models import build_model_with_cfg, generate_default_cfgs, get_pretrained_cfg
 from timm.models._features import FeatureGetterNet
 
+from ..layers import name_layers
 from ..loading import filter_pretrained_state_dict, resolve_pretrained_source
 from ..weights import CONVERTED_BN_WEIGHTS, hub_repo_id
 
@@ -106,5 +107,6 @@ def build_zoo_model(
                        flatten_sequential=flatten_sequential)
     # timm loads a feature extractor's weights as headless whatever the model's num_classes.
     filter_fn = functools.partial(filter_pretrained_state_dict, features_only=bool(kwargs.get('features_only')))
-    return build_model_with_cfg(model_cls, variant, pretrained, feature_cfg=feature_cfg,
-                                pretrained_filter_fn=filter_fn, **kwargs)
+    model = build_model_with_cfg(model_cls, variant, pretrained, feature_cfg=feature_cfg,
+                                 pretrained_filter_fn=filter_fn, **kwargs)
+    return name_layers(model)  # error messages then say which layer refused a batch
