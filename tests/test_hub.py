@@ -10,6 +10,8 @@ import io
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Dict, Mapping
 
@@ -230,9 +232,15 @@ def test_push_refuses_a_converted_batchnorm_tag(tmp_path):
 
 
 def test_push_without_output_dir_uploads_and_fails_clearly_offline(published, hf_cache):
+    arguments = ['--checkpoint', str(published['checkpoint']), '--results', str(published['results_path']),
+                 '--org', ORG]
     with pytest.raises(OfflineModeIsEnabled):
-        load_script('push_to_hub').main(['--checkpoint', str(published['checkpoint']), '--results',
-                                         str(published['results_path']), '--org', ORG])
+        load_script('push_to_hub').main(arguments)
+    # The command line says it in one line (it printed huggingface_hub's traceback).
+    run = subprocess.run([sys.executable, str(REPO_ROOT / 'scripts' / 'push_to_hub.py'), *arguments],
+                         env=dict(os.environ, HF_HUB_OFFLINE='1'), capture_output=True, text=True)
+    assert run.returncode == 1 and 'Traceback' not in run.stderr
+    assert 'Not uploaded: the Hub is switched off here' in run.stderr and '--output-dir' in run.stderr
 
 
 def test_org_override_by_env_var_and_keyword(cached_repo, published, monkeypatch):
