@@ -152,6 +152,9 @@ def check_dataset(name: str, root: Optional[str] = None) -> None:
     image folder.
     """
     if name in (DIGITS, SYNTHETIC):
+        if root:  # the default dataset: a --data-dir alone trained on digits without a word
+            raise DatasetError(f"dataset {name!r} is built in and reads no --data-dir ({root}): for an image folder "
+                               f"add --dataset folder, for a local CIFAR copy --dataset torch/cifar10")
         return
     if name not in FOLDER_NAMES and not name.lower().startswith(TIMM_DATASET_PREFIXES):
         raise DatasetError(

@@ -53,7 +53,8 @@ _STALE_TEMPORARY = re.compile(r'\.(last|model_best|checkpoint-\d+)\.pth\.tar\.[^
 _SCHEDULE_ARGS = ('sched', 'epochs', 'sched_on_updates', 'lr', 'min_lr', 'warmup_epochs', 'warmup_lr')
 # Arguments that decide which samples an epoch's steps take: a mid-epoch resume skips the steps done
 # as step_in_epoch batches of the current order, which is only right when these are unchanged.
-_DATA_ORDER_ARGS = ('batch_size', 'world_size', 'seed', 'dataset', 'train_limit')
+_STEPS_PER_EPOCH_ARGS = ('batch_size', 'world_size', 'dataset', 'train_limit')
+_DATA_ORDER_ARGS = _STEPS_PER_EPOCH_ARGS + ('seed',)
 # torch's Optimizer.load_state_dict takes another optimizer's state without a word (AdamW then fails
 # at its first step on SGD's momentum buffers): the optimizer must be the recorded one.
 _OPTIMIZER_ARGS = ('opt',)
@@ -89,6 +90,12 @@ class TrainPosition:
     epoch: int = 0
     step_in_epoch: int = 0
     global_step: int = 0
+
+    def updates(self, steps_per_epoch: int) -> int:
+        """A per-step learning-rate schedule's position at ``steps_per_epoch`` steps per epoch
+        (timm's ``num_updates``): ``global_step`` until a resume changes the epoch's length (batch
+        size, process count, --train-limit), after which the new schedule is placed by epochs."""
+        return self.epoch * steps_per_epoch + self.step_in_epoch
 
 
 def atomic_save(obj: Any, path: str) -> None:
@@ -181,6 +188,8 @@ class CheckpointManager:
     Every process calls ``save_*`` (the RNG states are gathered); only the primary one writes.
     A state with non-finite parameters or buffers is refused, so the last written checkpoint is
     always a good one. The primary process removes the temporary files a killed save left behind.
+    ``steps_per_epoch``: this run's, which places a resumed per-step schedule (``TrainPosition.updates``);
+    None places it at the checkpoint's global step.
     """
 
     def __init__(
@@ -196,6 +205,7 @@ class CheckpointManager:
             every_epochs: int = 0,
             distributed: bool = False,
             is_primary: bool = True,
+            steps_per_epoch: Optional[int] = None,
     ):
         self.output_dir = output_dir
         self.model = model
@@ -208,6 +218,7 @@ class CheckpointManager:
         self.every_epochs = every_epochs
         self.distributed = distributed
         self.is_primary = is_primary
+        self.steps_per_epoch = steps_per_epoch
         self.best_metric: Optional[float] = None
         self.best_epoch: Optional[int] = None
         self.last_saved: Optional[str] = None
@@ -365,12 +376,13 @@ class CheckpointManager:
             return
         # timm's other schedulers are functions of the epoch or update count, and their state_dict
         # is their configuration: loading it would replace the schedule of the current arguments.
+        updates = position.global_step if self.steps_per_epoch is None else position.updates(self.steps_per_epoch)
         self.scheduler.step(position.epoch)
-        self.scheduler.step_update(position.global_step)
-        changed = _changed_args(checkpoint.get('args') or {}, self.args, _SCHEDULE_ARGS)
+        self.scheduler.step_update(updates)
+        changed = _changed_args(checkpoint.get('args') or {}, self.args, _SCHEDULE_ARGS + _STEPS_PER_EPOCH_ARGS)
         if changed:
             _logger.info('learning-rate schedule rebuilt for the current arguments (%s), continuing at '
-                         'global step %d', ', '.join(changed), position.global_step)
+                         'update %d of epoch %d', ', '.join(changed), updates, position.epoch)
 
 
 class Trainer:
@@ -481,7 +493,7 @@ class Trainer:
                 position.step_in_epoch += 1
                 position.global_step += 1
                 if self.scheduler is not None:
-                    self.scheduler.step_update(num_updates=position.global_step)
+                    self.scheduler.step_update(num_updates=position.updates(steps_per_epoch))
                 if self.model_ema is not None:
                     self.model_ema.update(self.checkpoints.model, step=position.global_step)
                 loss_meter.update(loss.item(), inputs.shape[0])

@@ -27,7 +27,7 @@ from timm.models import get_arch_pretrained_cfgs
 
 import deconv_zoo  # noqa: F401  (registers the models)
 from deconv_zoo.convert import convert_reference_checkpoint, read_checkpoint
-from deconv_zoo.evaluation import BAD_INPUT_ERRORS, ParseLiteralKwargs, folder_to_write
+from deconv_zoo.evaluation import BAD_INPUT_ERRORS, ParseLiteralKwargs, check_model_name, folder_to_write
 from deconv_zoo.hub import RESULT_FIELDS, published_entry_source, push_hub_folder, save_hub_folder, tag_mismatch
 from deconv_zoo.loading import file_sha256
 from deconv_zoo.weights import CONVERTED_BN_WEIGHTS, HUB_ORG_ENV, check_hub_repo_id
@@ -105,11 +105,16 @@ def build_model(args: argparse.Namespace, results: Dict[str, Any]) -> Tuple[nn.M
     tag = args.tag or results.get('tag')
     if not arch or not tag:
         raise SystemExit('Name the architecture and tag (--model, --tag) or use the results of scripts/validate.py.')
+    check_model_name(arch)
+    tags = [n.split('.', 1)[1] for n in get_arch_pretrained_cfgs(arch)]
+    if tag not in tags:  # timm's create_model raised it as a traceback
+        raise SystemExit(f"{arch} has no pretrained tag '{tag}'; its tags: {', '.join(tags) or 'none'}. A tag names "
+                         f"the training dataset, and with it the class count and data config that users get.")
     bn_source = CONVERTED_BN_WEIGHTS.get(f'{arch}.{tag}')
     if bn_source:
         # That name always loads timm's weights (weights.hub_repo_id): weights pushed under it would be
         # unreachable by it, and their card would describe timm's weights.
-        own_tags = [n.split('.', 1)[1] for n in get_arch_pretrained_cfgs(arch) if n not in CONVERTED_BN_WEIGHTS]
+        own_tags = [t for t in tags if f'{arch}.{t}' not in CONVERTED_BN_WEIGHTS]
         raise SystemExit(f"tag '{tag}' of {arch} loads timm's batch-norm weights {bn_source}, converted on load, "
                          f"under any organisation: publish deconv-trained weights under {' or '.join(own_tags)} "
                          f"(--tag {own_tags[0]}).")

@@ -392,7 +392,8 @@ def _train(args: argparse.Namespace, device: torch.device, primary: bool) -> Dic
     summary_csv = os.path.join(run_folder, 'summary.csv')
     checkpoints = CheckpointManager(
         run_folder, model, optimizer, scheduler, loss_scaler, model_ema, args=vars(args), arch=args.model,
-        every_epochs=args.checkpoint_every, distributed=args.distributed, is_primary=primary)
+        every_epochs=args.checkpoint_every, distributed=args.distributed, is_primary=primary,
+        steps_per_epoch=steps_per_epoch)
     criterion = create_classification_loss(smoothing=args.smoothing, soft_targets=mixup_active)
     mixup_fn = None
     if mixup_active:

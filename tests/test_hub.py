@@ -187,7 +187,8 @@ def test_push_reads_the_arguments_of_timms_train_script(published, tmp_path):
     (dict(input_size=[3, 8, 8]), r"validated at input size \(3, 8, 8\), but tag 'cifar10' declares \(3, 32, 32\)"),
     (dict(mean=[0.5, 0.5, 0.5]), r"validated with mean \[0.5, 0.5, 0.5\], but tag 'cifar10' declares \(0.4914"),
     (dict(interpolation='nearest'), r"validated with interpolation nearest, but tag 'cifar10' declares bilinear"),
-], ids=['other_model', 'other_dataset', 'other_input_size', 'other_mean', 'other_interpolation'])
+    (dict(tag='digits'), "resnet18_cifar_deconv has no pretrained tag 'digits'; its tags: cifar10, cifar100"),
+], ids=['other_model', 'other_dataset', 'other_input_size', 'other_mean', 'other_interpolation', 'unknown_tag'])
 def test_push_refuses_results_that_do_not_fit_the_tag(published, tmp_path, change, message):
     results = tmp_path / 'validate.json'
     results.write_text(json.dumps(dict(json.loads(published['results_path'].read_text()), **change)))

@@ -400,6 +400,8 @@ def test_resume_with_another_model_is_a_one_line_error_that_keeps_args_json(tmp_
     ('train', ['--model', 'nosuchmodel'], "unknown model 'nosuchmodel'"),
     ('train', ['--dataset', 'nosuchdataset', '--data-dir', '.'], "unknown dataset 'nosuchdataset': use 'digits'"),
     ('train', ['--dataset', 'torch/cifar10'], 'needs --data-dir'),
+    ('train', ['--data-dir', 'imagenet'], "dataset 'digits' is built in and reads no --data-dir (imagenet): for an "
+                                          "image folder add --dataset folder"),
     ('train', ['--batch-size', '0'], 'argument --batch-size/-b: must be at least 1, not 0'),
     ('train', ['--batch-size', '-2'], 'must be at least 1, not -2'),
     ('train', ['--model-kwargs', 'layers=(1,1'], "argument --model-kwargs: layers: '(1,1' is not a Python literal"),
@@ -571,6 +573,21 @@ def test_a_restart_after_a_kill_before_the_first_checkpoint_keeps_one_summary_ro
     assert len(summary_rows(tmp_path / 'run')) == 1 and not (tmp_path / 'run' / LAST).exists()
     train.main(args)
     assert [row['epoch'] for row in summary_rows(tmp_path / 'run')] == ['0']
+
+
+def test_resume_with_another_batch_size_places_the_schedule_by_epochs(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A finished 1-epoch run (2 steps of 32) resumed for 2 epochs at batch 16 (4 steps each): the new
+    schedule was placed at global step 2 of 8 instead of 4, and ended at lr 0.0146, not --min-lr."""
+    train = load_script('train')
+    args = SMALL_DECONV + ['--train-limit', '64', '--val-limit', '16', '--min-lr', '0', '--resume', 'auto',
+                           '--output', str(tmp_path), '--experiment', 'run']
+    train.main(args + ['--epochs', '1', '--batch-size', '32'])
+    with caplog.at_level(logging.INFO):
+        result = train.main(args + ['--epochs', '2', '--batch-size', '16'])
+    assert 'schedule rebuilt for the current arguments (epochs 1 -> 2, batch_size 32 -> 16)' in caplog.text
+    assert result['global_step'] == 6
+    assert [float(row['lr']) for row in summary_rows(tmp_path / 'run')][-1] == 0.0
 
 
 def test_a_batch_larger_than_the_training_set_is_reported(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
