@@ -458,6 +458,8 @@ def _train(args: argparse.Namespace, device: torch.device, primary: bool) -> Dic
             # A run stopped mid-epoch (--max-steps) takes rank 0's instead, as DDP's next forward would
             # have: its checkpoint then resumes exactly as the run would have gone on.
             average_buffers(model, average=epoch_done)
+            if model_ema is not None:  # each process's EMA followed its own statistics
+                average_buffers(model_ema.module, average=epoch_done)
         eval_metrics = evaluate(model, val_loader, device, amp_autocast, args.channels_last, args.distributed)
         if model_ema is not None:
             eval_metrics = evaluate(model_ema.module, val_loader, device, amp_autocast, args.channels_last,

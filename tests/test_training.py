@@ -724,17 +724,18 @@ def _free_port() -> int:
 def test_torchrun_validates_the_model_it_saves(tmp_path: Path) -> None:
     """--sync-deconv on a model with batch norm (efficientnet_b0_cifar_deconv keeps it in its blocks):
     the per-process BN statistics were not averaged, so each process validated its shard with
-    other statistics than those of the checkpoint. The summary's validation loss is the saved model's."""
+    other statistics than those of the checkpoint. The summary's validation loss is the saved model's:
+    here its EMA's, which each process had updated from its own statistics (the score mixed two EMAs)."""
     command = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_addr', '127.0.0.1',
                '--master_port', str(_free_port()), str(REPO / 'scripts' / 'train.py'), '--model', 'resnet18_cifar',
                '--model-kwargs', 'layers=(1,1,1,1)', '--img-size', '8', '--no-progress', '--sync-deconv',
                '--epochs', '1', '--batch-size', '16', '--train-limit', '64', '--val-limit', '32',
-               '--output', str(tmp_path), '--experiment', 'ddp']
+               '--model-ema', '--model-ema-decay', '0.5', '--output', str(tmp_path), '--experiment', 'ddp']
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     validated = load_script('validate').main([
         '--model', 'resnet18_cifar', '--model-kwargs', 'layers=(1,1,1,1)', '--checkpoint', str(tmp_path / 'ddp' / LAST),
-        '--limit', '32', '--workers', '0'])
+        '--limit', '32', '--workers', '0', '--use-ema'])
     assert float(summary_rows(tmp_path / 'ddp')[0]['eval_loss']) == pytest.approx(validated['loss'], rel=1e-5)
 
 
