@@ -58,6 +58,10 @@ _DATA_ORDER_ARGS = _STEPS_PER_EPOCH_ARGS + ('seed',)
 # torch's Optimizer.load_state_dict takes another optimizer's state without a word (AdamW then fails
 # at its first step on SGD's momentum buffers): the optimizer must be the recorded one.
 _OPTIMIZER_ARGS = ('opt',)
+# Optimizer settings a resume takes from its own arguments; the learning rate of each parameter
+# group is the scheduler's (a plateau schedule keeps it in the optimizer state), its parameters the model's.
+_OPTIMIZER_SETTING_ARGS = ('weight_decay', 'momentum')
+_SCHEDULED_GROUP_KEYS = ('params', 'lr', 'initial_lr')
 # What timm's PlateauLRScheduler.state_dict leaves out (it keeps the best metric and the epoch): without
 # them a resume restarts the patience and cooldown counts.
 _PLATEAU_COUNTERS = ('num_bad_epochs', 'cooldown_counter')
@@ -317,7 +321,7 @@ class CheckpointManager:
         self._check_fits(path, checkpoint)
         position = TrainPosition(checkpoint['epoch'], checkpoint['step_in_epoch'], checkpoint['global_step'])
         self.model.load_state_dict(checkpoint['state_dict'])
-        self.optimizer.load_state_dict(checkpoint['optimizer'])
+        self._load_optimizer(checkpoint)
         if self.model_ema is not None:
             self.model_ema.module.load_state_dict(checkpoint.get('state_dict_ema', checkpoint['state_dict']))
         if self.scheduler is not None:
@@ -363,6 +367,21 @@ class CheckpointManager:
             raise CheckpointMismatchError(
                 f'{path}: its optimizer state does not fit this optimizer ({", ".join(changed)}): resume with the '
                 f'recorded optimizer arguments, or start from its weights alone with --initial-checkpoint')
+
+    def _load_optimizer(self, checkpoint: Dict[str, Any]) -> None:
+        """The checkpoint's optimizer state (momentum buffers, step counts) under the current
+        arguments' settings: ``load_state_dict`` also restores each group's recorded weight decay and
+        momentum, which a resume with other values then ignored while its args.json recorded them.
+        The learning rate is the scheduler's (set by ``_move_scheduler``)."""
+        settings = [{key: value for key, value in group.items() if key not in _SCHEDULED_GROUP_KEYS}
+                    for group in self.optimizer.param_groups]
+        self.optimizer.load_state_dict(checkpoint['optimizer'])
+        for group, current in zip(self.optimizer.param_groups, settings):
+            group.update(current)
+        changed = _changed_args(checkpoint.get('args') or {}, self.args, _OPTIMIZER_SETTING_ARGS)
+        if changed:
+            _logger.info('optimizer settings of the current arguments (%s) replace the recorded ones',
+                         ', '.join(changed))
 
     def _move_scheduler(self, checkpoint: Dict[str, Any], position: TrainPosition) -> None:
         if isinstance(self.scheduler, PlateauLRScheduler):

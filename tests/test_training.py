@@ -210,6 +210,30 @@ def test_resume_refuses_the_state_of_another_optimizer(tmp_path: Path, change: s
     assert state_dicts_equal(before, resuming.model.state_dict())
 
 
+def test_resume_takes_the_current_weight_decay_and_momentum(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """torch's Optimizer.load_state_dict restores each group's recorded settings: a resume with
+    another --weight-decay or --momentum trained on the old ones while args.json recorded the new."""
+    written = _manager(tmp_path)
+    written.args.update(weight_decay=0.0, momentum=0.9)
+    loss = written.model(torch.ones(1, 2)).sum()
+    loss.backward()
+    written.optimizer.step()  # a momentum buffer to carry over
+    written.save_epoch(TrainPosition(1, 0, 2), None)
+    resuming = _manager(tmp_path)
+    resuming.args.update(weight_decay=0.01, momentum=0.5)
+    resuming.optimizer = torch.optim.SGD(resuming.model.parameters(), lr=0.1, momentum=0.5, weight_decay=0.01)
+    with caplog.at_level(logging.INFO):
+        resuming.load(str(tmp_path / LAST))
+    group = resuming.optimizer.param_groups[0]
+    assert (group['momentum'], group['weight_decay']) == (0.5, 0.01)
+    buffers = [resuming.optimizer.state[p]['momentum_buffer'] for p in resuming.model.parameters()]
+    assert all(torch.equal(b, written.optimizer.state[p]['momentum_buffer'])
+               for b, p in zip(buffers, written.model.parameters()))
+    assert ('optimizer settings of the current arguments (weight_decay 0.0 -> 0.01, momentum 0.9 -> 0.5)'
+            in caplog.text)
+
+
 def test_resume_keeps_the_plateau_scheduler_counters(tmp_path: Path) -> None:
     """timm's PlateauLRScheduler saves its best metric only: a resume reset the epochs without
     improvement (and the cooldown), so the learning rate dropped later than in the uninterrupted run."""
