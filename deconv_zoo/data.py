@@ -29,7 +29,7 @@ __all__ = [
     'DIGITS', 'SYNTHETIC', 'SPLITS', 'DigitsDataset', 'SyntheticDataset', 'check_dataset', 'create_image_dataset',
     'dataset_num_classes', 'resolve_input_config', 'ResumableSampler', 'ShardSampler', 'PerSampleSeed',
     'SkipUnreadable', 'collate_readable', 'create_data_loader', 'set_image_transform', 'splits_share_images',
-    'DatasetError', 'DatasetNotFoundError',
+    'fixed_interpolation', 'DatasetError', 'DatasetNotFoundError',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -413,7 +413,7 @@ def set_image_transform(dataset: Dataset, input_config: Dict[str, Any], is_train
     if is_training and crop_padding > 0:
         from timm.data.transforms import str_to_interp_mode
 
-        resize_interpolation = _fixed_interpolation(input_config['interpolation'])
+        resize_interpolation = fixed_interpolation(input_config['interpolation'])
         base.transform = transforms.Compose([
             to_mode,
             # To the input size first (a no-op for CIFAR at 32x32), as the eval transform does: the
@@ -427,12 +427,12 @@ def set_image_transform(dataset: Dataset, input_config: Dict[str, Any], is_train
         return
     config = {key: input_config[key] for key in ('input_size', 'interpolation', 'mean', 'std', 'crop_pct', 'crop_mode')}
     if not is_training:
-        config['interpolation'] = _fixed_interpolation(config['interpolation'])
+        config['interpolation'] = fixed_interpolation(config['interpolation'])
     transform = create_transform(**config, is_training=is_training, **(aug if is_training else {}))
     base.transform = transforms.Compose([to_mode, transform])
 
 
-def _fixed_interpolation(mode: str) -> str:
+def fixed_interpolation(mode: str) -> str:
     """timm's 'random' (a mode drawn per image) belongs to its random-resized crop, which alone takes
     it; the other resizes (eval, the CIFAR crop's no-op one) take timm's default mode instead."""
     return 'bilinear' if mode == 'random' else mode

@@ -214,6 +214,8 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         # torch's SyncBatchNorm raises at the first step on CPU, after the run folder is written.
         parser.error('--sync-bn: torch.nn.SyncBatchNorm does not run on CPU; leave it out (batch-norm statistics '
                      'are averaged over the processes at each epoch end)')
+    if (args.mixup > 0 or args.cutmix > 0) and args.batch_size % 2:  # timm asserts it at the first step
+        parser.error(f'--batch-size {args.batch_size}: mixup and cutmix pair the images of a batch, so it must be even')
     if args.sched == 'plateau' and args.sched_on_updates:  # timm asserts it when the scheduler is built
         parser.error('--sched plateau steps once per epoch: add --no-sched-on-updates')
     # timm checks the optimizer's and scheduler's names and values only when it builds them, after the

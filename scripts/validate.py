@@ -29,7 +29,7 @@ from timm.utils import setup_default_logging
 import deconv_zoo  # noqa: F401  (registers the zoo's models with timm)
 from deconv_zoo.data import (
     DIGITS, SPLITS, ShardSampler, SkipUnreadable, collate_readable, create_data_loader,
-    create_image_dataset, dataset_num_classes, resolve_input_config, set_image_transform,
+    create_image_dataset, dataset_num_classes, fixed_interpolation, resolve_input_config, set_image_transform,
 )
 from deconv_zoo.evaluation import (
     INTERPOLATIONS, add_model_arguments, check_device, check_input_size, check_model_and_dataset, check_num_classes,
@@ -145,7 +145,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         mean=list(input_config['mean']),
         std=list(input_config['std']),
         crop_pct=input_config['crop_pct'],
-        interpolation=input_config['interpolation'],
+        interpolation=fixed_interpolation(input_config['interpolation']),  # the one evaluated with
         param_count=sum(p.numel() for p in model.parameters()),
         batch_size=args.batch_size,
         device=str(device),

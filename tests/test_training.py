@@ -424,6 +424,7 @@ def test_resume_with_another_model_is_a_one_line_error_that_keeps_args_json(tmp_
     ('train', ['--model', 'nosuchmodel'], "unknown model 'nosuchmodel'"),
     ('train', ['--dataset', 'nosuchdataset', '--data-dir', '.'], "unknown dataset 'nosuchdataset': use 'digits'"),
     ('train', ['--dataset', 'torch/cifar10'], 'needs --data-dir'),
+    ('train', ['--batch-size', '15', '--cutmix', '1'], '--batch-size 15: mixup and cutmix pair the images of a batch'),
     ('train', ['--data-dir', 'imagenet'], "dataset 'digits' is built in and reads no --data-dir (imagenet): for an "
                                           "image folder add --dataset folder"),
     ('train', ['--batch-size', '0'], 'argument --batch-size/-b: must be at least 1, not 0'),
@@ -920,12 +921,14 @@ def test_validate_takes_the_input_size_a_training_checkpoint_records(
     model = timm.create_model('resnet18_cifar', num_classes=12, layers=(1, 1, 1, 1))
     checkpoint = tmp_path / 'ckpt.pth.tar'
     atomic_save(dict(state_dict=model.state_dict(), epoch=0, args=dict(
-        img_size=8, input_size=None, num_classes=12, model_kwargs={'layers': (1, 1, 1, 1)})), str(checkpoint))
+        img_size=8, input_size=None, num_classes=12, model_kwargs={'layers': (1, 1, 1, 1)}, interpolation='random')),
+        str(checkpoint))
     validate = load_script('validate')
     argv = ['--model', 'resnet18_cifar', '--checkpoint', str(checkpoint), '--limit', '8']
     with caplog.at_level(logging.INFO):
         results = validate.main(argv)
     assert results['input_size'] == [3, 8, 8]
+    assert results['interpolation'] == 'bilinear'  # evaluated with (training's 'random' is its crop's)
     assert results['param_count'] == sum(p.numel() for p in model.parameters())
     assert ("as recorded in the training checkpoint: num_classes 12, model_kwargs {'layers': (1, 1, 1, 1)}, img_size 8"
             in caplog.text)
