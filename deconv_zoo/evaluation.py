@@ -26,14 +26,16 @@ from .loading import (
     compare_state_dict, is_safetensors_path, load_torch_checkpoint, optional_state_keys, refuse_non_finite,
     verify_weights_file,
 )
-from .weights import CheckpointMismatchError, CorruptWeightsError
+from .weights import (
+    ChecksumMismatchError, CheckpointMismatchError, CorruptWeightsError, NoPublishedWeightsError, WeightsNotCachedError,
+)
 
 __all__ = ['ModelArgumentsError', 'BAD_INPUT_ERRORS', 'run_script', 'number_in', 'positive_int', 'non_negative_int',
            'non_negative_float', 'positive_float', 'probability', 'proper_fraction', 'crop_fraction', 'INTERPOLATIONS',
            'file_to_write', 'folder_to_write', 'json_object', 'ParseLiteralKwargs',
            'create_model_with_weights', 'check_model_name', 'check_model_and_dataset', 'check_device',
            'check_num_classes', 'check_input_size', 'training_arguments', 'is_unset', 'add_model_arguments',
-           'input_channels', 'model_from_args', 'evaluate']
+           'input_channels', 'with_model_kwargs', 'model_from_args', 'evaluate']
 
 # The arguments of a training run (scripts/train.py and timm's train.py record them alike) that
 # evaluating its checkpoint needs: what the model was built with, and the data config.
@@ -47,8 +49,12 @@ class ModelArgumentsError(ValueError):
 
 
 # What the scripts report as a one-line error instead of a traceback: the input, not the code, is wrong.
-BAD_INPUT_ERRORS = (ModelArgumentsError, CorruptWeightsError, CheckpointMismatchError, DatasetError,
-                    DatasetNotFoundError)
+BAD_INPUT_ERRORS = (ModelArgumentsError, CorruptWeightsError, CheckpointMismatchError, ChecksumMismatchError,
+                    NoPublishedWeightsError, WeightsNotCachedError, DatasetError, DatasetNotFoundError)
+
+# The model arguments the scripts set from options of their own.
+_OPTION_OF_MODEL_ARGUMENT = {'num_classes': '--num-classes', 'in_chans': '--in-chans or --input-size',
+                             'drop_rate': '--drop', 'drop_path_rate': '--drop-path'}
 
 
 def run_script(main: Callable[[], Any], logger_name: str, also: Tuple[type, ...] = ()) -> None:
@@ -164,7 +170,9 @@ def create_model_with_weights(
     check_model_name(model_name)
     try:
         model = timm.create_model(model_name, pretrained=pretrained, **kwargs)
-    except TypeError as error:  # "... got an unexpected keyword argument 'x'"
+    except BAD_INPUT_ERRORS:  # the weights' errors (CorruptWeightsError is a ValueError too)
+        raise
+    except (TypeError, ValueError) as error:  # "unexpected keyword argument 'x'", a setting out of range
         raise ModelArgumentsError(f'cannot create {model_name} (check --model-kwargs): {error}') from None
     if checkpoint:
         verify_weights_file(checkpoint)
@@ -280,12 +288,24 @@ def input_channels(args: argparse.Namespace) -> Optional[int]:
     return args.input_size[0] if getattr(args, 'input_size', None) else args.in_chans
 
 
+def with_model_kwargs(options: Dict[str, Any], model_kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """The model arguments of a script's own ``options`` (those set) and of --model-kwargs; one
+    given both ways is a ``ModelArgumentsError`` (Python's "got multiple values" TypeError was a
+    traceback, at the call)."""
+    clash = [key for key in model_kwargs if options.get(key) is not None]
+    if clash:
+        raise ModelArgumentsError('; '.join(
+            f'--model-kwargs {key}={model_kwargs[key]!r}: the script sets {key}={options[key]!r} '
+            f'({_OPTION_OF_MODEL_ARGUMENT.get(key, "its own option")}): give it there' for key in clash))
+    return {**{key: value for key, value in options.items() if value is not None}, **model_kwargs}
+
+
 def model_from_args(args: argparse.Namespace, num_classes: Optional[int] = None) -> nn.Module:
     """The model the ``add_model_arguments`` options describe; ``num_classes`` is the default
     when --num-classes is not given (else the model's own)."""
+    options = dict(num_classes=args.num_classes or num_classes, in_chans=input_channels(args))
     return create_model_with_weights(args.model, args.pretrained, args.checkpoint, args.use_ema,
-                                     num_classes=args.num_classes or num_classes, in_chans=input_channels(args),
-                                     **args.model_kwargs)
+                                     **with_model_kwargs(options, args.model_kwargs))
 
 
 @torch.no_grad()

@@ -47,7 +47,7 @@ from deconv_zoo.distributed import average_buffers, convert_sync_deconv
 from deconv_zoo.evaluation import (
     INTERPOLATIONS, ParseLiteralKwargs, check_device, check_input_size, check_model_and_dataset, check_num_classes,
     create_model_with_weights, crop_fraction, evaluate, folder_to_write, input_channels, non_negative_float,
-    non_negative_int, positive_float, positive_int, probability, proper_fraction, run_script,
+    non_negative_int, positive_float, positive_int, probability, proper_fraction, run_script, with_model_kwargs,
 )
 from deconv_zoo.files import atomic_write_text
 from deconv_zoo.training import LAST, RECIPES, CheckpointManager, Trainer, TrainingStopped, TrainPosition, resolve_resume
@@ -319,9 +319,10 @@ def _train(args: argparse.Namespace, device: torch.device, primary: bool) -> Dic
                         f'validation scores the training images (hold some out in val/ for a real one)')
     check_num_classes(args.num_classes, train_set)
     num_classes = args.num_classes or dataset_num_classes(train_set)
-    model = create_model_with_weights(
-        args.model, pretrained=args.pretrained, checkpoint=args.initial_checkpoint, num_classes=num_classes,
-        in_chans=input_channels(args), drop_rate=args.drop, drop_path_rate=args.drop_path, **args.model_kwargs)
+    options = dict(num_classes=num_classes, in_chans=input_channels(args), drop_rate=args.drop,
+                   drop_path_rate=args.drop_path)
+    model = create_model_with_weights(args.model, pretrained=args.pretrained, checkpoint=args.initial_checkpoint,
+                                      **with_model_kwargs(options, args.model_kwargs))
     input_config = resolve_input_config(model, vars(args))
     aug = dict(hflip=args.hflip, scale=args.scale, ratio=args.ratio, color_jitter=args.color_jitter,
                auto_augment=args.aa, re_prob=args.reprob, re_mode=args.remode, re_count=args.recount,

@@ -31,7 +31,7 @@ from timm.scheduler import create_scheduler_v2
 
 from deconv_zoo.data import DatasetError, DatasetNotFoundError, DigitsDataset, ResumableSampler, create_image_dataset
 from deconv_zoo.distributed import SyncDelinear, SyncFastDeconv, convert_sync_deconv
-from deconv_zoo.evaluation import ModelArgumentsError
+from deconv_zoo.evaluation import BAD_INPUT_ERRORS, ModelArgumentsError
 from deconv_zoo.layers import Delinear, FastDeconv
 from deconv_zoo.training import BEST, LAST, CheckpointManager, TrainingStopped, TrainPosition, atomic_save
 from deconv_zoo.weights import CheckpointMismatchError, CorruptWeightsError
@@ -479,6 +479,22 @@ def test_bad_arguments_are_argparse_errors(script: str, argv: List[str], message
     with pytest.raises(SystemExit) as exit_info:
         load_script(script).main(argv)
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('script, argv, message', [
+    ('train', ['--model-kwargs', 'num_classes=12'],
+     r'--model-kwargs num_classes=12: the script sets num_classes=10 \(--num-classes\): give it there'),
+    ('validate', ['--in-chans', '1', '--model-kwargs', 'in_chans=3'], '--model-kwargs in_chans=3: the script sets'),
+    ('train', ['--model-kwargs', "deconv_cfg={'block': 0}"], r'cannot create resnet18_cifar_deconv \(check --model'),
+    ('validate', ['--pretrained'], "No pretrained weights are published for 'resnet18_cifar_deconv"),
+], ids=['train_clash', 'validate_clash', 'layer_setting', 'no_weights'])
+def test_model_errors_are_one_line(tmp_path: Path, script: str, argv: List[str], message: str) -> None:
+    """Were tracebacks: Python's "multiple values for keyword argument", a layer's ValueError, the
+    weights' NoPublishedWeightsError (a RuntimeError). BAD_INPUT_ERRORS end a script in one line."""
+    with pytest.raises(BAD_INPUT_ERRORS, match=message):
+        load_script(script).main(['--model', 'resnet18_cifar_deconv', '--img-size', '8', '--output', str(tmp_path)]
+                                 + argv if script == 'train' else ['--model', 'resnet18_cifar_deconv'] + argv)
+    assert not any(tmp_path.iterdir())
 
 
 def test_failed_starts_leave_no_run_folder(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
