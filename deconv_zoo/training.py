@@ -358,6 +358,10 @@ class CheckpointManager:
         if mismatch:
             raise CheckpointMismatchError(
                 f'{path} does not fit the model {self.arch} (other model arguments?):\n{mismatch.describe()}')
+        moved = _changed_args(checkpoint.get('args') or {}, self.args, ('data_dir',))
+        if moved:  # a copy moved to faster storage, or other images: only the user knows
+            _logger.warning('resuming %s with another dataset root (%s): the run continues on its images',
+                            path, moved[0])
         changed = _changed_args(checkpoint.get('args') or {}, self.args, _OPTIMIZER_ARGS)
         saved_groups = [len(group['params']) for group in checkpoint['optimizer'].get('param_groups', [])]
         groups = [len(group['params']) for group in self.optimizer.param_groups]

@@ -39,7 +39,7 @@ from timm.utils import (ModelEmaV3, NativeScaler, init_distributed_device, rando
 
 import deconv_zoo  # noqa: F401  (registers the zoo's models with timm)
 from deconv_zoo.data import (
-    DIGITS, SYNTHETIC, PerSampleSeed, ResumableSampler, ShardSampler, SkipUnreadable, collate_readable,
+    DIGITS, FOLDER_NAMES, SYNTHETIC, PerSampleSeed, ResumableSampler, ShardSampler, SkipUnreadable, collate_readable,
     create_data_loader, create_image_dataset, dataset_num_classes, resolve_input_config, set_image_transform,
     splits_share_images,
 )
@@ -170,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group('output and checkpoints')
     group.add_argument('--output', default='output/train', type=folder_to_write,
                        help='parent folder of the run folders')
-    group.add_argument('--experiment', default='', help='run folder name (default: <model>-<dataset>)')
+    group.add_argument('--experiment', default='', help='run folder name (default: <model>-<dataset>, an image folder's own name for --dataset folder)')
     group.add_argument('--resume', default='',
                        help='checkpoint to continue from, or "auto": the run folder\'s last.pth.tar if present')
     group.add_argument('--checkpoint-every', type=non_negative_int, default=0,
@@ -260,6 +260,14 @@ def create_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer,
         warmup_epochs=args.warmup_epochs, step_on_epochs=not args.sched_on_updates, updates_per_epoch=updates_per_epoch)
 
 
+def _dataset_name(args: argparse.Namespace) -> str:
+    """The dataset part of the default run folder's name: an image folder's own name, so that two
+    folder datasets do not share one run folder (and --resume auto another dataset's checkpoint)."""
+    if args.dataset in FOLDER_NAMES and args.data_dir:
+        return os.path.basename(os.path.abspath(args.data_dir)) or 'folder'
+    return os.path.basename(args.dataset.rstrip('/')) or 'folder'
+
+
 def _run_folder(args: argparse.Namespace, primary: bool) -> str:
     """The run folder, decided on rank 0 and shared: the resumed checkpoint's folder for
     --resume PATH, <output>/<experiment> for --resume auto, else a fresh one (suffix -1, -2, ...
@@ -267,7 +275,7 @@ def _run_folder(args: argparse.Namespace, primary: bool) -> str:
     here: a start that fails leaves no empty folder."""
     folder = None
     if primary:
-        name = args.experiment or f'{args.model}-{os.path.basename(args.dataset.rstrip("/")) or "folder"}'
+        name = args.experiment or f'{args.model}-{_dataset_name(args)}'
         if args.resume and args.resume != 'auto' and not args.experiment:
             folder = os.path.dirname(os.path.abspath(args.resume))
         else:

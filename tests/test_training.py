@@ -185,6 +185,17 @@ def test_mid_epoch_resume_refuses_another_data_order(tmp_path: Path) -> None:
     assert resuming.load(str(tmp_path / LAST)) == TrainPosition(1, 0, 6)
 
 
+def test_resume_on_another_dataset_root_says_so(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    written = _manager(tmp_path)
+    written.args.update(data_dir='/data/imagenet')
+    written.save_step(TrainPosition(0, 1, 1))
+    resuming = _manager(tmp_path)
+    resuming.args.update(data_dir='/scratch/imagenet')
+    with caplog.at_level(logging.WARNING):
+        resuming.load(str(tmp_path / LAST))
+    assert 'with another dataset root (data_dir /data/imagenet -> /scratch/imagenet)' in caplog.text
+
+
 @pytest.mark.parametrize('change', ['opt', 'param groups'])
 def test_resume_refuses_the_state_of_another_optimizer(tmp_path: Path, change: str) -> None:
     """Resuming with another --opt loaded SGD's momentum buffers into AdamW, which failed with a KeyError
@@ -854,6 +865,7 @@ def test_train_names_unreadable_images_and_validates_without_them(
             str(tmp_path), '--img-size', '16', '--workers', '0', '--batch-size', '4', '--epochs', '1',
             '--no-progress', '--output', str(tmp_path / 'out')])
     assert result['num_images'] == 6
+    assert os.path.basename(result['run_folder']) == f'resnet18_cifar-{tmp_path.name}'  # was -folder for any folder
     assert 'unreadable image dog/corrupt.png: Failed to load 1 consecutive samples; using the next image' in caplog.text
     assert 'skipping unreadable image dog/corrupt.png' in caplog.text
     assert 'validation: 1 unreadable image(s) skipped' in caplog.text
