@@ -170,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group('output and checkpoints')
     group.add_argument('--output', default='output/train', type=folder_to_write,
                        help='parent folder of the run folders')
-    group.add_argument('--experiment', default='', help='run folder name (default: <model>-<dataset>, an image folder's own name for --dataset folder)')
+    group.add_argument('--experiment', default='',
+                       help='run folder name (default: <model>-<dataset>; for --dataset folder, the folder\'s name)')
     group.add_argument('--resume', default='',
                        help='checkpoint to continue from, or "auto": the run folder\'s last.pth.tar if present')
     group.add_argument('--checkpoint-every', type=non_negative_int, default=0,
