@@ -182,12 +182,24 @@ def create_model_with_weights(
         state_dict = load_state_dict(checkpoint, use_ema=use_ema)
         mismatch = compare_state_dict(state_dict, model.state_dict(), optional=optional_state_keys(model))
         if mismatch:
+            trained = _recorded_architecture(checkpoint)
+            if trained and trained != model_name.split('.')[0]:
+                raise CheckpointMismatchError(f'{checkpoint} is a training checkpoint of {trained}, not {model_name}: '
+                                              f'give --model {trained}')
             raise CheckpointMismatchError(
                 f'{checkpoint} does not fit {model_name} as built (num_classes, in_chans and --model-kwargs must be '
                 f'those it was trained with):\n{mismatch.describe()}')
         refuse_non_finite(state_dict, checkpoint)
         model.load_state_dict(state_dict)
     return model
+
+
+def _recorded_architecture(checkpoint: str) -> Optional[str]:
+    """The architecture a training checkpoint of scripts/train.py records, if any."""
+    if is_safetensors_path(checkpoint):
+        return None
+    state = load_torch_checkpoint(checkpoint, mmap=True)
+    return state.get('arch') if isinstance(state, dict) else None
 
 
 def _holds_ema_weights(checkpoint: str) -> bool:

@@ -48,7 +48,7 @@ BEST = 'model_best.pth.tar'
 CHECKPOINT_VERSION = 1
 # What atomic_save leaves behind when killed mid-write, for the names CheckpointManager writes (the
 # random part matches the tempfile.mkstemp names of earlier versions too).
-_STALE_TEMPORARY = re.compile(r'\.(last|model_best|checkpoint-\d+)\.pth\.tar\.[^.]+\.tmp')
+_STALE_TEMPORARY = re.compile(r'\.((last|model_best|checkpoint-\d+)\.pth\.tar|args\.json|summary\.csv)\.[^.]+\.tmp')
 # Arguments that define the learning-rate schedule (logged when a resume changes them).
 _SCHEDULE_ARGS = ('sched', 'epochs', 'sched_on_updates', 'lr', 'min_lr', 'warmup_epochs', 'warmup_lr')
 # Arguments that decide which samples an epoch's steps take: a mid-epoch resume skips the steps done

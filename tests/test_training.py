@@ -303,7 +303,8 @@ def test_best_is_written_before_last(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
 
 def test_checkpoint_manager_removes_stale_temporary_files(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    stale = ['.last.pth.tar.1a2b3c4d.tmp', '.model_best.pth.tar.k_9xq2zz.tmp', '.checkpoint-3.pth.tar.0f0f0f0f.tmp']
+    stale = ['.last.pth.tar.1a2b3c4d.tmp', '.model_best.pth.tar.k_9xq2zz.tmp', '.checkpoint-3.pth.tar.0f0f0f0f.tmp',
+             '.args.json.0a1b2c3d.tmp', '.summary.csv.9f8e7d6c.tmp']
     kept = ['.notes.txt.1a2b3c4d.tmp', 'last.pth.tar.tmp', LAST]
     for name in stale + kept:
         (tmp_path / name).write_bytes(b'partial')
@@ -938,6 +939,13 @@ def test_validate_names_the_keys_of_a_checkpoint_that_does_not_fit(tmp_path: Pat
     with pytest.raises(CheckpointMismatchError, match=r'does not fit resnet18_cifar as built[^\n]*\n  unexpected \(\d+\): layer1\.1\.conv1\.weight'):
         load_script('validate').main(['--model', 'resnet18_cifar', '--model-kwargs', 'layers=(1,1,1,1)',
                                       '--checkpoint', str(checkpoint), '--img-size', '8', '--limit', '8'])
+    # A checkpoint of another architecture: its recorded one, not some 180 keys.
+    atomic_save(dict(state_dict=timm.create_model('resnet18_cifar').state_dict(), epoch=0, arch='resnet18_cifar'),
+                str(checkpoint))
+    with pytest.raises(CheckpointMismatchError, match='training checkpoint of resnet18_cifar, not vgg16_cifar: give '
+                                                      '--model resnet18_cifar'):
+        load_script('validate').main(['--model', 'vgg16_cifar', '--checkpoint', str(checkpoint), '--img-size', '8',
+                                      '--limit', '8'])
 
 
 def test_validate_takes_the_input_size_a_training_checkpoint_records(
