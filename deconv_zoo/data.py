@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, S
 
 __all__ = [
     'DIGITS', 'SYNTHETIC', 'SPLITS', 'DigitsDataset', 'SyntheticDataset', 'check_dataset', 'create_image_dataset',
-    'dataset_num_classes', 'resolve_input_config', 'ResumableSampler', 'ShardSampler', 'PerSampleSeed',
+    'dataset_num_classes', 'dataset_class_names', 'resolve_input_config', 'ResumableSampler', 'ShardSampler', 'PerSampleSeed',
     'SkipUnreadable', 'collate_readable', 'create_data_loader', 'set_image_transform', 'splits_share_images',
     'fixed_interpolation', 'DatasetError', 'DatasetNotFoundError',
 ]
@@ -176,6 +176,7 @@ def create_image_dataset(
         num_classes: Optional[int] = None,
         synthetic_size: int = 512,
         seed: int = 0,
+        class_names: Optional[Sequence[str]] = None,
 ) -> Dataset:
     """The dataset called ``name`` for ``split`` ('train' or 'validation'), without transforms.
 
@@ -183,7 +184,9 @@ def create_image_dataset(
     (ImageNet layout under ``root``: train/, val/), or any timm dataset name such as
     'torch/cifar10' read from a local copy in ``root``. Prepare it for a model with
     ``set_image_transform``. ``limit`` keeps the first ``limit`` samples (smoke tests).
-    Other names raise DatasetError (``check_dataset``).
+    Other names raise DatasetError (``check_dataset``). ``class_names``: the labels of a model
+    trained on an image folder (``dataset_class_names`` of its training set, recorded in its
+    checkpoints), which then label an image folder's split too.
     """
     check_dataset(name, root)
     if limit is not None and limit < 1:  # Subset(range(0 or less)) would be an empty dataset
@@ -195,7 +198,7 @@ def create_image_dataset(
         dataset = SyntheticDataset(synthetic_size if training else max(synthetic_size // 4, 1), num_classes or 10,
                                    seed=seed + (0 if training else 1))
     else:
-        dataset = _timm_dataset(name, root, split)
+        dataset = _timm_dataset(name, root, split, class_names)
     if limit is not None and limit < len(dataset):
         subset = Subset(dataset, range(limit))
         subset.num_classes = dataset_num_classes(dataset)
@@ -203,14 +206,16 @@ def create_image_dataset(
     return dataset
 
 
-def _timm_dataset(name: str, root: str, split: str) -> Dataset:
+def _timm_dataset(name: str, root: str, split: str, class_names: Optional[Sequence[str]] = None) -> Dataset:
     from timm.data import create_dataset
 
     is_training = _is_train_split(split)
     options = {}
     if name in FOLDER_NAMES:
         _check_image_folder(root, is_training)
-        if not is_training:
+        if class_names:
+            options['class_map'] = _recorded_class_map(root, is_training, class_names)
+        elif not is_training:
             options['class_map'] = _training_class_map(root)
         # The files stay in their own mode until set_image_transform's conversion, which reads
         # 16-bit greyscale correctly; timm's conversion to RGB here would clip it at 255 first.
@@ -280,6 +285,32 @@ def _training_class_map(root: str) -> Optional[Dict[str, int]]:
             f'dataset folder {root!r}: validation classes without training images in {train_folder}: '
             f'{", ".join(unknown[:5])}{", ..." if len(unknown) > 5 else ""} (the two splits must share class folders)')
     return {name: index for index, name in enumerate(sorted(train_classes, key=natural_key))}
+
+
+def _recorded_class_map(root: str, is_training: bool, class_names: Sequence[str]) -> Dict[str, int]:
+    """The labels a model was trained with, for a split of an image folder (timm would number the
+    split's own folders: a validation-only root without one class shifted every later label)."""
+    from timm.utils.misc import natural_key
+
+    folder = _split_folders(root)[0 if is_training else 1]
+    unknown = sorted(_folder_classes(folder) - set(class_names), key=natural_key)
+    if unknown:
+        raise DatasetError(
+            f'dataset folder {folder!r}: classes the model was not trained on: {", ".join(unknown[:5])}'
+            f'{", ..." if len(unknown) > 5 else ""} (its checkpoint records {len(class_names)}: '
+            f'{", ".join(class_names[:5])}{", ..." if len(class_names) > 5 else ""})')
+    return {class_name: index for index, class_name in enumerate(class_names)}
+
+
+def dataset_class_names(dataset: Dataset) -> Optional[List[str]]:
+    """An image-folder dataset's class names in label order (timm's folder reader holds them);
+    None for other datasets, whose labels are fixed by the dataset itself."""
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    class_to_idx = getattr(getattr(dataset, 'reader', None), 'class_to_idx', None)
+    if not class_to_idx:
+        return None
+    return [class_name for class_name, _ in sorted(class_to_idx.items(), key=lambda item: item[1])]
 
 
 def splits_share_images(name: str, root: str) -> bool:

@@ -35,7 +35,7 @@ __all__ = ['ModelArgumentsError', 'BAD_INPUT_ERRORS', 'run_script', 'number_in',
            'file_to_write', 'folder_to_write', 'json_object', 'ParseLiteralKwargs',
            'create_model_with_weights', 'check_model_name', 'check_model_and_dataset', 'check_device',
            'check_num_classes', 'check_input_size', 'training_arguments', 'is_unset', 'add_model_arguments',
-           'input_channels', 'with_model_kwargs', 'model_from_args', 'evaluate']
+           'input_channels', 'recorded_in_checkpoint', 'with_model_kwargs', 'model_from_args', 'evaluate']
 
 # The arguments of a training run (scripts/train.py and timm's train.py record them alike) that
 # evaluating its checkpoint needs: what the model was built with, and the data config.
@@ -182,7 +182,7 @@ def create_model_with_weights(
         state_dict = load_state_dict(checkpoint, use_ema=use_ema)
         mismatch = compare_state_dict(state_dict, model.state_dict(), optional=optional_state_keys(model))
         if mismatch:
-            trained = _recorded_architecture(checkpoint)
+            trained = recorded_in_checkpoint(checkpoint, 'arch')
             if trained and trained != model_name.split('.')[0]:
                 raise CheckpointMismatchError(f'{checkpoint} is a training checkpoint of {trained}, not {model_name}: '
                                               f'give --model {trained}')
@@ -194,19 +194,17 @@ def create_model_with_weights(
     return model
 
 
-def _recorded_architecture(checkpoint: str) -> Optional[str]:
-    """The architecture a training checkpoint of scripts/train.py records, if any."""
+def recorded_in_checkpoint(checkpoint: str, key: str) -> Any:
+    """What a training checkpoint of scripts/train.py records under ``key`` ('arch', 'class_names');
+    None for a safetensors file or a checkpoint without it."""
     if is_safetensors_path(checkpoint):
         return None
-    state = load_torch_checkpoint(checkpoint, mmap=True)
-    return state.get('arch') if isinstance(state, dict) else None
+    state = load_torch_checkpoint(checkpoint, mmap=True)  # the weights are loaded with the model
+    return state.get(key) if isinstance(state, dict) else None
 
 
 def _holds_ema_weights(checkpoint: str) -> bool:
-    if is_safetensors_path(checkpoint):
-        return False
-    state = load_torch_checkpoint(checkpoint, mmap=True)
-    return isinstance(state, dict) and any(state.get(key) is not None for key in ('state_dict_ema', 'model_ema'))
+    return any(recorded_in_checkpoint(checkpoint, key) is not None for key in ('state_dict_ema', 'model_ema'))
 
 
 def check_model_name(model_name: str) -> None:

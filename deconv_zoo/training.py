@@ -193,7 +193,8 @@ class CheckpointManager:
     A state with non-finite parameters or buffers is refused, so the last written checkpoint is
     always a good one. The primary process removes the temporary files a killed save left behind.
     ``steps_per_epoch``: this run's, which places a resumed per-step schedule (``TrainPosition.updates``);
-    None places it at the checkpoint's global step.
+    None places it at the checkpoint's global step. ``class_names``: an image folder's classes in label
+    order, recorded for validate.py to label other folders alike.
     """
 
     def __init__(
@@ -210,6 +211,7 @@ class CheckpointManager:
             distributed: bool = False,
             is_primary: bool = True,
             steps_per_epoch: Optional[int] = None,
+            class_names: Optional[List[str]] = None,
     ):
         self.output_dir = output_dir
         self.model = model
@@ -223,6 +225,7 @@ class CheckpointManager:
         self.distributed = distributed
         self.is_primary = is_primary
         self.steps_per_epoch = steps_per_epoch
+        self.class_names = class_names
         self.best_metric: Optional[float] = None
         self.best_epoch: Optional[int] = None
         self.last_saved: Optional[str] = None
@@ -257,6 +260,8 @@ class CheckpointManager:
             rng=rng,
             version=CHECKPOINT_VERSION,
         )
+        if self.class_names is not None:
+            state['class_names'] = self.class_names
         if self.model_ema is not None:
             state['state_dict_ema'] = self.model_ema.module.state_dict()
         if self.scheduler is not None:

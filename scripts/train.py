@@ -40,7 +40,7 @@ from timm.utils import (ModelEmaV3, NativeScaler, init_distributed_device, rando
 import deconv_zoo  # noqa: F401  (registers the zoo's models with timm)
 from deconv_zoo.data import (
     DIGITS, FOLDER_NAMES, SYNTHETIC, PerSampleSeed, ResumableSampler, ShardSampler, SkipUnreadable, collate_readable,
-    create_data_loader, create_image_dataset, dataset_num_classes, resolve_input_config, set_image_transform,
+    create_data_loader, create_image_dataset, dataset_class_names, dataset_num_classes, resolve_input_config, set_image_transform,
     splits_share_images,
 )
 from deconv_zoo.distributed import average_buffers, convert_sync_deconv
@@ -405,7 +405,7 @@ def _train(args: argparse.Namespace, device: torch.device, primary: bool) -> Dic
     checkpoints = CheckpointManager(
         run_folder, model, optimizer, scheduler, loss_scaler, model_ema, args=vars(args), arch=args.model,
         every_epochs=args.checkpoint_every, distributed=args.distributed, is_primary=primary,
-        steps_per_epoch=steps_per_epoch)
+        steps_per_epoch=steps_per_epoch, class_names=dataset_class_names(train_set))
     criterion = create_classification_loss(smoothing=args.smoothing, soft_targets=mixup_active)
     mixup_fn = None
     if mixup_active:

@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 from deconv_zoo.data import (
-    DatasetError, DigitsDataset, ShardSampler, SkipUnreadable, create_image_dataset, dataset_num_classes,
-    resolve_input_config, set_image_transform, splits_share_images,
+    DatasetError, DigitsDataset, ShardSampler, SkipUnreadable, create_image_dataset, dataset_class_names,
+    dataset_num_classes, resolve_input_config, set_image_transform, splits_share_images,
 )
 
 
@@ -47,6 +47,17 @@ def test_missing_folder_and_missing_split_are_named_errors(tmp_path: Path) -> No
     assert len(create_image_dataset('folder', str(tmp_path), 'train')) == 1
     with pytest.raises(FileNotFoundError, match=r'has train/ but no validation split \(val/'):
         create_image_dataset('folder', str(tmp_path), 'validation')
+
+
+def test_recorded_class_names_label_a_folder_as_the_model_was_trained(tmp_path: Path) -> None:
+    """A validation-only root without one class: timm numbered its own folders, so 'dog' became 0."""
+    _save_images(tmp_path / 'val' / 'dog', [np.zeros((4, 4, 3), np.uint8)])
+    dataset = create_image_dataset('folder', str(tmp_path), 'validation', class_names=['cat', 'dog'])
+    assert dataset[0][1] == 1 and dataset_class_names(dataset) == ['cat', 'dog']
+    assert dataset_class_names(create_image_dataset('folder', str(tmp_path), 'validation')) == ['dog']
+    _save_images(tmp_path / 'val' / 'emu', [np.zeros((4, 4, 3), np.uint8)])
+    with pytest.raises(DatasetError, match=r"classes the model was not trained on: emu \(its checkpoint records 2"):
+        create_image_dataset('folder', str(tmp_path), 'validation', class_names=['cat', 'dog'])
 
 
 def test_a_root_without_split_folders_is_told_apart(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -867,6 +868,16 @@ def test_train_names_unreadable_images_and_validates_without_them(
             '--no-progress', '--output', str(tmp_path / 'out')])
     assert result['num_images'] == 6
     assert os.path.basename(result['run_folder']) == f'resnet18_cifar-{tmp_path.name}'  # was -folder for any folder
+    checkpoint = os.path.join(result['run_folder'], LAST)
+    assert torch.load(checkpoint, weights_only=True)['class_names'] == ['cat', 'dog']
+    # A validation-only folder without 'cat': labelled as trained (timm numbered 'dog' 0), so the
+    # recorded two-class model fits it without --num-classes.
+    shutil.rmtree(tmp_path / 'val' / 'cat')
+    shutil.rmtree(tmp_path / 'train')
+    validated = load_script('validate').main([
+        '--model', 'resnet18_cifar', '--checkpoint', checkpoint, '--dataset', 'folder', '--data-dir', str(tmp_path),
+        '--workers', '0'])
+    assert validated['num_images'] == 3
     assert 'unreadable image dog/corrupt.png: Failed to load 1 consecutive samples; using the next image' in caplog.text
     assert 'skipping unreadable image dog/corrupt.png' in caplog.text
     assert 'validation: 1 unreadable image(s) skipped' in caplog.text
