@@ -83,6 +83,9 @@ def reference_state_dict(checkpoint: Checkpoint) -> Dict[str, Tensor]:
     dict holding it under one of ``REFERENCE_CHECKPOINT_KEYS``; DataParallel's ``module`` levels removed."""
     if isinstance(checkpoint, (str, os.PathLike)):
         checkpoint = read_checkpoint(checkpoint)
+    if not isinstance(checkpoint, Mapping):  # a pickled list or a bare tensor
+        raise CheckpointMismatchError(f'No state dict found in the checkpoint: it holds a {type(checkpoint).__name__}, '
+                                      f'not a dict of tensors.')
     for key in REFERENCE_CHECKPOINT_KEYS:
         if isinstance(checkpoint.get(key), Mapping):
             checkpoint = checkpoint[key]

@@ -104,6 +104,8 @@ def file_to_write(path: str) -> str:
     otherwise the write fails after all the work). An empty string (no file) passes."""
     if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
         raise argparse.ArgumentTypeError(f'no folder for {path!r}')
+    if path and os.path.isdir(path):
+        raise argparse.ArgumentTypeError(f'{path!r} is a folder: name the file to write in it')
     return path
 
 

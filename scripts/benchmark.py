@@ -49,7 +49,11 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import deconv_zoo  # noqa: F401  (registers the zoo's models with timm)
-from deconv_zoo.evaluation import check_model_name, file_to_write, json_object, non_negative_int, positive_int
+from deconv_zoo.data import resolve_input_config
+from deconv_zoo.evaluation import (
+    check_model_name, create_model_with_weights, file_to_write, json_object, non_negative_int, positive_int,
+    run_script,
+)
 from deconv_zoo.files import atomic_write_text
 from deconv_zoo.layers import Delinear, FastDeconv, set_finite_checks
 from deconv_zoo.layers._stats import FoldCache, statistics_dtype
@@ -127,13 +131,19 @@ def literal_copy(model: nn.Module, oracle: Any) -> Optional[nn.Module]:
 def frozen_copy(model: nn.Module, freeze_iter: int) -> nn.Module:
     """A copy of ``model`` whose FastDeconv layers follow the reference's freeze schedule (fresh
     statistics on ``freeze_iter + 1`` of every ``10 * freeze_iter`` training steps), placed at
-    its first frozen step so that the timed steps are frozen ones."""
+    at a frozen step before every training call so that every timed step is a frozen one (left to
+    run, the schedule turns to fresh steps again after ``9 * freeze_iter - 1`` of them)."""
     frozen = copy.deepcopy(model)
     for module in frozen.modules():
         if isinstance(module, FastDeconv):
             module.freeze, module.freeze_iter = True, freeze_iter
-            module.counter.fill_(freeze_iter + 1)
+            module.register_forward_pre_hook(_at_a_frozen_step)
     return frozen
+
+
+def _at_a_frozen_step(module: FastDeconv, _: Any) -> None:
+    if module.training:
+        module.counter.fill_(module.freeze_iter + 1)
 
 
 def reusing_copy(model: nn.Module) -> nn.Module:
@@ -159,6 +169,10 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+# GradScaler halves its scale (2 ** 16 at first) at each overflow: far more than enough halvings.
+_MAX_SCALE_SEARCH_STEPS = 40
+
+
 class Runner:
     """One model with its optimizer, input batch and training / eval step."""
 
@@ -176,7 +190,8 @@ class Runner:
         self.optimizer = torch.optim.SGD(self.module.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-3)
         generator = torch.Generator().manual_seed(0)
         num_classes = getattr(self.module, 'num_classes', 1000) or 1000
-        self.x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, generator=generator).to(
+        in_chans = resolve_input_config(self.module)['input_size'][0]  # e.g. a model built with in_chans=1
+        self.x = torch.randn(args.batch_size, in_chans, args.img_size, args.img_size, generator=generator).to(
             device=device, memory_format=memory_format)
         self.y = torch.randint(0, num_classes, (args.batch_size,), generator=generator).to(device)
         amp_dtype = AMP_DTYPES[args.dtype]
@@ -188,6 +203,19 @@ class Runner:
             # For CUDA graph trees (mode='reduce-overhead'), whose steps of the models timed in turn
             # would otherwise be told apart by heuristics: no output of an earlier step is read again.
             torch.compiler.cudagraph_mark_step_begin()
+
+    def warm_up(self, step: str, calls: int) -> None:
+        """``calls`` untimed calls of ``step``; in float16, training steps until one is a full step:
+        GradScaler skips the optimizer step while it lowers its initial scale, on each model at
+        other steps, and a timed step without the update would not be a training step."""
+        for _ in range(calls):
+            getattr(self, step)()
+        if self.scaler is not None and step == 'train_step':
+            for _ in range(_MAX_SCALE_SEARCH_STEPS):
+                scale = self.scaler.get_scale()
+                self.train_step()
+                if self.scaler.get_scale() >= scale:  # not lowered: the step was taken
+                    break
 
     def train_step(self) -> None:
         self.begin_step()
@@ -248,8 +276,7 @@ def interleaved(runners: Dict[str, Runner], step: str, warmup: int,
                 repeats: int) -> Tuple[Dict[str, List[float]], Dict[str, List[float]]]:
     """Wall and CPU milliseconds of ``repeats`` calls of each runner's step, in alternating order."""
     for runner in runners.values():
-        for _ in range(warmup):
-            getattr(runner, step)()
+        runner.warm_up(step, warmup)
     wall: Dict[str, List[float]] = {role: [] for role in runners}
     cpu: Dict[str, List[float]] = {role: [] for role in runners}
     order = list(runners)
@@ -515,12 +542,14 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
             parser.error(f'{option}: CUDA is not available')
     if args.compile_mode and not args.compile:
         parser.error('--compile-mode needs --compile')
+    if args.deconv_kwargs.get('num_classes') == 0:  # the step's cross-entropy needs logits
+        parser.error('--deconv-kwargs num_classes=0: a headless model has no training step to time here')
 
 
 def build_runners(args: argparse.Namespace, device: torch.device) -> Dict[str, Runner]:
     deconv_name, bn_name = args.pair.split(':')
     torch.manual_seed(0)
-    deconv_model = timm.create_model(deconv_name, **args.deconv_kwargs)
+    deconv_model = create_model_with_weights(deconv_name, **args.deconv_kwargs)  # bad kwargs: ModelArgumentsError
     models = {'deconv': (deconv_name, deconv_model), 'bn': (bn_name, timm.create_model(bn_name))}
     oracle = None if args.no_literal else load_oracle()
     literal = literal_copy(deconv_model, oracle) if oracle is not None else None
@@ -682,4 +711,4 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
 
 
 if __name__ == '__main__':
-    main()
+    run_script(main, 'benchmark')

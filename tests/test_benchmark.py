@@ -193,6 +193,8 @@ def test_cuda_checks_dry_run(tmp_path):
     (['--device', 'bogus'], "--device 'bogus': Expected one of cpu"),
     (['--compile-mode', 'max-autotune'], '--compile-mode needs --compile'),  # was ignored
     (['--output', 'no/such/folder/benchmark.json'], "--output: no folder for 'no/such/folder/benchmark.json'"),
+    (['--output', '.'], "argument --output: '.' is a folder: name the file to write in it"),  # was after the run
+    (['--deconv-kwargs', '{"num_classes": 0}'], '--deconv-kwargs num_classes=0: a headless model'),  # an IndexError
 ])
 def test_bad_arguments_are_argparse_errors(argv, message, capsys):
     """Refused before any model is built: each failed mid-run with a traceback, after the whole run
@@ -200,3 +202,29 @@ def test_bad_arguments_are_argparse_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         load_benchmark().parse_args(argv)
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def _runner(benchmark: ModuleType, model: nn.Module, **settings) -> 'benchmark.Runner':
+    args = SimpleNamespace(**dict(dict(channels_last=False, compile=False, compile_mode=None, batch_size=2,
+                                       img_size=8, dtype='float32'), **settings))
+    return benchmark.Runner('model', model, args, torch.device('cpu'))
+
+
+def test_timed_steps_are_the_steps_they_are_said_to_be():
+    """A frozen copy turned to fresh steps after 9 * freeze_iter - 1 calls (its timed samples mixed
+    400 and 1200 ms); in float16 GradScaler skipped early optimizer steps, for one model and not the
+    other; a model of 1 input channel was fed 3 channels."""
+    import timm
+
+    benchmark = load_benchmark()
+    torch.manual_seed(0)
+    model = timm.create_model('resnet18_cifar_deconv', layers=(1, 1, 1, 1), deconv_cfg=dict(block=4), in_chans=1)
+    frozen = _runner(benchmark, benchmark.frozen_copy(model, freeze_iter=1))
+    stem = frozen.module.conv1
+    running = stem.running_deconv.clone()
+    for _ in range(12):
+        frozen.train_step()
+    assert torch.equal(stem.running_deconv, running)  # every call frozen
+    half = _runner(benchmark, timm.create_model('resnet18_cifar', layers=(1, 1, 1, 1)), dtype='fp16')
+    half.warm_up('train_step', 0)
+    assert half.optimizer.state  # the last warm-up step updated the weights

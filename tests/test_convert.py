@@ -292,3 +292,11 @@ def test_which_architectures_convert(bn_arch, arch):
         return
     state = deconv_state_dict_from_bn(bn_state, bn_arch, deconv)
     assert {k: v.shape for k, v in state.items()} == {k: v.shape for k, v in deconv.state_dict().items()}
+
+
+def test_a_checkpoint_without_a_state_dict_is_named(tmp_path):
+    """A torch file holding a list (or a bare tensor) was an AttributeError traceback."""
+    path = tmp_path / 'list.pth'
+    torch.save([torch.zeros(2)], path)
+    with pytest.raises(CheckpointMismatchError, match='No state dict found in the checkpoint: it holds a list'):
+        convert_reference_checkpoint(str(path), 'resnet18_cifar_deconv')
