@@ -188,9 +188,14 @@ def create_model_with_weights(
             if trained and trained != model_name.split('.')[0]:
                 raise CheckpointMismatchError(f'{checkpoint} is a training checkpoint of {trained}, not {model_name}: '
                                               f'give --model {trained}')
+            from .convert import REFERENCE_CHECKPOINT_KEYS  # convert builds models with this module: import on use
+
+            wrapped = any(key in mismatch.unexpected for key in REFERENCE_CHECKPOINT_KEYS)
+            hint = ("\nAn authors' checkpoint (its model under 'net')? Convert it first: scripts/convert_reference.py "
+                    f"{checkpoint} --model {model_name} --output model.safetensors") if wrapped else ''
             raise CheckpointMismatchError(
                 f'{checkpoint} does not fit {model_name} as built (num_classes, in_chans and --model-kwargs must be '
-                f'those it was trained with):\n{mismatch.describe()}')
+                f'those it was trained with):\n{mismatch.describe()}{hint}')
         refuse_non_finite(state_dict, checkpoint)
         model.load_state_dict(state_dict)
     return model

@@ -51,8 +51,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import deconv_zoo  # noqa: F401  (registers the zoo's models with timm)
 from deconv_zoo.data import resolve_input_config
 from deconv_zoo.evaluation import (
-    check_model_name, create_model_with_weights, file_to_write, json_object, non_negative_int, positive_int,
-    run_script,
+    ModelArgumentsError, check_model_name, create_model_with_weights, file_to_write, json_object, non_negative_int,
+    positive_int, run_script,
 )
 from deconv_zoo.files import atomic_write_text
 from deconv_zoo.layers import Delinear, FastDeconv, set_finite_checks
@@ -550,6 +550,10 @@ def build_runners(args: argparse.Namespace, device: torch.device) -> Dict[str, R
     deconv_name, bn_name = args.pair.split(':')
     torch.manual_seed(0)
     deconv_model = create_model_with_weights(deconv_name, **args.deconv_kwargs)  # bad kwargs: ModelArgumentsError
+    schedules = args.freeze_iter or args.refresh_every > 1
+    if schedules and not any(isinstance(m, FastDeconv) for m in deconv_model.modules()):
+        raise ModelArgumentsError(f'--freeze-iter / --refresh-every time schedules of FastDeconv layers, and '
+                                  f'{deconv_name} (the first model of --pair) has none')
     models = {'deconv': (deconv_name, deconv_model), 'bn': (bn_name, timm.create_model(bn_name))}
     oracle = None if args.no_literal else load_oracle()
     literal = literal_copy(deconv_model, oracle) if oracle is not None else None

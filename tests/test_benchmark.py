@@ -228,3 +228,13 @@ def test_timed_steps_are_the_steps_they_are_said_to_be():
     half = _runner(benchmark, timm.create_model('resnet18_cifar', layers=(1, 1, 1, 1)), dtype='fp16')
     half.warm_up('train_step', 0)
     assert half.optimizer.state  # the last warm-up step updated the weights
+
+
+def test_schedules_of_a_model_without_deconvolution_are_refused():
+    """The rows 'frozen step' and 'reusing step' were printed for a BN model (nothing to freeze)."""
+    from deconv_zoo.evaluation import ModelArgumentsError
+
+    benchmark = load_benchmark()
+    args = benchmark.parse_args(['--pair', 'resnet18_cifar:resnet18_cifar', '--freeze-iter', '2', '--no-literal'])
+    with pytest.raises(ModelArgumentsError, match='resnet18_cifar .first model of --pair. has none'):
+        benchmark.build_runners(args, torch.device('cpu'))

@@ -950,6 +950,11 @@ def test_validate_names_the_keys_of_a_checkpoint_that_does_not_fit(tmp_path: Pat
     with pytest.raises(CheckpointMismatchError, match=r'does not fit resnet18_cifar as built[^\n]*\n  unexpected \(\d+\): layer1\.1\.conv1\.weight'):
         load_script('validate').main(['--model', 'resnet18_cifar', '--model-kwargs', 'layers=(1,1,1,1)',
                                       '--checkpoint', str(checkpoint), '--img-size', '8', '--limit', '8'])
+    # The authors' checkpoint layout: told how to convert it.
+    torch.save(dict(net=timm.create_model('resnet18_cifar').state_dict(), acc=90.0, epoch=1), str(checkpoint))
+    with pytest.raises(CheckpointMismatchError, match=r'(?s)unexpected \(3\): net, acc, epoch.*scripts/convert_refer'):
+        load_script('validate').main(['--model', 'resnet18_cifar', '--checkpoint', str(checkpoint), '--img-size', '8',
+                                      '--limit', '8'])
     # A checkpoint of another architecture: its recorded one, not some 180 keys.
     atomic_save(dict(state_dict=timm.create_model('resnet18_cifar').state_dict(), epoch=0, arch='resnet18_cifar'),
                 str(checkpoint))
