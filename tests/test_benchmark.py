@@ -236,5 +236,5 @@ def test_schedules_of_a_model_without_deconvolution_are_refused():
 
     benchmark = load_benchmark()
     args = benchmark.parse_args(['--pair', 'resnet18_cifar:resnet18_cifar', '--freeze-iter', '2', '--no-literal'])
-    with pytest.raises(ModelArgumentsError, match='resnet18_cifar .first model of --pair. has none'):
+    with pytest.raises(ModelArgumentsError, match=r'resnet18_cifar \(the first model of --pair\) has none'):
         benchmark.build_runners(args, torch.device('cpu'))
