@@ -50,7 +50,8 @@ CHECKPOINT_VERSION = 1
 # random part matches the tempfile.mkstemp names of earlier versions too).
 _STALE_TEMPORARY = re.compile(r'\.((last|model_best|checkpoint-\d+)\.pth\.tar|args\.json|summary\.csv)\.[^.]+\.tmp')
 # Arguments that define the learning-rate schedule (logged when a resume changes them).
-_SCHEDULE_ARGS = ('sched', 'epochs', 'sched_on_updates', 'lr', 'min_lr', 'warmup_epochs', 'warmup_lr')
+_SCHEDULE_ARGS = ('sched', 'epochs', 'sched_on_updates', 'lr', 'min_lr', 'warmup_epochs', 'warmup_lr', 'decay_epochs',
+                  'decay_milestones', 'decay_rate')
 # Arguments that decide which samples an epoch's steps take: a mid-epoch resume skips the steps done
 # as step_in_epoch batches of the current order, which is only right when these are unchanged.
 _STEPS_PER_EPOCH_ARGS = ('batch_size', 'world_size', 'dataset', 'train_limit')

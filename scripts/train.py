@@ -144,6 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument('--min-lr', type=non_negative_float, help='final learning rate' + recipe_note)
     group.add_argument('--warmup-epochs', type=non_negative_int, help='linear warm-up epochs' + recipe_note)
     group.add_argument('--warmup-lr', type=non_negative_float, default=1e-5, help='warm-up start learning rate')
+    group.add_argument('--decay-epochs', type=positive_float, default=90, help='--sched step: epochs between decays')
+    group.add_argument('--decay-milestones', type=positive_int, nargs='+', default=[90, 180, 270],
+                       help='--sched multistep: the epochs that start with a decay, counted from 1 (timm)')
+    group.add_argument('--decay-rate', type=positive_float, default=0.1,
+                       help='--sched step / multistep: the factor of each decay')
     group.add_argument('--max-steps', type=positive_int, default=None,
                        help='stop after this many optimizer steps in total (smoke tests)')
 
@@ -258,7 +263,8 @@ def create_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer,
     """The learning-rate scheduler the arguments describe and the number of epochs it runs."""
     return create_scheduler_v2(
         optimizer, sched=args.sched, num_epochs=args.epochs, min_lr=args.min_lr, warmup_lr=args.warmup_lr,
-        warmup_epochs=args.warmup_epochs, step_on_epochs=not args.sched_on_updates, updates_per_epoch=updates_per_epoch)
+        warmup_epochs=args.warmup_epochs, step_on_epochs=not args.sched_on_updates, updates_per_epoch=updates_per_epoch,
+        decay_epochs=args.decay_epochs, decay_milestones=args.decay_milestones, decay_rate=args.decay_rate)
 
 
 def _dataset_name(args: argparse.Namespace) -> str:

@@ -629,6 +629,25 @@ def test_a_restart_after_a_kill_before_the_first_checkpoint_keeps_one_summary_ro
     assert [row['epoch'] for row in summary_rows(tmp_path / 'run')] == ['0']
 
 
+@pytest.mark.parametrize('sched, options, lrs', [
+    ('step', ['--decay-epochs', '1', '--decay-rate', '0.5'], [0.1, 0.05, 0.025]),
+    ('multistep', ['--decay-milestones', '2'], [0.1, 0.01, 0.01]),  # timm: from the second epoch on
+])
+def test_step_schedules_take_their_decay_options(sched: str, options: List[str], lrs: List[float]) -> None:
+    """--sched step and multistep decayed at timm's defaults only (epoch 90, or 90/180/270): a
+    shorter run never decayed."""
+    train = load_script('train')
+    args = train.parse_args(['--sched', sched, '--epochs', '3', '--lr', '0.1', '--warmup-epochs', '0',
+                             '--no-sched-on-updates'] + options)
+    optimizer = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)
+    scheduler, _ = train.create_scheduler(args, optimizer, updates_per_epoch=1)
+    seen = []
+    for epoch in range(3):
+        scheduler.step(epoch)
+        seen.append(optimizer.param_groups[0]['lr'])
+    assert seen == pytest.approx(lrs)
+
+
 def test_resume_with_another_batch_size_places_the_schedule_by_epochs(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A finished 1-epoch run (2 steps of 32) resumed for 2 epochs at batch 16 (4 steps each): the new
