@@ -329,6 +329,9 @@ def _train(args: argparse.Namespace, device: torch.device, primary: bool) -> Dic
                                      num_classes=args.num_classes, synthetic_size=args.synthetic_size, seed=args.seed)
     val_set = create_image_dataset(args.dataset, args.data_dir, 'validation', limit=args.val_limit,
                                    num_classes=args.num_classes, synthetic_size=args.synthetic_size, seed=args.seed)
+    if primary and args.warmup_epochs and args.warmup_epochs >= args.epochs:
+        _logger.warning(f'--warmup-epochs {args.warmup_epochs} is not less than --epochs {args.epochs}: the learning '
+                        f'rate never reaches --lr {args.lr}')
     if primary and splits_share_images(args.dataset, args.data_dir):
         _logger.warning(f'{args.data_dir} has no train/ and val/ folders: both splits are its images, so the '
                         f'validation scores the training images (hold some out in val/ for a real one)')

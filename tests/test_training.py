@@ -666,10 +666,12 @@ def test_resume_with_another_batch_size_places_the_schedule_by_epochs(
 def test_a_batch_larger_than_the_training_set_is_reported(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING):
         result = load_script('train').main(SMALL_DECONV + ['--epochs', '1', '--batch-size', '64', '--train-limit', '12',
-                                                           '--val-limit', '8', '--output', str(tmp_path)])
+                                                           '--val-limit', '8', '--warmup-epochs', '1',
+                                                           '--output', str(tmp_path)])
     assert result['global_step'] == 1
     assert ('--batch-size 64 is more than the 12 training samples per process: each epoch is one step of 12'
             in caplog.text)
+    assert '--warmup-epochs 1 is not less than --epochs 1: the learning rate never reaches --lr' in caplog.text
 
 
 @pytest.mark.slow
