@@ -131,8 +131,9 @@ def fold_deconv(model: nn.Module, inplace: bool = False, example_input: Optional
 
     The running statistics are folded once, so the result has no train mode of its own (training
     it trains plain layers; the model's own ``reset_classifier`` still builds its deconvolution
-    head, so reset the classifier before folding). ``nn.Identity`` placeholders (where BN was removed) cost nothing and
-    vanish from exported graphs. A ChannelDeconv is sized by its input: ``example_input`` (default:
+    head, so reset the classifier before folding). A layer under several names (tied) is replaced by
+    one plain layer under all of them. ``nn.Identity`` placeholders (where BN was removed) cost
+    nothing and vanish from exported graphs. A ChannelDeconv is sized by its input: ``example_input`` (default:
     zeros of the model's ``pretrained_cfg`` input size) is run once to find its channel count.
 
     Raises ``FloatingPointError`` naming the first layer whose fold is not finite (NaN or inf in its
@@ -142,7 +143,7 @@ def fold_deconv(model: nn.Module, inplace: bool = False, example_input: Optional
     model.eval()
     channels = _channel_counts(model, example_input)
     # Every layer is folded and checked before any is replaced: an error leaves an inplace model whole.
-    plain_layers = {}
+    plain_layers = {}  # one plain layer per module, however many names it has (a tied layer stays tied)
     for name, module in model.named_modules():
         plain = _plain_layer(module, channels.get(module))
         if plain is None:
@@ -152,10 +153,11 @@ def fold_deconv(model: nn.Module, inplace: bool = False, example_input: Optional
                 f'fold_deconv: {name or type(module).__name__} folds to non-finite weights: its parameters or '
                 f'running statistics hold NaN or inf (a diverged or corrupt model), so the deployed model would '
                 f'output NaN.')
-        plain_layers[name] = plain
-    for name, plain in plain_layers.items():
-        if not name:
-            return plain
+        plain_layers[module] = plain
+    if model in plain_layers:  # the model is itself a layer
+        return plain_layers[model]
+    places = [(name, module) for name, module in model.named_modules(remove_duplicate=False) if module in plain_layers]
+    for name, module in places:
         parent_name, _, child_name = name.rpartition('.')
-        setattr(model.get_submodule(parent_name), child_name, plain)
+        setattr(model.get_submodule(parent_name), child_name, plain_layers[module])
     return model

@@ -118,3 +118,24 @@ def test_onnx_export_runs_in_onnxruntime(deployed, tmp_path):
     assert_close(torch.from_numpy(logits), expected, rel=1e-5)
     (single,) = session.run(None, {'image': image[:1].numpy()})  # dynamic batch
     assert_close(torch.from_numpy(single), expected[:1], rel=1e-5)
+
+
+def test_a_tied_layer_is_folded_under_every_name():
+    """A FastDeconv stored under two names was folded under the first only: the other kept whitening
+    each training batch, and the tie was broken."""
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = FastDeconv(8, 8, 3, padding=1, block=4)
+            self.b = self.a
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)))
+
+    torch.manual_seed(0)
+    model, x = Tied(), torch.randn(8, 8, 6, 6)
+    model(x)
+    folded = fold_deconv(model)
+    assert type(folded.a) is nn.Conv2d and folded.a is folded.b
+    with torch.no_grad():
+        assert_close(folded(x), model.eval()(x), rel=1e-5)

@@ -501,6 +501,31 @@ def test_smallest_training_batch_counts_batch_norm_values_per_channel():
     assert smallest_training_batch(model[:2], (3, 4, 4)) == (1, '')  # a 2x2 map: four values per channel
 
 
+def test_smallest_training_batch_takes_every_call_of_a_shared_layer():
+    """A 1x1 layer used on an 8x8 map and then on the pooled 1x1 map: only the first call's shape
+    counted (batch 1, which the second call refuses); a model without parameters raised StopIteration."""
+    class Reused(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = FastDeconv(4, 4, 1, block=4)
+
+        def forward(self, x):
+            return self.proj(torch.nn.functional.adaptive_avg_pool2d(self.proj(x), 1))
+
+    assert smallest_training_batch(Reused(), (4, 8, 8)) == (10, 'proj')
+    assert smallest_training_batch(torch.nn.Sequential(ChannelDeconv(4)), (4, 2, 2)) == (1, '')
+
+
+def test_frozen_channel_deconv_refuses_a_non_finite_batch():
+    layer = ChannelDeconv(4)
+    layer(torch.randn(8, 4, 3, 3))
+    freeze_whitening(layer)
+    x = torch.randn(8, 4, 3, 3)
+    x[0, 0, 0, 0] = float('inf')
+    with pytest.raises(FloatingPointError, match='ChannelDeconv: the input is not finite'):
+        layer(x)
+
+
 def test_delinear_single_sample_of_several_chunks_trains():
     """One sample cut into several chunks still gives the covariance several samples."""
     layer, oracle = Delinear(8, 3, block=4).double(), OracleDelinear(8, 3, block=4).double()

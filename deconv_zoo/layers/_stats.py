@@ -198,11 +198,11 @@ def smallest_training_batch(model: torch.nn.Module, input_size: Sequence[int]) -
     """
     layers = {name: m for name, m in model.named_modules()
               if hasattr(m, 'samples_per_whitening') or isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
-    shapes = {}
+    shapes = []  # (name, input shape) of every call: a layer used twice sees two shapes
 
     def record(name: str) -> Callable[[torch.nn.Module, Tuple[Tensor, ...]], None]:
         def hook(layer: torch.nn.Module, args: Tuple[Tensor, ...]) -> None:
-            shapes.setdefault(name, args[0].shape)
+            shapes.append((name, args[0].shape))
         return hook
 
     hooks = [layer.register_forward_pre_hook(record(name)) for name, layer in layers.items()]
@@ -210,14 +210,17 @@ def smallest_training_batch(model: torch.nn.Module, input_size: Sequence[int]) -
     try:
         model.eval()
         with torch.no_grad():
-            weight = next(model.parameters())
-            model(torch.zeros(1, *input_size, device=weight.device, dtype=weight.dtype))
+            # A model without parameters (a lone ChannelDeconv) has buffers to take the device from.
+            like = next(iter(model.parameters()), None)
+            like = like if like is not None else next(iter(model.buffers()), torch.zeros(()))
+            dtype = like.dtype if like.is_floating_point() else torch.get_default_dtype()
+            model(torch.zeros(1, *input_size, device=like.device, dtype=dtype))
     finally:
         for hook in hooks:
             hook.remove()
         model.train(was_training)
     smallest, needing = 1, ''
-    for name, shape in shapes.items():
+    for name, shape in shapes:
         batch = 1  # a few steps at most: past sh * sw images every layer has two samples
         while _samples_of(layers[name], torch.Size((batch, *shape[1:]))) < 2:
             batch += 1

@@ -8,8 +8,8 @@ import torch.nn as nn
 from torch import Tensor
 
 from ._stats import (
-    check_eps, check_floating, check_momentum, check_positive_int, ensure_finite, float32_statistics,
-    in_backward_recompute, layer_label, reset_whitening_, warn_once,
+    check_eps, check_floating, check_momentum, check_positive_int, ensure_finite, ensure_finite_input,
+    float32_statistics, in_backward_recompute, layer_label, reset_whitening_, warn_once,
 )
 from .whitening import isqrt_newton_schulz
 
@@ -81,6 +81,8 @@ class ChannelDeconv(nn.Module):
             raise ValueError(f'{layer_label(self)}: expected input (N, C) or (N, C, H, W), got shape {tuple(x.shape)}')
         # fix: integer input used to be whitened in float32 and rounded back to its integer dtype.
         check_floating(layer_label(self), x)
+        if self.training and self.whitening_frozen and self.check_finite:
+            ensure_finite_input(layer_label(self), x)  # no statistics of its own to check
         flat_input = x.dim() == 2
         if flat_input:
             x = x[:, :, None, None]
