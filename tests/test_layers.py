@@ -526,6 +526,27 @@ def test_frozen_channel_deconv_refuses_a_non_finite_batch():
         layer(x)
 
 
+def test_layers_take_conv_and_linear_factory_arguments():
+    """As drop-ins for nn.Conv2d / nn.Linear: device= and dtype= (torch.nn.utils.skip_init needs them)
+    were a TypeError, and so was padding_mode, even 'zeros'."""
+    layer = FastDeconv(8, 4, 3, padding=1, block=4, padding_mode='zeros', dtype=torch.float64)
+    assert layer.weight.dtype == layer.running_deconv.dtype == torch.float64
+    meta = torch.nn.utils.skip_init(Delinear, 8, 4, block=4, device='meta')
+    assert meta.weight.is_meta and meta.running_deconv.is_meta
+    with pytest.raises(ValueError, match="padding_mode 'reflect' is not supported"):
+        FastDeconv(8, 4, 3, padding=1, padding_mode='reflect')
+
+
+def test_create_conv_builds_twins_of_one_geometry():
+    """dilation reached the deconvolution layer only, and a misspelt setting failed in deconv mode only."""
+    from deconv_zoo.layers import create_conv, deconv_args
+
+    for dconv in (None, deconv_args(True, dict(block=4))):
+        assert create_conv(8, 4, 3, dconv=dconv, dilation=2).dilation == (2, 2)
+        with pytest.raises(TypeError, match=r"unknown FastDeconv settings \['n_itr'\]"):
+            create_conv(8, 4, 3, dconv=dconv, n_itr=3)
+
+
 def test_delinear_single_sample_of_several_chunks_trains():
     """One sample cut into several chunks still gives the covariance several samples."""
     layer, oracle = Delinear(8, 3, block=4).double(), OracleDelinear(8, 3, block=4).double()

@@ -16,6 +16,8 @@ __all__ = ['PAPER_DECONV_ARGS', 'DeconvSettings', 'deconv_args', 'create_conv', 
 
 # main.py's FastDeconv partial for the paper's runs.
 PAPER_DECONV_ARGS: Dict[str, Any] = dict(bias=True, eps=1e-5, n_iter=5, block=64, sampling_stride=3)
+# Every FastDeconv setting beyond the convolution's geometry.
+DECONV_SETTINGS = frozenset(PAPER_DECONV_ARGS) | {'momentum', 'freeze', 'freeze_iter', 'refresh_every'}
 
 
 class DeconvSettings(dict):
@@ -34,7 +36,7 @@ def deconv_args(deconv: bool, deconv_cfg: Optional[Dict[str, Any]] = None) -> Op
     A BN model checks ``deconv_cfg`` too but has no layer to apply it to: one set of keyword
     arguments builds both twins."""
     deconv_cfg = deconv_cfg or {}
-    unknown = set(deconv_cfg) - set(PAPER_DECONV_ARGS) - {'momentum', 'freeze', 'freeze_iter', 'refresh_every'}
+    unknown = set(deconv_cfg) - DECONV_SETTINGS
     if unknown:
         raise ValueError(f'deconv_cfg: unknown FastDeconv settings {sorted(unknown)}')
     return DeconvSettings(dict(PAPER_DECONV_ARGS, **deconv_cfg), given=deconv_cfg) if deconv else None
@@ -49,23 +51,28 @@ def create_conv(
         groups: int = 1,
         bias: bool = False,
         dconv: Optional[Dict[str, Any]] = None,
+        dilation: int = 1,
         **overrides: Any,
 ) -> nn.Module:
     """A FastDeconv with ``dconv`` settings (plus per-layer ``overrides``, except those the
     model's ``deconv_cfg`` gave other than ``block``), else a Conv2d.
 
     ``bias`` applies to the plain convolution only; a FastDeconv takes its bias from ``dconv``
-    (the paper always uses one, since the folded mean shift lands there).
+    (the paper always uses one, since the folded mean shift lands there). ``overrides`` are
+    checked in both modes, so that one call builds twins of one geometry or fails in both.
     """
+    unknown = set(overrides) - DECONV_SETTINGS
+    if unknown:
+        raise TypeError(f'create_conv: unknown FastDeconv settings {sorted(unknown)}')
     if dconv is None:
         return nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
-                         groups=groups, bias=bias)
+                         dilation=dilation, groups=groups, bias=bias)
     # A layer's own block width stays (MobileNet-v2's projections: the block's input width): it
     # shapes the layer's buffers, which checkpoints of models built with a deconv_cfg block hold.
     given = getattr(dconv, 'given', frozenset()) - {'block'}
     layer_settings = {key: value for key, value in overrides.items() if key not in given}
     return FastDeconv(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
-                      groups=groups, **dict(dconv, **layer_settings))
+                      dilation=dilation, groups=groups, **dict(dconv, **layer_settings))
 
 
 def create_norm(channels: int, dconv: Optional[Dict[str, Any]] = None) -> nn.Module:

@@ -32,15 +32,17 @@ class Delinear(WhitenedWeightMixin, nn.Linear):
             n_iter: int = 5,
             momentum: float = 0.1,
             block: int = 512,
+            device: Optional[torch.device] = None,
+            dtype: Optional[torch.dtype] = None,
     ):
-        super().__init__(in_features, out_features, bias=bias)
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.block = resolve_block(type(self).__name__, in_features, block)
         self.eps = check_eps(type(self).__name__, eps)
         self.n_iter = check_positive_int(type(self).__name__, 'n_iter', n_iter)
         self.momentum = check_momentum(type(self).__name__, momentum)
         self.track_running_stats = True
-        self.register_buffer('running_mean', torch.zeros(self.block))
-        self.register_buffer('running_deconv', torch.eye(self.block))
+        self.register_buffer('running_mean', torch.zeros(self.block, device=device, dtype=dtype))
+        self.register_buffer('running_deconv', torch.eye(self.block, device=device, dtype=dtype))
         self._init_fold_cache()
 
     def batch_statistics(self, x: Tensor) -> Tuple[Tensor, Tensor]:

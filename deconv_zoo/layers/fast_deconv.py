@@ -87,16 +87,23 @@ class FastDeconv(WhitenedWeightMixin, nn.Conv2d):
             freeze: bool = False,
             freeze_iter: int = 100,
             refresh_every: int = 1,
+            padding_mode: str = 'zeros',
+            device: Optional[torch.device] = None,
+            dtype: Optional[torch.dtype] = None,
     ):
         if isinstance(padding, str):
             raise ValueError(f'FastDeconv: padding must be int or a pair of ints, got {padding!r}')
+        if padding_mode != 'zeros':
+            raise ValueError(f"FastDeconv: padding_mode {padding_mode!r} is not supported: the whitening is estimated "
+                             f"on zero-padded patches (padding_mode='zeros')")
         name = type(self).__name__
         check_positive_int(name, 'n_iter', n_iter)
         check_positive_int(name, 'freeze_iter', freeze_iter)  # the counter runs modulo 10 * freeze_iter
         check_positive_int(name, 'sampling_stride', sampling_stride)  # one int, multiplied by each stride
         super().__init__(
             in_channels, out_channels, kernel_size, stride=stride, padding=padding,
-            dilation=dilation, groups=groups, bias=bias)
+            dilation=dilation, groups=groups, bias=bias, device=device, dtype=dtype)
+        factory = dict(device=device, dtype=dtype)
         if groups > 1:
             block = in_channels // groups  # one whitening per convolution group
         else:
@@ -120,14 +127,14 @@ class FastDeconv(WhitenedWeightMixin, nn.Conv2d):
         kh, kw = self.kernel_size
         self.num_features = kh * kw * block
         if groups == 1:
-            self.register_buffer('running_mean', torch.zeros(self.num_features))
-            self.register_buffer('running_deconv', torch.eye(self.num_features))
+            self.register_buffer('running_mean', torch.zeros(self.num_features, **factory))
+            self.register_buffer('running_deconv', torch.eye(self.num_features, **factory))
         else:
-            self.register_buffer('running_mean', torch.zeros(kh * kw * in_channels))
-            self.register_buffer('running_deconv', torch.eye(self.num_features).repeat(groups, 1, 1))
+            self.register_buffer('running_mean', torch.zeros(kh * kw * in_channels, **factory))
+            self.register_buffer('running_deconv', torch.eye(self.num_features, **factory).repeat(groups, 1, 1))
         # fix: the reference kept this counter in a Python int, so the freeze schedule restarted
         # after every reload. A reference checkpoint without it loads with counter 0.
-        self.register_buffer('counter', torch.zeros((), dtype=torch.long))
+        self.register_buffer('counter', torch.zeros((), dtype=torch.long, device=device))
         self._init_fold_cache()
 
     def reset_running_stats(self) -> None:
