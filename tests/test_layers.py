@@ -943,6 +943,7 @@ def test_non_floating_input_raises(name, training, dtype):
     (lambda: ChannelDeconv(4, n_iter=0), 'ChannelDeconv: n_iter must be an int >= 1, got 0'),
     (lambda: FastDeconv(4, 3, 3, freeze=True, freeze_iter=0), 'FastDeconv: freeze_iter must be an int >= 1, got 0'),
     (lambda: FastDeconv(4, 3, 3, sampling_stride=0), 'FastDeconv: sampling_stride must be an int >= 1, got 0'),
+    (lambda: FastDeconv(4, 3, 3, stride=(1, 0)), 'FastDeconv: stride must be an int >= 1, got 0'),
     (lambda: FastDeconv(4, 3, 3, sampling_stride=(2, 2)),
      r'FastDeconv: sampling_stride must be an int >= 1, got \(2, 2\)'),
     (lambda: FastDeconv(4, 3, 3, eps=-1e-5), r'FastDeconv: eps must be a finite number >= 0, got -1e-05'),
@@ -951,7 +952,8 @@ def test_non_floating_input_raises(name, training, dtype):
     (lambda: ChannelDeconv(4, sampling_stride=0), 'ChannelDeconv: sampling_stride must be an int >= 1, got 0'),
     (lambda: ChannelDeconv(4, sampling_stride=(3, 3)),
      r'ChannelDeconv: sampling_stride must be an int >= 1, got \(3, 3\)'),
-], ids=['fast_n_iter', 'delinear_n_iter', 'channel_n_iter', 'freeze_iter', 'sampling_stride', 'sampling_stride_pair',
+], ids=['fast_n_iter', 'delinear_n_iter', 'channel_n_iter', 'freeze_iter', 'sampling_stride', 'zero_stride',
+        'sampling_stride_pair',
         'fast_eps', 'delinear_eps', 'channel_eps', 'channel_sampling_stride', 'channel_sampling_stride_pair'])
 def test_invalid_settings_raise_up_front(make, message):
     """Refused when the layer is built, not at the first training call (n_iter), with a

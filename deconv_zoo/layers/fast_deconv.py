@@ -100,6 +100,8 @@ class FastDeconv(WhitenedWeightMixin, nn.Conv2d):
         check_positive_int(name, 'n_iter', n_iter)
         check_positive_int(name, 'freeze_iter', freeze_iter)  # the counter runs modulo 10 * freeze_iter
         check_positive_int(name, 'sampling_stride', sampling_stride)  # one int, multiplied by each stride
+        for step in _pair(stride):  # 0 was a ZeroDivisionError at the first training call
+            check_positive_int(name, 'stride', step)
         super().__init__(
             in_channels, out_channels, kernel_size, stride=stride, padding=padding,
             dilation=dilation, groups=groups, bias=bias, device=device, dtype=dtype)
