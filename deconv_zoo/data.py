@@ -27,7 +27,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, S
 
 __all__ = [
     'DIGITS', 'SYNTHETIC', 'SPLITS', 'DigitsDataset', 'SyntheticDataset', 'check_dataset', 'create_image_dataset',
-    'dataset_num_classes', 'dataset_class_names', 'resolve_input_config', 'ResumableSampler', 'ShardSampler', 'PerSampleSeed',
+    'dataset_num_classes', 'dataset_class_names', 'resolve_input_config', 'ResumableSampler', 'ShardSampler',
+    'PerSampleSeed',
     'SkipUnreadable', 'collate_readable', 'create_data_loader', 'set_image_transform', 'splits_share_images',
     'fixed_interpolation', 'DatasetError', 'DatasetNotFoundError',
 ]

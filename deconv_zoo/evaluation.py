@@ -9,7 +9,7 @@ import os
 import sys
 import time
 from contextlib import nullcontext
-from typing import Any, Callable, ContextManager, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, ContextManager, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -35,7 +35,7 @@ __all__ = ['ModelArgumentsError', 'BAD_INPUT_ERRORS', 'run_script', 'number_in',
            'file_to_write', 'folder_to_write', 'json_object', 'ParseLiteralKwargs',
            'create_model_with_weights', 'check_model_name', 'check_model_and_dataset', 'check_device',
            'check_num_classes', 'check_input_size', 'training_arguments', 'is_unset', 'add_model_arguments',
-           'input_channels', 'recorded_in_checkpoint', 'with_model_kwargs', 'model_from_args', 'evaluate']
+           'input_channels', 'checkpoint_entries', 'with_model_kwargs', 'model_from_args', 'evaluate']
 
 # The arguments of a training run (scripts/train.py and timm's train.py record them alike) that
 # evaluating its checkpoint needs: what the model was built with, and the data config.
@@ -184,7 +184,7 @@ def create_model_with_weights(
         state_dict = load_state_dict(checkpoint, use_ema=use_ema)
         mismatch = compare_state_dict(state_dict, model.state_dict(), optional=optional_state_keys(model))
         if mismatch:
-            trained = recorded_in_checkpoint(checkpoint, 'arch')
+            trained = checkpoint_entries(checkpoint).get('arch')
             if trained and trained != model_name.split('.')[0]:
                 raise CheckpointMismatchError(f'{checkpoint} is a training checkpoint of {trained}, not {model_name}: '
                                               f'give --model {trained}')
@@ -201,17 +201,19 @@ def create_model_with_weights(
     return model
 
 
-def recorded_in_checkpoint(checkpoint: str, key: str) -> Any:
-    """What a training checkpoint of scripts/train.py records under ``key`` ('arch', 'class_names');
-    None for a safetensors file or a checkpoint without it."""
+def checkpoint_entries(checkpoint: str) -> Mapping[str, Any]:
+    """The top-level entries of a training checkpoint ('arch', 'args', 'class_names', ...), its
+    tensors mapped, not read (the weights are loaded with the model); {} for a safetensors file
+    or a checkpoint that is not a dict."""
     if is_safetensors_path(checkpoint):
-        return None
-    state = load_torch_checkpoint(checkpoint, mmap=True)  # the weights are loaded with the model
-    return state.get(key) if isinstance(state, dict) else None
+        return {}
+    state = load_torch_checkpoint(checkpoint, mmap=True)
+    return state if isinstance(state, dict) else {}
 
 
 def _holds_ema_weights(checkpoint: str) -> bool:
-    return any(recorded_in_checkpoint(checkpoint, key) is not None for key in ('state_dict_ema', 'model_ema'))
+    entries = checkpoint_entries(checkpoint)
+    return any(entries.get(key) is not None for key in ('state_dict_ema', 'model_ema'))
 
 
 def check_model_name(model_name: str) -> None:
@@ -271,10 +273,7 @@ def training_arguments(checkpoint: str) -> Dict[str, Any]:
     """The class count, input channels, model kwargs, input size, normalisation, interpolation and
     crop arguments that the run which wrote a training checkpoint was given (those it set); {} for
     a safetensors file or a checkpoint that records no arguments."""
-    if is_safetensors_path(checkpoint):
-        return {}
-    state = load_torch_checkpoint(checkpoint, mmap=True)  # the weights are loaded with the model, later
-    args = state.get('args') if isinstance(state, dict) else None
+    args = checkpoint_entries(checkpoint).get('args')
     if isinstance(args, argparse.Namespace):  # timm's train.py
         args = vars(args)
     if not isinstance(args, dict):

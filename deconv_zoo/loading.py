@@ -267,13 +267,14 @@ def _require_file(path: str) -> None:
         raise CorruptWeightsError(f'{path} is empty (0 bytes): an interrupted download or copy?')
 
 
-def _torch_file_format(path: str) -> str:
+def _torch_file_format(path: str, check_data: bool = True) -> str:
     """'zip' or 'legacy' (torch.save's two formats); ``CorruptWeightsError`` for a broken zip
-    archive or a file that is neither."""
+    archive or a file that is neither. ``check_data``: a zip archive's entries are checked against
+    their CRC-32 too (one read of the whole file)."""
     with open(path, 'rb') as f:
         head = f.read(32)
     if head.startswith(b'PK\x03\x04'):
-        _check_zip_archive(path)
+        _check_zip_archive(path, check_data)
         return 'zip'
     if _LEGACY_TORCH_MAGIC in head:
         return 'legacy'
@@ -283,11 +284,13 @@ def _torch_file_format(path: str) -> str:
     raise CorruptWeightsError(f'{path} is not a weights file: neither safetensors nor a torch checkpoint.')
 
 
-def _check_zip_archive(path: str) -> None:
-    """A zip-format torch file whose archive is broken or one of whose entries fails its CRC-32
-    (torch.load reads damaged tensor bytes without a word)."""
+def _check_zip_archive(path: str, check_data: bool) -> None:
+    """A zip-format torch file whose archive is broken or (``check_data``) one of whose entries
+    fails its CRC-32 (torch.load reads damaged tensor bytes without a word)."""
     if not zipfile.is_zipfile(path):
         raise CorruptWeightsError(f'{path} is a truncated or corrupt torch checkpoint (broken zip archive).')
+    if not check_data:
+        return
     try:
         with zipfile.ZipFile(path) as archive:
             damaged = archive.testzip()
@@ -303,9 +306,10 @@ def load_torch_checkpoint(path: str, mmap: bool = False) -> Any:
     arguments too). A missing, truncated or corrupt file raises ``CorruptWeightsError`` naming it;
     the format checks of ``verify_weights_file`` come first, so callers need not repeat them.
     ``mmap``: map a zip-format file's tensors instead of reading them (for callers that only look
-    at its other entries)."""
+    at its other entries; the tensor bytes are then not read, nor checked against their CRC-32:
+    ``verify_weights_file`` does that for whoever loads them)."""
     _require_file(path)
-    file_format = _torch_file_format(path)
+    file_format = _torch_file_format(path, check_data=not mmap)
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location='cpu', weights_only=True, mmap=mmap and file_format == 'zip')

@@ -17,9 +17,9 @@ from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 from huggingface_hub.utils import validate_repo_id
 from timm.models import get_pretrained_cfg
 
-__all__ = ['PublishedWeights', 'PUBLISHED_WEIGHTS', 'CONVERTED_BN_WEIGHTS', 'HUB_ORG_ENV', 'hub_org', 'check_hub_repo_id',
-           'hub_repo_id', 'published_weights_for_repo', 'NoPublishedWeightsError', 'WeightsNotCachedError',
-           'CorruptWeightsError', 'ChecksumMismatchError', 'CheckpointMismatchError']
+__all__ = ['PublishedWeights', 'PUBLISHED_WEIGHTS', 'CONVERTED_BN_WEIGHTS', 'HUB_ORG_ENV', 'hub_org',
+           'check_hub_repo_id', 'hub_repo_id', 'published_weights_for_repo', 'NoPublishedWeightsError',
+           'WeightsNotCachedError', 'CorruptWeightsError', 'ChecksumMismatchError', 'CheckpointMismatchError']
 
 HUB_ORG_ENV = 'DECONV_ZOO_HUB_ORG'
 

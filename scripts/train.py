@@ -40,8 +40,8 @@ from timm.utils import (ModelEmaV3, NativeScaler, init_distributed_device, rando
 import deconv_zoo  # noqa: F401  (registers the zoo's models with timm)
 from deconv_zoo.data import (
     DIGITS, FOLDER_NAMES, SYNTHETIC, PerSampleSeed, ResumableSampler, ShardSampler, SkipUnreadable, collate_readable,
-    create_data_loader, create_image_dataset, dataset_class_names, dataset_num_classes, resolve_input_config, set_image_transform,
-    splits_share_images,
+    create_data_loader, create_image_dataset, dataset_class_names, dataset_num_classes, resolve_input_config,
+    set_image_transform, splits_share_images,
 )
 from deconv_zoo.distributed import average_buffers, convert_sync_deconv
 from deconv_zoo.evaluation import (

@@ -33,8 +33,8 @@ from deconv_zoo.data import (
 )
 from deconv_zoo.evaluation import (
     INTERPOLATIONS, add_model_arguments, check_device, check_input_size, check_model_and_dataset, check_num_classes,
-    crop_fraction, evaluate, file_to_write, is_unset, model_from_args, non_negative_int, positive_int,
-    recorded_in_checkpoint, run_script, training_arguments,
+    checkpoint_entries, crop_fraction, evaluate, file_to_write, is_unset, model_from_args, non_negative_int,
+    positive_int, run_script, training_arguments,
 )
 from deconv_zoo.files import atomic_write_text
 from deconv_zoo.loading import file_sha256
@@ -107,7 +107,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     device = torch.device(args.device)
 
     # An image folder is labelled as the model was trained (timm numbers each folder's classes on its own).
-    class_names = recorded_in_checkpoint(args.checkpoint, 'class_names') if args.checkpoint else None
+    class_names = checkpoint_entries(args.checkpoint).get('class_names') if args.checkpoint else None
     dataset = create_image_dataset(args.dataset, args.data_dir, args.split, limit=args.limit, class_names=class_names)
     recorded = use_training_arguments(args)  # before the model: how it was built may be recorded
     check_num_classes(args.num_classes, dataset,

@@ -64,11 +64,11 @@ def check_positive_int(layer: str, name: str, value: int) -> int:
     return value
 
 
-def check_floating(layer: str, x: Tensor) -> None:
+def check_floating(layer: torch.nn.Module, x: Tensor) -> None:
     """Refuse integer or boolean input by name: it cannot be whitened in its own dtype (uint8
     images need converting to float first)."""
     if not x.is_floating_point():
-        raise TypeError(f'{layer}: expected a floating-point input, got {x.dtype}')
+        raise TypeError(f'{layer_label(layer)}: expected a floating-point input, got {x.dtype}')
 
 
 @torch.no_grad()
@@ -103,21 +103,21 @@ def in_backward_recompute() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
-def ensure_finite(layer: str, mean: Tensor, deconv: Tensor) -> None:
+def ensure_finite(layer: torch.nn.Module, mean: Tensor, deconv: Tensor) -> None:
     """Raise before the running statistics see a non-finite batch (they would stay poisoned)."""
     if not bool(torch.isfinite(mean.sum() + deconv.sum())):
         raise FloatingPointError(
-            f'{layer}: the batch covariance is not finite (non-finite input or activations); '
+            f'{layer_label(layer)}: the batch covariance is not finite (non-finite input or activations); '
             f"this layer's running statistics were left unchanged.")
 
 
-def ensure_finite_input(layer: str, x: Tensor) -> None:
+def ensure_finite_input(layer: torch.nn.Module, x: Tensor) -> None:
     """Raise on a non-finite training batch that a layer with frozen whitening would pass on: it
     takes no statistics to check, and the batch-norm layers after it (EfficientNet's blocks, a
     ResNet's downsampling) would record the NaN in theirs."""
     if not bool(torch.isfinite(x.sum(dtype=torch.float32))):  # NaN and inf survive a sum
         raise FloatingPointError(
-            f'{layer}: the input is not finite (NaN or inf) in a training call with frozen whitening; '
+            f'{layer_label(layer)}: the input is not finite (NaN or inf) in a training call with frozen whitening; '
             f'refused before any later layer recorded it.')
 
 
@@ -342,7 +342,7 @@ class WhitenedWeightMixin:
         # An empty training batch has no statistics: as BatchNorm does, it gives an empty output and
         # leaves the layer's state as it was.
         if self.training and self.whitening_frozen and self.check_finite:
-            ensure_finite_input(layer_label(self), x)
+            ensure_finite_input(self, x)
         weight, bias = (self.weight, self.bias) if batch_statistics else self._eval_fold()
         return self._apply_weights(x, weight, bias)
 
@@ -359,7 +359,7 @@ class WhitenedWeightMixin:
         caller keeps them for later calls too (``refresh_every``), so they are validated even
         without running statistics. ``checked``: the caller validated them already."""
         if self.check_finite and not checked and (self.track_running_stats or kept):
-            ensure_finite(layer_label(self), mean, deconv)
+            ensure_finite(self, mean, deconv)
         if self.track_running_stats and not in_backward_recompute():
             update_running(self.running_mean, mean, self.momentum)
             update_running(self.running_deconv, deconv, self.momentum)

@@ -80,9 +80,9 @@ class ChannelDeconv(nn.Module):
         if x.dim() not in (2, 4):
             raise ValueError(f'{layer_label(self)}: expected input (N, C) or (N, C, H, W), got shape {tuple(x.shape)}')
         # fix: integer input used to be whitened in float32 and rounded back to its integer dtype.
-        check_floating(layer_label(self), x)
+        check_floating(self, x)
         if self.training and self.whitening_frozen and self.check_finite:
-            ensure_finite_input(layer_label(self), x)  # no statistics of its own to check
+            ensure_finite_input(self, x)  # no statistics of its own to check
         flat_input = x.dim() == 2
         if flat_input:
             x = x[:, :, None, None]
@@ -118,7 +118,7 @@ class ChannelDeconv(nn.Module):
                     cov = torch.addmm(eye, x1_s, x1_s.t(), beta=self.eps, alpha=1.0 / x1_s.shape[1])
                     deconv = isqrt_newton_schulz(cov, self.n_iter)
                     if self.check_finite:
-                        ensure_finite(layer_label(self), mean1, deconv)
+                        ensure_finite(self, mean1, deconv)
                     tracked += [(self.running_mean1, mean1), (self.running_deconv, deconv)]
                 else:
                     # fix: the reference raised UnboundLocalError here before any training step;
@@ -138,7 +138,7 @@ class ChannelDeconv(nn.Module):
                             f'one value per training batch for their variance, got input shape {tuple(x.shape)}')
                     mean2, var = x2_s.mean().reshape(1, 1), x2_s.var().reshape(1, 1)
                     if self.check_finite:
-                        ensure_finite(layer_label(self), mean2, var)
+                        ensure_finite(self, mean2, var)
                     tracked += [(self.running_mean2, mean2), (self.running_var, var)]
                 else:
                     mean2, var = self.running_mean2.to(x2.dtype), self.running_var.to(x2.dtype)

@@ -65,7 +65,7 @@ class Delinear(WhitenedWeightMixin, nn.Linear):
         return math.prod(x_shape) // self.block
 
     def _check_input(self, x: Tensor) -> None:
-        check_floating(layer_label(self), x)
+        check_floating(self, x)
         if x.dim() < 1 or x.shape[-1] != self.in_features:
             raise ValueError(
                 f'{layer_label(self)}: expected input (..., {self.in_features}), got shape {tuple(x.shape)}')

@@ -174,15 +174,15 @@ class FastDeconv(WhitenedWeightMixin, nn.Conv2d):
         return patch_sample_count(x_shape, geometry) * blocks
 
     def _check_input(self, x: Tensor) -> None:
-        name = layer_label(self)
-        check_floating(name, x)
+        check_floating(self, x)
         if x.dim() != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f'{name}: expected input (N, {self.in_channels}, H, W), got shape {tuple(x.shape)}')
+            raise ValueError(f'{layer_label(self)}: expected input (N, {self.in_channels}, H, W), '
+                             f'got shape {tuple(x.shape)}')
         padded = [size + 2 * pad for size, pad in zip(x.shape[2:], self.padding)]
         window = [d * (k - 1) + 1 for k, d in zip(self.kernel_size, self.dilation)]
         if padded[0] < window[0] or padded[1] < window[1]:
-            raise ValueError(f'{name}: input of {x.shape[2]}x{x.shape[3]} pixels ({padded[0]}x{padded[1]} padded) '
-                             f'is smaller than the {window[0]}x{window[1]} window of the (dilated) kernel')
+            raise ValueError(f'{layer_label(self)}: input of {x.shape[2]}x{x.shape[3]} pixels ({padded[0]}x{padded[1]} '
+                             f'padded) is smaller than the {window[0]}x{window[1]} window of the (dilated) kernel')
 
     def _apply_weights(self, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
         return self._conv_forward(x, weight, bias)
@@ -204,13 +204,13 @@ class FastDeconv(WhitenedWeightMixin, nn.Conv2d):
                 # Frozen steps skip the batch statistics, as the reference did (same result as the
                 # selection below).
                 if self.check_finite:
-                    ensure_finite_input(layer_label(self), x)
+                    ensure_finite_input(self, x)
                 mean, deconv = call.running
             else:
                 mean, deconv = self._refreshed_statistics(x, call.reused_deconv)
                 if call.frozen is not None:
                     if self.check_finite:  # the batch's own statistics, before a frozen step drops them
-                        ensure_finite(layer_label(self), mean, deconv)
+                        ensure_finite(self, mean, deconv)
                         checked = True
                     # Frozen steps reuse the running statistics. Selecting with a tensor condition
                     # keeps the step free of host syncs and torch.compile recompiles.
